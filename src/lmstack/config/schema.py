@@ -1,0 +1,294 @@
+"""Structured-config schemas behind every config group.
+
+Each group's YAML files open with `defaults: [schema, _self_]`, so Hydra merges
+them onto one of these dataclasses: an unknown key or a value of the wrong type
+fails at composition, naming the key. Cross-field rules live in `__post_init__`,
+which runs when `run.py` turns the composed config into these objects.
+
+This module must stay light (no torch, no transformers): it is imported before
+composition, and config errors must answer in about a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from lmstack.errors import ConfigError
+
+ADAPTERS = ("none", "lora", "dora", "qlora")
+QUANTIZATIONS = ("none", "int8", "nf4")
+DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
+LOGGERS = ("wandb", "csv", "none")
+MODEL_SOURCES = ("builtin", "hf")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _require_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "train"
+
+
+@dataclass
+class TinyLlamaConfig:
+    """Shape of the built-in Llama-architecture model (and its short pretraining)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 256
+    vocab_size: int = 512
+    pretrain_steps: int = 600
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_size % self.num_heads == 0, "model.builtin.hidden_size",
+                 f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.builtin.num_kv_heads",
+                 f"num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}")
+
+
+@dataclass
+class ModelConfig:
+    # builtin: lmstack's own tiny model (pretrained=true: the cached tiny_base);
+    # hf: any Hugging Face folder or hub id, through the same loading code.
+    source: str = "builtin"
+    name_or_path: str | None = None
+    pretrained: bool = True
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    # start from an earlier run's directory (its adapter or merged model, and its tokenizer)
+    init_from: str | None = None
+    builtin: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
+
+    def __post_init__(self) -> None:
+        _require_choice(self.source, MODEL_SOURCES, "model.source")
+        _require_choice(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+        if self.source == "hf":
+            _require(bool(self.name_or_path), "model.name_or_path",
+                     "model=hf needs a local folder or hub id, e.g. model.name_or_path=/models/x")
+
+
+@dataclass
+class AdapterConfig:
+    name: str = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        _require_choice(self.name, ADAPTERS, "adapter.name")
+        _require(self.r > 0, "adapter.r", f"rank must be positive, got {self.r}")
+        _require(0.0 <= self.dropout < 1.0, "adapter.dropout", f"{self.dropout} not in [0, 1)")
+        if self.name != "none":
+            _require(len(self.target_modules) > 0, "adapter.target_modules", "is empty")
+
+
+@dataclass
+class QuantizationConfig:
+    name: str = "none"
+    # auto: float32 on CPU (bfloat16 4-bit matmuls are ~30x slower without AVX-512),
+    # bfloat16 on CUDA.
+    compute_dtype: str = "auto"
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        _require_choice(self.name, QUANTIZATIONS, "quantization.name")
+        _require_choice(self.compute_dtype, ("auto", "float32", "bfloat16", "float16"),
+                        "quantization.compute_dtype")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = MISSING
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "objective.lr", f"must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0, "objective.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class PretrainObjectiveConfig(ObjectiveConfig):
+    name: str = "pretrain"
+
+
+@dataclass
+class SFTObjectiveConfig(ObjectiveConfig):
+    name: str = "sft"
+    # false: also learn the prompt tokens (plain LM loss on the whole chat)
+    completion_only: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"
+    # jsonl/parquet: a local file; hub: a dataset name (or a local dataset folder)
+    path: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    format: str = "auto"
+    # built-in task: seeded arithmetic word problems with a verifier
+    task: str = "arith"
+    train_size: int = 2000
+    eval_size: int = 200
+    seed: int = 0
+    # share of a local/hub dataset held out for evaluation when no eval_split is given
+    eval_fraction: float = 0.05
+    max_length: int = 256
+    batch_size: int = 16
+    # padding-free packing: a batch's sequences share one row, attention stays per sequence
+    packing: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require_choice(self.source, DATA_SOURCES, "data.source")
+        _require_choice(self.format, DATA_FORMATS, "data.format")
+        if self.source != "builtin":
+            _require(bool(self.path), "data.path", f"data.source={self.source} needs data.path")
+        _require(self.batch_size > 0, "data.batch_size", "must be positive")
+        _require(self.max_length > 8, "data.max_length", "must be > 8")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    max_epochs: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50
+    enable_progress_bar: bool = True
+    # 0 = torch's default
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0 or self.max_epochs > 0, "trainer.max_steps",
+                 "set trainer.max_steps or trainer.max_epochs to a positive number")
+        _require(self.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps",
+                 "must be positive")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "lmstack"
+    entity: str | None = None
+    # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require_choice(self.name, LOGGERS, "logger.name")
+        _require_choice(self.mode, ("auto", "offline", "online", "disabled"), "logger.mode")
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/lmstack"
+
+
+@dataclass
+class VerifyConfig:
+    """Held-out verifier score before and after training (the demo's proof)."""
+
+    enabled: bool = True
+    num_prompts: int = 100
+    max_new_tokens: int = 24
+    batch_size: int = 50
+
+
+@dataclass
+class ExportConfig:
+    merge: bool = False
+
+
+@dataclass
+class RunConfig:
+    # train again even when the run directory holds a finished run
+    rerun: bool = False
+    # continue a killed run from its last checkpoint
+    resume: bool = True
+
+
+@dataclass
+class Config:
+    phase: Any = MISSING
+    model: Any = MISSING
+    adapter: Any = MISSING
+    quantization: Any = MISSING
+    objective: Any = MISSING
+    data: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    paths: Any = MISSING
+    seed: int = 1234
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.adapter.name == "none" and self.quantization.name != "none":
+            raise ConfigError(
+                f"quantization={self.quantization.name} with adapter=none: a quantized base "
+                "cannot be fully fine-tuned; pick adapter=lora, dora or qlora"
+            )
+
+
+# group name -> (schema class per option, or one schema for the whole group)
+GROUP_SCHEMAS: dict[str, type] = {
+    "phase": PhaseConfig,
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "quantization": QuantizationConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+    "paths": PathsConfig,
+}
+OBJECTIVE_SCHEMAS: dict[str, type] = {
+    "pretrain": PretrainObjectiveConfig,
+    "sft": SFTObjectiveConfig,
+}
+
+# Keys that do not change what a run computes: left out of the run identity.
+COSMETIC_KEYS = (
+    "logger",
+    "paths",
+    "run",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.num_threads",
+    "data.num_workers",
+    "verify.batch_size",
+)

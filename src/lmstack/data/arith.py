@@ -1,0 +1,130 @@
+"""The built-in task: arithmetic word problems with a verifiable answer.
+
+One seeded generator yields everything the stack needs from a task: pretraining
+text, SFT prompt/completion pairs, preference pairs (a correct and a wrong
+completion) and a verifier. Train and held-out problems never share an
+(a, op, b) triple, so the held-out score measures generalisation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+NAMES = ("Ana", "Ben", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea")
+ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles")
+MAX_OPERAND = 9
+ANSWER_PATTERN = re.compile(r"answer is (-?\d+)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+    op: str
+    name: str
+    item: str
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b if self.op == "+" else self.a - self.b
+
+    @property
+    def question(self) -> str:
+        if self.op == "+":
+            return (f"{self.name} has {self.a} {self.item} and gets {self.b} more. "
+                    f"How many {self.item} does {self.name} have now?")
+        return (f"{self.name} has {self.a} {self.item} and gives away {self.b}. "
+                f"How many {self.item} does {self.name} have left?")
+
+    def solution(self, answer: int | None = None) -> str:
+        """The assistant's completion: the equation, then the answer sentence."""
+        value = self.answer if answer is None else answer
+        return f"{self.a} {self.op} {self.b} = {value}. The answer is {value}."
+
+    def wrong_answer(self, rng: random.Random) -> int:
+        offset = rng.choice([-3, -2, -1, 1, 2, 3])
+        return self.answer + offset
+
+
+def _is_held_out(a: int, op: str, b: int) -> bool:
+    """A fixed fifth of all (a, op, b) triples is reserved for evaluation."""
+    return (a * 31 + b * 17 + (op == "-") * 7) % 5 == 0
+
+
+def _random_problem(rng: random.Random) -> Problem:
+    op = rng.choice("+-")
+    a = rng.randint(0, MAX_OPERAND)
+    b = rng.randint(0, MAX_OPERAND)
+    if op == "-" and b > a:
+        a, b = b, a
+    return Problem(a, b, op, rng.choice(NAMES), rng.choice(ITEMS))
+
+
+def problems(count: int, seed: int, held_out: bool) -> list[Problem]:
+    """`count` problems from the train or the held-out part of the task."""
+    rng = random.Random(f"arith-{seed}-{held_out}")
+    found: list[Problem] = []
+    while len(found) < count:
+        problem = _random_problem(rng)
+        if _is_held_out(problem.a, problem.op, problem.b) == held_out:
+            found.append(problem)
+    return found
+
+
+def pretraining_text(problem: Problem) -> str:
+    """Plain-text form the base model learns arithmetic from: no chat template and no
+    "The answer is" sentence, which SFT teaches."""
+    return f"Question: {problem.question} Answer: {problem.a} {problem.op} {problem.b} = {problem.answer}."
+
+
+def pretraining_corpus(count: int, seed: int) -> list[str]:
+    """Arithmetic facts from both parts of the task: the base model knows the sums;
+    held-out evaluation then measures whether fine-tuning taught the answer format
+    on problems it never saw in fine-tuning."""
+    train = problems(count - count // 5, seed, held_out=False)
+    held_out = problems(count // 5, seed + 1, held_out=True)
+    texts = [pretraining_text(p) for p in train + held_out]
+    return texts + equation_drills(count, seed)
+
+
+def equation_drills(count: int, seed: int, per_line: int = 4) -> list[str]:
+    """Lines of bare equations: many arithmetic facts per token, so a small model
+    learns the sums in a short pretraining run."""
+    rng = random.Random(f"drills-{seed}")
+    lines = []
+    for _ in range(count):
+        facts = [_random_problem(rng) for _ in range(per_line)]
+        lines.append(" ".join(f"{p.a} {p.op} {p.b} = {p.answer}." for p in facts))
+    return lines
+
+
+def sft_row(problem: Problem) -> dict[str, str]:
+    return {"prompt": problem.question, "completion": problem.solution(), "answer": str(problem.answer)}
+
+
+def preference_row(problem: Problem, rng: random.Random) -> dict[str, str]:
+    return {
+        "prompt": problem.question,
+        "chosen": problem.solution(),
+        "rejected": problem.solution(problem.wrong_answer(rng)),
+        "answer": str(problem.answer),
+    }
+
+
+def extract_answer(completion: str) -> int | None:
+    match = ANSWER_PATTERN.search(completion)
+    return int(match.group(1)) if match else None
+
+
+def verify(completion: str, answer: str | int) -> float:
+    """1.0 when the completion states the right answer in the task's format, else 0.0."""
+    predicted = extract_answer(completion)
+    return float(predicted is not None and predicted == int(answer))
+
+
+def corpus_for_tokenizer(seed: int = 0, count: int = 4000) -> list[str]:
+    """Text covering every word and template the task uses, for training the BPE."""
+    texts = pretraining_corpus(count, seed)
+    return texts + [sft_row(p)["completion"] for p in problems(count // 4, seed, held_out=False)]

@@ -1,0 +1,127 @@
+"""Batching: padding-free packing, padded batches, and a resumable batch order.
+
+Packing puts a batch's sequences side by side in one row; `position_ids`
+restart at 0 for each, and with no attention mask transformers derives a
+block-causal mask from them, so attention never crosses sequences and no
+compute is spent on pad tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lmstack.data.tokenize import IGNORE_INDEX
+
+
+class ResumableBatchSampler:
+    """Shuffled batches of indices, reshuffled each epoch from (seed, epoch).
+
+    Its state (epoch, batches served) travels in Lightning's checkpoint through
+    StatefulDataLoader, so a resumed run sees exactly the batches an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.served = 0
+
+    def __len__(self) -> int:
+        return max(1, self.num_examples // self.batch_size)
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_examples, generator=generator).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        while self.served < len(batches):
+            batch = batches[self.served]
+            self.served += 1
+            yield batch
+        self.epoch += 1
+        self.served = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self.served = state["served"]
+
+
+def collate_packed(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """One row holding every sequence; position_ids restart per sequence."""
+    input_ids, labels, positions = [], [], []
+    for example in examples:
+        input_ids += example["input_ids"]
+        # the first token of each sequence is never a target: it would be
+        # predicted from the previous sequence's last token
+        labels += [IGNORE_INDEX, *example["labels"][1:]]
+        positions += range(len(example["input_ids"]))
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+    }
+
+
+def collate_padded(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows with an attention mask."""
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        labels[row, 1:length] = torch.tensor(example["labels"][1:length])
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class _Collator:
+    """Picklable collate function (worker processes need to pickle it)."""
+
+    def __init__(self, packing: bool, pad_token_id: int):
+        self.packing = packing
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return collate_packed(examples)
+        return collate_padded(examples, self.pad_token_id)
+
+
+def build_train_loader(
+    examples: list[dict[str, list[int]]],
+    batch_size: int,
+    packing: bool,
+    seed: int,
+    pad_token_id: int = 0,
+    num_workers: int = 0,
+) -> StatefulDataLoader:
+    sampler = ResumableBatchSampler(len(examples), min(batch_size, len(examples)), seed)
+    return StatefulDataLoader(
+        examples,
+        batch_sampler=sampler,
+        collate_fn=_Collator(packing, pad_token_id),
+        num_workers=num_workers,
+    )
+
+
+def build_eval_loader(
+    examples: list[dict[str, list[int]]], batch_size: int, packing: bool, pad_token_id: int = 0
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        examples, batch_size=batch_size, shuffle=False, collate_fn=_Collator(packing, pad_token_id)
+    )

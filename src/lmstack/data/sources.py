@@ -1,0 +1,180 @@
+"""Rows from the built-in task, local jsonl/parquet files or a hub dataset.
+
+Rows are checked before any model is loaded: a missing file, a malformed JSON
+line, a row without the fields its format needs and an empty dataset each stop
+the run with a message naming the file and line (or row).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmstack.data import arith
+from lmstack.errors import DataError
+
+FORMAT_FIELDS = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+# which format a row of each objective can train on, in order of preference
+OBJECTIVE_FORMATS = {
+    "pretrain": ("text", "prompt_completion", "messages"),
+    "sft": ("prompt_completion", "messages", "preference"),
+}
+
+
+@dataclass
+class Rows:
+    """Validated rows of one format, with where they came from (for messages)."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    format: str
+    origin: str
+    # held-out problems of the built-in task, for the verifier
+    problems: list[arith.Problem] = field(default_factory=list)
+
+
+def load_rows(data: Any, objective: str) -> Rows:
+    if data.source == "builtin":
+        return _builtin_rows(data, objective)
+    if data.source == "jsonl":
+        rows, origin = _read_jsonl(Path(data.path)), data.path
+    elif data.source == "parquet":
+        rows, origin = _read_parquet(Path(data.path)), data.path
+    else:
+        rows, origin = _read_hub(data.path, data.subset, data.split), f"{data.path}[{data.split}]"
+    fmt = _check_rows(rows, data.format, origin, objective)
+    if data.source == "hub" and data.eval_split:
+        train, held_out = rows, _read_hub(data.path, data.subset, data.eval_split)
+        _check_rows(held_out, fmt, f"{data.path}[{data.eval_split}]", objective)
+    else:
+        train, held_out = _split(rows, data)
+    return Rows(train=train, eval=held_out, format=fmt, origin=origin)
+
+
+def _builtin_rows(data: Any, objective: str) -> Rows:
+    if data.task != "arith":
+        raise DataError(f"data.task: unknown built-in task '{data.task}' (available: arith)")
+    train_problems = arith.problems(data.train_size, data.seed, held_out=False)
+    eval_problems = arith.problems(data.eval_size, data.seed, held_out=True)
+    if objective == "pretrain":
+        train = [{"text": arith.pretraining_text(p)} for p in train_problems]
+        held_out = [{"text": arith.pretraining_text(p)} for p in eval_problems]
+        return Rows(train, held_out, "text", "builtin:arith", eval_problems)
+    train = [arith.sft_row(p) for p in train_problems]
+    held_out = [arith.sft_row(p) for p in eval_problems]
+    return Rows(train, held_out, "prompt_completion", "builtin:arith", eval_problems)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    _require_file(path)
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno}); "
+                    "each line of a jsonl file must be one JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            row["_line"] = line_number
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    _require_file(path)
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    rows = table.to_pylist()
+    for index, row in enumerate(rows):
+        row["_line"] = index + 1
+    return rows
+
+
+def _read_hub(name: str, subset: str | None, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split)
+    except Exception as error:
+        raise DataError(f"data.path: could not load dataset '{name}' split '{split}': {error}") from None
+    rows = [dict(row) for row in dataset]
+    for index, row in enumerate(rows):
+        row["_line"] = index + 1
+    return rows
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"data.path: no such file: {path} (resolved to {path.resolve()})")
+
+
+def detect_format(row: dict[str, Any], objective: str) -> str | None:
+    for fmt in OBJECTIVE_FORMATS.get(objective, tuple(FORMAT_FIELDS)):
+        if all(key in row for key in FORMAT_FIELDS[fmt]):
+            return fmt
+    return None
+
+
+def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: str) -> str:
+    if not rows:
+        raise DataError(f"{origin}: the dataset is empty (no rows to train on)")
+    if fmt == "auto":
+        fmt = detect_format(rows[0], objective) or _no_format(rows[0], origin, objective)
+    needed = FORMAT_FIELDS[fmt]
+    for row in rows:
+        missing = [key for key in needed if key not in row or row[key] in (None, "", [])]
+        if missing:
+            raise DataError(
+                f"{origin}:{row.get('_line', '?')}: row is missing {', '.join(missing)} "
+                f"(format '{fmt}' needs {', '.join(needed)})"
+            )
+        if fmt == "messages":
+            _check_messages(row["messages"], origin, row.get("_line", "?"))
+    return fmt
+
+
+def _no_format(row: dict[str, Any], origin: str, objective: str) -> str:
+    wanted = " or ".join("{" + ", ".join(FORMAT_FIELDS[f]) + "}" for f in OBJECTIVE_FORMATS[objective])
+    keys = ", ".join(key for key in row if key != "_line") or "none"
+    raise DataError(
+        f"{origin}:{row.get('_line', 1)}: cannot tell the row format for objective={objective}: "
+        f"its fields are {keys}; expected {wanted}"
+    )
+
+
+def _check_messages(messages: Any, origin: str, line: Any) -> None:
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise DataError(f"{origin}:{line}: 'messages' must be a list of {{role, content}} objects")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{origin}:{line}: 'messages' has no assistant turn to learn from")
+
+
+def _split(rows: list[dict[str, Any]], data: Any) -> tuple[list[dict], list[dict]]:
+    """Hold out a seeded share of the rows for evaluation (at least one, if possible)."""
+    if len(rows) < 2 or data.eval_fraction == 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(data.seed).shuffle(order)
+    held = max(1, int(len(rows) * data.eval_fraction))
+    held_set = set(order[:held])
+    return [r for i, r in enumerate(rows) if i not in held_set], [rows[i] for i in sorted(held_set)]

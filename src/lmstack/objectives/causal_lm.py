@@ -1,0 +1,80 @@
+"""Next-token objectives (pretrain and SFT) as one LightningModule.
+
+Pretraining and SFT share the loss; they differ only in which tokens the data
+marks as targets (all of them, or the assistant's), which the data layer decides.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from lmstack.objectives.losses import causal_lm_loss
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {name for name, param in module.named_parameters() if param.requires_grad}
+    return {name: tensor for name, tensor in module.state_dict().items() if name in names}
+
+
+class CausalLMModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.total_steps = total_steps
+        # checkpoints hold only the trained weights (an adapter, or all weights when full
+        # fine-tuning); the frozen base is reloaded from its own folder
+        self.strict_loading = False
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = causal_lm_loss(self(batch), batch["labels"])
+        targets = (batch["labels"][:, 1:] != -100).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/target_tokens", targets.float(), reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = causal_lm_loss(self(batch), batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=1)
+
+    def configure_optimizers(self):
+        params = [param for param in self.model.parameters() if param.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=self.objective.lr,
+            weight_decay=self.objective.weight_decay,
+            betas=tuple(self.objective.betas),
+        )
+        schedule = warmup_cosine(self.objective.warmup_steps, self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trained = {f"model.{name}" for name in trainable_state(self.model)}
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if key in trained
+        }
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1):
+    """Linear warm-up, then cosine decay to `floor` times the peak rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,80 @@
+"""Bad input: a clear one-paragraph message and a non-zero exit, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import run_cli
+
+
+def assert_rejected(result, *fragments: str, max_seconds: float | None = None):
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    for fragment in fragments:
+        assert fragment in output, f"{fragment!r} not in:\n{output}"
+    # rejected before any model was loaded or trained
+    assert "trainable of" not in output and "Traceback" not in output, output
+
+
+def test_unknown_group_option(tmp_path):
+    result = run_cli("adapter=lorax", output_dir=tmp_path, check=False)
+    assert_rejected(result, "Could not find 'adapter/lorax'", "qlora")
+
+
+def test_unknown_key(tmp_path):
+    result = run_cli("adapter.rank=4", output_dir=tmp_path, check=False)
+    assert_rejected(result, "adapter.rank")
+
+
+def test_wrong_type_answers_fast(tmp_path):
+    started = time.perf_counter()
+    result = run_cli("adapter.r=abc", output_dir=tmp_path, check=False)
+    assert_rejected(result, "adapter.r", "abc")
+    assert time.perf_counter() - started < 5
+
+
+def test_missing_data_file(tmp_path):
+    result = run_cli("data=jsonl", f"data.path={tmp_path}/nope.jsonl", output_dir=tmp_path,
+                     check=False)
+    assert_rejected(result, "no such file", "nope.jsonl")
+    assert result.returncode == 2
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "1 + 1?", "completion": "2"})
+    path.write_text(f"{good}\n{good}\n{{\"prompt\": \"broken\"\n")
+    result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
+    assert_rejected(result, f"{path}:3", "malformed JSON")
+
+
+def test_row_missing_fields_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}, {"prompt": "e"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
+    assert_rejected(result, f"{path}:3", "missing completion")
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n")
+    result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
+    assert_rejected(result, "empty")
+
+
+def test_unrecognised_row_format(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
+    assert_rejected(result, "cannot tell the row format", "question")
+
+
+@pytest.mark.parametrize("bad", ["adapter.r=0", "adapter=none quantization=nf4"])
+def test_cross_field_rule_at_start_up(tmp_path, bad):
+    result = run_cli(*bad.split(), output_dir=tmp_path, check=False)
+    assert_rejected(result, "lmstack: error:")
+    assert result.returncode == 2
