@@ -79,7 +79,7 @@ def test_run_identity_ignores_cosmetic_keys_only():
         (["adapter=none", "quantization=nf4"], "adapter=none"),
         (["data.source=jsonl"], "data.path"),
         (["trainer.max_steps=0"], "trainer.max_steps"),
-        (["model.builtin.hidden_size=130"], "model.builtin.hidden_size"),
+        (["model.builtin.hidden_size=96"], "model.builtin.hidden_size"),
         (["objective.lr=-1"], "objective.lr"),
     ],
 )

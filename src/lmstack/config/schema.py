@@ -45,13 +45,13 @@ class TinyLlamaConfig:
     """Shape of the built-in Llama-architecture model (and its short pretraining)."""
 
     hidden_size: int = 128
-    intermediate_size: int = 344
+    intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 4
     max_position_embeddings: int = 256
     vocab_size: int = 512
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
     seed: int = 0
@@ -59,6 +59,10 @@ class TinyLlamaConfig:
     def __post_init__(self) -> None:
         _require(self.hidden_size % self.num_heads == 0, "model.builtin.hidden_size",
                  f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        for key in ("hidden_size", "intermediate_size"):
+            # bitsandbytes 4-bit CPU kernels work on blocks of 64 weights
+            _require(getattr(self, key) % 64 == 0, f"model.builtin.{key}",
+                     f"{getattr(self, key)} is not a multiple of 64")
         _require(self.num_heads % self.num_kv_heads == 0, "model.builtin.num_kv_heads",
                  f"num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}")
 
@@ -92,7 +96,9 @@ class AdapterConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
     )
     use_dora: bool = False
 
@@ -177,7 +183,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 500
     max_epochs: int = -1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
@@ -185,7 +191,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: int = 1
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 100
     enable_progress_bar: bool = True
     # 0 = torch's default
     num_threads: int = 0
