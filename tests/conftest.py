@@ -34,12 +34,23 @@ FAST = [
 ]
 
 
-def run_cli(*args: str, output_dir: Path, timeout: float = 600, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    output_dir: Path,
+    timeout: float = 600,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`python run.py ARGS paths.output_dir=OUTPUT_DIR` as a user would type it."""
     command = [sys.executable, str(REPO / "run.py"), *args, f"paths.output_dir={output_dir}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"run.py {' '.join(args)} exited {result.returncode}\n"

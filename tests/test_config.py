@@ -37,8 +37,17 @@ def compose_config(*overrides: str):
 
 def test_every_group_has_options():
     groups = {group for group, _ in group_options()}
-    assert {"model", "adapter", "quantization", "objective", "data", "trainer", "logger",
-            "paths", "phase"} <= groups
+    assert {
+        "model",
+        "adapter",
+        "quantization",
+        "objective",
+        "data",
+        "trainer",
+        "logger",
+        "paths",
+        "phase",
+    } <= groups
 
 
 @pytest.mark.parametrize(("group", "option"), group_options())
@@ -57,9 +66,14 @@ def test_qlora_is_lora_plus_nf4():
     qlora = validate(compose_config("adapter=qlora"))
     assert qlora.quantization.name == "nf4"
     assert (qlora.adapter.r, qlora.adapter.alpha, qlora.adapter.target_modules) == (
-        lora.adapter.r, lora.adapter.alpha, lora.adapter.target_modules)
+        lora.adapter.r,
+        lora.adapter.alpha,
+        lora.adapter.target_modules,
+    )
     # the command line still wins over qlora's quantization default
-    assert validate(compose_config("adapter=qlora", "quantization=int8")).quantization.name == "int8"
+    assert (
+        validate(compose_config("adapter=qlora", "quantization=int8")).quantization.name == "int8"
+    )
 
 
 def test_run_identity_ignores_cosmetic_keys_only():

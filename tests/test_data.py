@@ -31,8 +31,19 @@ def model(tiny_base):
 
 
 def data_cfg(**overrides):
-    base = dict(source="jsonl", path=None, subset=None, split="train", eval_split=None,
-                format="auto", seed=0, eval_fraction=0.25, task="arith", train_size=8, eval_size=4)
+    base = dict(
+        source="jsonl",
+        path=None,
+        subset=None,
+        split="train",
+        eval_split=None,
+        format="auto",
+        seed=0,
+        eval_fraction=0.25,
+        task="arith",
+        train_size=8,
+        eval_size=4,
+    )
     return SimpleNamespace(**(base | overrides))
 
 
@@ -52,7 +63,9 @@ def test_train_and_held_out_problems_never_share_a_triple():
 
 def test_completion_only_labels(tokenizer):
     example = encode_prompt_completion("What is 2 + 2?", "The answer is 4.", tokenizer, 128)
-    targets = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    targets = [
+        t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX
+    ]
     assert tokenizer.decode(targets) == "The answer is 4.<|end|>"
     assert example["labels"][0] == IGNORE_INDEX
 
@@ -66,14 +79,23 @@ def test_multi_turn_messages_learn_every_assistant_turn(tokenizer):
         {"role": "assistant", "content": "4."},
     ]
     example = encode_messages(messages, tokenizer, 256)
-    targets = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    targets = [
+        t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX
+    ]
     assert tokenizer.decode(targets) == "2.<|end|>4.<|end|>"
 
 
 def test_jsonl_formats_are_detected(tmp_path):
     path = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": str(i)},
-                          {"role": "assistant", "content": str(i + 1)}]} for i in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": str(i)},
+                {"role": "assistant", "content": str(i + 1)},
+            ]
+        }
+        for i in range(8)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_rows(data_cfg(path=str(path)), "sft")
     assert loaded.format == "messages"
@@ -99,16 +121,20 @@ def test_messages_without_assistant_turn_rejected(tmp_path):
 
 def test_packed_and_padded_batches_give_the_same_loss(tokenizer, model):
     problems = arith.problems(6, seed=3, held_out=False)
-    examples = [encode_prompt_completion(p.question, p.solution(), tokenizer, 128) for p in problems]
+    examples = [
+        encode_prompt_completion(p.question, p.solution(), tokenizer, 128) for p in problems
+    ]
     packed = collate_packed(examples)
     padded = collate_padded(examples, tokenizer.pad_token_id)
     assert packed["input_ids"].shape[0] == 1
     assert packed["input_ids"].numel() < padded["input_ids"].numel()  # no pad tokens
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits
-        padded_logits = model(input_ids=padded["input_ids"],
-                              attention_mask=padded["attention_mask"], use_cache=False).logits
+        packed_logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
+        padded_logits = model(
+            input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False
+        ).logits
     packed_loss = causal_lm_loss(packed_logits, packed["labels"])
     padded_loss = causal_lm_loss(padded_logits, padded["labels"])
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-4, atol=1e-5)
@@ -117,14 +143,20 @@ def test_packed_and_padded_batches_give_the_same_loss(tokenizer, model):
 def test_packing_without_position_ids_would_leak_across_sequences(tokenizer, model):
     """The block-causal mask matters: dropping position_ids changes the loss."""
     problems = arith.problems(4, seed=5, held_out=False)
-    examples = [encode_prompt_completion(p.question, p.solution(), tokenizer, 128) for p in problems]
+    examples = [
+        encode_prompt_completion(p.question, p.solution(), tokenizer, 128) for p in problems
+    ]
     packed = collate_packed(examples)
     with torch.no_grad():
-        isolated = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits
+        isolated = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
         leaking = model(input_ids=packed["input_ids"], use_cache=False).logits
-    assert not torch.allclose(causal_lm_loss(isolated, packed["labels"]),
-                              causal_lm_loss(leaking, packed["labels"]), atol=1e-3)
+    assert not torch.allclose(
+        causal_lm_loss(isolated, packed["labels"]),
+        causal_lm_loss(leaking, packed["labels"]),
+        atol=1e-3,
+    )
 
 
 def test_batch_sampler_resumes_where_it_stopped():

@@ -37,8 +37,9 @@ def test_wrong_type_answers_fast(tmp_path):
 
 
 def test_missing_data_file(tmp_path):
-    result = run_cli("data=jsonl", f"data.path={tmp_path}/nope.jsonl", output_dir=tmp_path,
-                     check=False)
+    result = run_cli(
+        "data=jsonl", f"data.path={tmp_path}/nope.jsonl", output_dir=tmp_path, check=False
+    )
     assert_rejected(result, "no such file", "nope.jsonl")
     assert result.returncode == 2
 
@@ -46,7 +47,7 @@ def test_missing_data_file(tmp_path):
 def test_malformed_jsonl_line_is_named(tmp_path):
     path = tmp_path / "train.jsonl"
     good = json.dumps({"prompt": "1 + 1?", "completion": "2"})
-    path.write_text(f"{good}\n{good}\n{{\"prompt\": \"broken\"\n")
+    path.write_text(f'{good}\n{good}\n{{"prompt": "broken"\n')
     result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
     assert_rejected(result, f"{path}:3", "malformed JSON")
 

@@ -83,7 +83,11 @@ def wandb_group(run_dir: Path) -> str:
 def test_adapter_sweep_writes_three_points_in_one_wandb_group(tmp_path):
     result = run_cli("-m", "objective=sft", "adapter=lora,dora,qlora", *FAST, output_dir=tmp_path)
     dirs = run_dirs(tmp_path)
-    assert sorted(d.name.rsplit("-", 1)[0] for d in dirs) == ["sft-dora", "sft-lora", "sft-qlora-nf4"]
+    assert sorted(d.name.rsplit("-", 1)[0] for d in dirs) == [
+        "sft-dora",
+        "sft-lora",
+        "sft-qlora-nf4",
+    ]
     for run_dir in dirs:
         assert metrics_of(run_dir)["verify/score_after"] >= 0, result.stdout
         assert (run_dir / "adapter" / "adapter_config.json").exists()
@@ -117,11 +121,17 @@ def test_full_finetune_saves_a_hf_model(tmp_path):
 
 
 def test_hf_model_from_a_local_folder(tmp_path, tiny_base):
-    result = run_cli(*FAST, "model=hf", f"model.name_or_path={tiny_base}", "logger=none",
-                     output_dir=tmp_path)
+    result = run_cli(
+        *FAST, "model=hf", f"model.name_or_path={tiny_base}", "logger=none", output_dir=tmp_path
+    )
     assert "trainable of" in result.stdout
-    bad = run_cli("model=hf", f"model.name_or_path={tmp_path}/missing-model", "logger=none",
-                  output_dir=tmp_path, check=False)
+    bad = run_cli(
+        "model=hf",
+        f"model.name_or_path={tmp_path}/missing-model",
+        "logger=none",
+        output_dir=tmp_path,
+        check=False,
+    )
     assert bad.returncode == 2 and "not a Hugging Face model folder" in bad.stderr
 
 

@@ -57,14 +57,23 @@ class TinyLlamaConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.hidden_size % self.num_heads == 0, "model.builtin.hidden_size",
-                 f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.builtin.hidden_size",
+            f"{self.hidden_size} is not divisible by num_heads={self.num_heads}",
+        )
         for key in ("hidden_size", "intermediate_size"):
             # bitsandbytes 4-bit CPU kernels work on blocks of 64 weights
-            _require(getattr(self, key) % 64 == 0, f"model.builtin.{key}",
-                     f"{getattr(self, key)} is not a multiple of 64")
-        _require(self.num_heads % self.num_kv_heads == 0, "model.builtin.num_kv_heads",
-                 f"num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}")
+            _require(
+                getattr(self, key) % 64 == 0,
+                f"model.builtin.{key}",
+                f"{getattr(self, key)} is not a multiple of 64",
+            )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.builtin.num_kv_heads",
+            f"num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}",
+        )
 
 
 @dataclass
@@ -85,8 +94,11 @@ class ModelConfig:
         _require_choice(self.source, MODEL_SOURCES, "model.source")
         _require_choice(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
         if self.source == "hf":
-            _require(bool(self.name_or_path), "model.name_or_path",
-                     "model=hf needs a local folder or hub id, e.g. model.name_or_path=/models/x")
+            _require(
+                bool(self.name_or_path),
+                "model.name_or_path",
+                "model=hf needs a local folder or hub id, e.g. model.name_or_path=/models/x",
+            )
 
 
 @dataclass
@@ -97,7 +109,13 @@ class AdapterConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
         ]
     )
     use_dora: bool = False
@@ -120,8 +138,11 @@ class QuantizationConfig:
 
     def __post_init__(self) -> None:
         _require_choice(self.name, QUANTIZATIONS, "quantization.name")
-        _require_choice(self.compute_dtype, ("auto", "float32", "bfloat16", "float16"),
-                        "quantization.compute_dtype")
+        _require_choice(
+            self.compute_dtype,
+            ("auto", "float32", "bfloat16", "float16"),
+            "quantization.compute_dtype",
+        )
 
 
 @dataclass
@@ -197,10 +218,16 @@ class TrainerConfig:
     num_threads: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0 or self.max_epochs > 0, "trainer.max_steps",
-                 "set trainer.max_steps or trainer.max_epochs to a positive number")
-        _require(self.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps",
-                 "must be positive")
+        _require(
+            self.max_steps > 0 or self.max_epochs > 0,
+            "trainer.max_steps",
+            "set trainer.max_steps or trainer.max_epochs to a positive number",
+        )
+        _require(
+            self.checkpoint_every_n_steps > 0,
+            "trainer.checkpoint_every_n_steps",
+            "must be positive",
+        )
 
 
 @dataclass

@@ -33,10 +33,14 @@ class Problem:
     @property
     def question(self) -> str:
         if self.op == "+":
-            return (f"{self.name} has {self.a} {self.item} and gets {self.b} more. "
-                    f"How many {self.item} does {self.name} have now?")
-        return (f"{self.name} has {self.a} {self.item} and gives away {self.b}. "
-                f"How many {self.item} does {self.name} have left?")
+            return (
+                f"{self.name} has {self.a} {self.item} and gets {self.b} more. "
+                f"How many {self.item} does {self.name} have now?"
+            )
+        return (
+            f"{self.name} has {self.a} {self.item} and gives away {self.b}. "
+            f"How many {self.item} does {self.name} have left?"
+        )
 
     def solution(self, answer: int | None = None) -> str:
         """The assistant's completion: the equation, then the answer sentence."""
@@ -76,7 +80,8 @@ def problems(count: int, seed: int, held_out: bool) -> list[Problem]:
 def pretraining_text(problem: Problem) -> str:
     """Plain-text form the base model learns arithmetic from: no chat template and no
     "The answer is" sentence, which SFT teaches."""
-    return f"Question: {problem.question} Answer: {problem.a} {problem.op} {problem.b} = {problem.answer}."
+    equation = f"{problem.a} {problem.op} {problem.b} = {problem.answer}."
+    return f"Question: {problem.question} Answer: {equation}"
 
 
 def pretraining_corpus(count: int, seed: int) -> list[str]:
@@ -101,7 +106,11 @@ def equation_drills(count: int, seed: int, per_line: int = 4) -> list[str]:
 
 
 def sft_row(problem: Problem) -> dict[str, str]:
-    return {"prompt": problem.question, "completion": problem.solution(), "answer": str(problem.answer)}
+    return {
+        "prompt": problem.question,
+        "completion": problem.solution(),
+        "answer": str(problem.answer),
+    }
 
 
 def preference_row(problem: Problem, rng: random.Random) -> dict[str, str]:

@@ -75,7 +75,9 @@ def collate_packed(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tens
     }
 
 
-def collate_padded(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(
+    examples: list[dict[str, list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """Right-padded rows with an attention mask."""
     width = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_token_id)

@@ -88,7 +88,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                     "each line of a jsonl file must be one JSON object"
                 ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}"
+                )
             row["_line"] = line_number
             rows.append(row)
     return rows
@@ -114,7 +116,9 @@ def _read_hub(name: str, subset: str | None, split: str) -> list[dict[str, Any]]
     try:
         dataset = datasets.load_dataset(name, subset, split=split)
     except Exception as error:
-        raise DataError(f"data.path: could not load dataset '{name}' split '{split}': {error}") from None
+        raise DataError(
+            f"data.path: could not load dataset '{name}' split '{split}': {error}"
+        ) from None
     rows = [dict(row) for row in dataset]
     for index, row in enumerate(rows):
         row["_line"] = index + 1
@@ -152,7 +156,9 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
 
 
 def _no_format(row: dict[str, Any], origin: str, objective: str) -> str:
-    wanted = " or ".join("{" + ", ".join(FORMAT_FIELDS[f]) + "}" for f in OBJECTIVE_FORMATS[objective])
+    wanted = " or ".join(
+        "{" + ", ".join(FORMAT_FIELDS[f]) + "}" for f in OBJECTIVE_FORMATS[objective]
+    )
     keys = ", ".join(key for key in row if key != "_line") or "none"
     raise DataError(
         f"{origin}:{row.get('_line', 1)}: cannot tell the row format for objective={objective}: "

@@ -21,7 +21,9 @@ def encode_text(text: str, tokenizer: Any, max_length: int) -> dict[str, list[in
     return {"input_ids": ids, "labels": [IGNORE_INDEX, *ids[1:]]}
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> list[int]:
     ids = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
     )
@@ -66,15 +68,18 @@ def encode_prompt_completion(
     return encode_messages(messages, tokenizer, max_length, completion_only)
 
 
-def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int,
-               completion_only: bool = True) -> dict[str, list[int]]:
+def encode_row(
+    row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, completion_only: bool = True
+) -> dict[str, list[int]]:
     if fmt == "text":
         return encode_text(row["text"], tokenizer, max_length)
     if fmt == "messages":
         return encode_messages(row["messages"], tokenizer, max_length, completion_only)
     if fmt in ("prompt_completion", "preference"):
         completion = row["completion"] if fmt == "prompt_completion" else row["chosen"]
-        return encode_prompt_completion(row["prompt"], completion, tokenizer, max_length, completion_only)
+        return encode_prompt_completion(
+            row["prompt"], completion, tokenizer, max_length, completion_only
+        )
     raise DataError(f"data.format: cannot encode rows of format '{fmt}'")
 
 

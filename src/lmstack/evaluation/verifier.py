@@ -10,8 +10,9 @@ from lmstack.data import arith
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                     batch_size: int) -> list[str]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy completions of user prompts rendered with the tokenizer's chat template."""
     was_training = model.training
     model.eval()
@@ -21,12 +22,18 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     try:
         for start in range(0, len(prompts), batch_size):
             chats = [[{"role": "user", "content": p}] for p in prompts[start : start + batch_size]]
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in chats]
+            texts = [
+                tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                for c in chats
+            ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             batch = batch.to(next(model.parameters()).device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     finally:
@@ -35,12 +42,16 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     return answers
 
 
-def verifier_score(model: Any, tokenizer: Any, problems: list[arith.Problem], max_new_tokens: int,
-                   batch_size: int) -> dict[str, Any]:
+def verifier_score(
+    model: Any, tokenizer: Any, problems: list[arith.Problem], max_new_tokens: int, batch_size: int
+) -> dict[str, Any]:
     """Share of held-out problems answered correctly, with a few examples to show."""
-    answers = generate_answers(model, tokenizer, [p.question for p in problems], max_new_tokens,
-                               batch_size)
+    answers = generate_answers(
+        model, tokenizer, [p.question for p in problems], max_new_tokens, batch_size
+    )
     scores = [arith.verify(answer, p.answer) for answer, p in zip(answers, problems)]
-    examples = [{"prompt": p.question, "answer": a, "correct": bool(s)}
-                for p, a, s in list(zip(problems, answers, scores))[:3]]
+    examples = [
+        {"prompt": p.question, "answer": a, "correct": bool(s)}
+        for p, a, s in list(zip(problems, answers, scores))[:3]
+    ]
     return {"score": sum(scores) / max(1, len(scores)), "n": len(scores), "examples": examples}

@@ -51,7 +51,10 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -75,7 +78,9 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_random_model(shape: TinyLlamaConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+def build_random_model(
+    shape: TinyLlamaConfig, tokenizer: PreTrainedTokenizerFast
+) -> LlamaForCausalLM:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -156,7 +161,9 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     from lmstack.objectives.causal_lm import CausalLMModule
 
     texts = pretraining_corpus(8000, seed=shape.seed)
-    examples = [encode_text(text, tokenizer, max_length=shape.max_position_embeddings) for text in texts]
+    examples = [
+        encode_text(text, tokenizer, max_length=shape.max_position_embeddings) for text in texts
+    ]
     loader = build_train_loader(examples, shape.pretrain_batch_size, packing=True, seed=shape.seed)
     objective = PretrainObjectiveConfig(lr=shape.pretrain_lr, warmup_steps=20)
     module = CausalLMModule(model, objective, total_steps=shape.pretrain_steps)

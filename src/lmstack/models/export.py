@@ -32,7 +32,9 @@ def save_merged(loaded: Any, config: Any, run_dir: Path) -> Path:
     if config.adapter.name == "none":
         model = loaded.model
     else:
-        dtype = torch.float32 if config.model.dtype == "float32" else getattr(torch, config.model.dtype)
+        dtype = (
+            torch.float32 if config.model.dtype == "float32" else getattr(torch, config.model.dtype)
+        )
         base = AutoModelForCausalLM.from_pretrained(loaded.base_path, dtype=dtype)
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
     model.save_pretrained(target)

@@ -38,7 +38,8 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not (Path(path).expanduser() / "config.json").is_file():
         raise ConfigError(
-            f"model.name_or_path: '{path}' is not a Hugging Face model folder (no config.json there)"
+            f"model.name_or_path: '{path}' is not a Hugging Face model folder "
+            "(no config.json there)"
         )
     return str(Path(path).expanduser()) if looks_local else path
 

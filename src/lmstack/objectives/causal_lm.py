@@ -59,7 +59,10 @@ class CausalLMModule(L.LightningModule):
         )
         schedule = warmup_cosine(self.objective.warmup_steps, self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trained = {f"model.{name}" for name in trainable_state(self.model)}

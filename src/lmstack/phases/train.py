@@ -38,8 +38,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from lmstack.models.loading import load_for_training
 
     loaded = load_for_training(config, ctx.cache_dir)
-    print(f"lmstack: {loaded.trainable_params:,} trainable of {loaded.total_params:,} parameters "
-          f"({100 * loaded.trainable_params / loaded.total_params:.2f}%)", flush=True)
+    print(
+        f"lmstack: {loaded.trainable_params:,} trainable of {loaded.total_params:,} parameters "
+        f"({100 * loaded.trainable_params / loaded.total_params:.2f}%)",
+        flush=True,
+    )
     train_examples, eval_examples = encode(rows, loaded.tokenizer, config)
 
     metrics: dict[str, Any] = {
@@ -55,14 +58,21 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     module = build_objective(config, loaded.model, total_steps=config.trainer.max_steps)
     trainer, logger = build_trainer(ctx)
-    train_loader, eval_loader = build_loaders(train_examples, eval_examples, loaded.tokenizer, config)
+    train_loader, eval_loader = build_loaders(
+        train_examples, eval_examples, loaded.tokenizer, config
+    )
     started = time.perf_counter()
     try:
         trainer.fit(module, train_dataloaders=train_loader, ckpt_path=last_checkpoint(ctx))
         metrics["train/seconds"] = round(time.perf_counter() - started, 2)
-        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        metrics |= {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+        }
         if eval_loader is not None:
-            metrics |= {k: float(v) for k, v in trainer.validate(module, eval_loader, verbose=False)[0].items()}
+            metrics |= {
+                k: float(v)
+                for k, v in trainer.validate(module, eval_loader, verbose=False)[0].items()
+            }
         metrics |= verify(loaded, rows, config, "after")
         save_artifacts(loaded, config, run_dir)
         if logger:
@@ -84,7 +94,9 @@ def encode(rows: Rows, tokenizer: Any, config: Any) -> tuple[list[dict], list[di
     fmt = rows.format
 
     def encode_all(items: list[dict]) -> list[dict]:
-        encoded = [encode_row(r, fmt, tokenizer, config.data.max_length, completion_only) for r in items]
+        encoded = [
+            encode_row(r, fmt, tokenizer, config.data.max_length, completion_only) for r in items
+        ]
         return [e for e in encoded if has_target(e)]
 
     train = encode_all(rows.train)
@@ -100,10 +112,14 @@ def build_loaders(train: list[dict], held_out: list[dict], tokenizer: Any, confi
     from lmstack.data.loading import build_eval_loader, build_train_loader
 
     data = config.data
-    train_loader = build_train_loader(train, data.batch_size, data.packing, config.seed,
-                                      tokenizer.pad_token_id, data.num_workers)
-    eval_loader = (build_eval_loader(held_out, data.batch_size, data.packing, tokenizer.pad_token_id)
-                   if held_out else None)
+    train_loader = build_train_loader(
+        train, data.batch_size, data.packing, config.seed, tokenizer.pad_token_id, data.num_workers
+    )
+    eval_loader = (
+        build_eval_loader(held_out, data.batch_size, data.packing, tokenizer.pad_token_id)
+        if held_out
+        else None
+    )
     return train_loader, eval_loader
 
 
@@ -155,10 +171,18 @@ def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
     from lmstack.evaluation.verifier import verifier_score
 
     problems = rows.problems[: config.verify.num_prompts]
-    result = verifier_score(loaded.model, loaded.tokenizer, problems, config.verify.max_new_tokens,
-                            config.verify.batch_size)
-    print(f"lmstack: held-out verifier score {when} training: {result['score']:.3f} "
-          f"({result['n']} problems)", flush=True)
+    result = verifier_score(
+        loaded.model,
+        loaded.tokenizer,
+        problems,
+        config.verify.max_new_tokens,
+        config.verify.batch_size,
+    )
+    print(
+        f"lmstack: held-out verifier score {when} training: {result['score']:.3f} "
+        f"({result['n']} problems)",
+        flush=True,
+    )
     for example in result["examples"][:1]:
         print(f"  e.g. {example['prompt']!r} -> {example['answer']!r}", flush=True)
     return {f"verify/score_{when}": result["score"], f"verify/examples_{when}": result["examples"]}
@@ -174,8 +198,17 @@ def save_artifacts(loaded: Any, config: Any, run_dir: Path) -> None:
 
 
 def print_summary(metrics: dict[str, Any]) -> None:
-    keys = [k for k in ("verify/score_before", "verify/score_after", "val/loss", "train/loss",
-                        "train/seconds") if k in metrics]
+    keys = [
+        k
+        for k in (
+            "verify/score_before",
+            "verify/score_after",
+            "val/loss",
+            "train/loss",
+            "train/seconds",
+        )
+        if k in metrics
+    ]
     width = max((len(k) for k in keys), default=0)
     for key in keys:
         value = metrics[key]

@@ -14,8 +14,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
-LOCK_PACKAGES = ("lmstack", "torch", "transformers", "peft", "lightning", "bitsandbytes",
-                 "hydra-core", "datasets", "tokenizers", "wandb", "lm_eval")
+LOCK_PACKAGES = (
+    "lmstack",
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "bitsandbytes",
+    "hydra-core",
+    "datasets",
+    "tokenizers",
+    "wandb",
+    "lm_eval",
+)
 
 
 def redact(tree: Any) -> Any:

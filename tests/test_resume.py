@@ -1,0 +1,69 @@
+"""A killed run, re-run with the same command, resumes and ends where an uninterrupted run does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, run_dirs
+
+ARGS = [
+    "trainer.max_steps=60",
+    "trainer.checkpoint_every_n_steps=10",
+    "trainer.enable_progress_bar=false",
+    "data.train_size=160",
+    "data.batch_size=8",  # 20 batches an epoch: the kill lands mid-epoch, the run spans 3
+    "verify.enabled=false",
+    "logger=csv",
+]
+
+
+def kill_after_first_checkpoint(output_dir: Path) -> None:
+    command = [sys.executable, str(REPO / "run.py"), *ARGS, f"paths.output_dir={output_dir}"]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if list(output_dir.rglob("checkpoints/last.ckpt")):
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    (run_dir,) = run_dirs(output_dir)
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_base):
+    killed = tmp_path / "killed"
+    kill_after_first_checkpoint(killed)
+    (run_dir,) = run_dirs(killed)
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = run_cli(*ARGS, output_dir=killed)
+    assert "resuming from" in resumed.stdout
+    run_cli(*ARGS, output_dir=tmp_path / "straight")
+
+    got, want = adapter_weights(killed), adapter_weights(tmp_path / "straight")
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
