@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,20 @@ log = logging.getLogger("lmstack")
 EXIT_BAD_INPUT = 2
 
 
+# Known-harmless library warnings that would bury lmstack's own output.
+QUIET_WARNINGS = (
+    r".*defined a `validation_step` but have no `val_dataloader`.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*`is_gradient_checkpointing` is deprecated.*",
+    r".*does not have many workers which may be a bottleneck.*",
+)
+
+
+def quiet_library_warnings() -> None:
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def run_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -31,6 +46,7 @@ def run_task(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    quiet_library_warnings()
     try:
         ctx = build_context(cfg, run_dir, multirun)
         metrics = dispatch(ctx)

@@ -84,6 +84,9 @@ def load_tokenizer(path: str, model_cfg: Any):
 
 def load_base(path: str, model_cfg: Any, quant_cfg: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per tiny shard is noise; Lightning shows training
 
     quant = quantization_config(quant_cfg)
     dtype = compute_dtype(quant_cfg) if quant is not None else DTYPES[model_cfg.dtype]

@@ -40,6 +40,9 @@ def data_fingerprint(data: dict[str, Any]) -> str:
     path = data.get("path")
     if source in ("jsonl", "parquet") and path and Path(path).is_file():
         return f"file:{file_fingerprint(path)}"
+    if source == "hub" and path and Path(path).is_dir():
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        return f"folder:{stable_hash([file_fingerprint(f) for f in files], 16)}"
     if source == "hub":
         return f"hub:{path}:{data.get('subset')}:{data.get('split')}"
     return f"builtin:{data.get('task')}:v1"
