@@ -24,6 +24,8 @@ DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
 LOGGERS = ("wandb", "csv", "none")
 MODEL_SOURCES = ("builtin", "hf")
+# same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -171,6 +173,27 @@ class SFTObjectiveConfig(ObjectiveConfig):
 
 
 @dataclass
+class DPOObjectiveConfig(ObjectiveConfig):
+    name: str = "dpo"
+    lr: float = 5e-4
+    # strength of the pull towards the reference model (the KL weight)
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    # assumed share of flipped preference labels (sigmoid and robust losses)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
+        _require_choice(self.loss, DPO_LOSS_TYPES, "objective.loss")
+        _require(
+            0.0 <= self.label_smoothing < 0.5,
+            "objective.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+
+
+@dataclass
 class DataConfig:
     source: str = "builtin"
     # jsonl/parquet: a local file; hub: a dataset name (or a local dataset folder)
@@ -311,6 +334,7 @@ GROUP_SCHEMAS: dict[str, type] = {
 OBJECTIVE_SCHEMAS: dict[str, type] = {
     "pretrain": PretrainObjectiveConfig,
     "sft": SFTObjectiveConfig,
+    "dpo": DPOObjectiveConfig,
 }
 
 # Keys that do not change what a run computes: left out of the run identity.

@@ -91,14 +91,29 @@ def collate_padded(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_preference(
+    examples: list[dict[str, dict[str, list[int]]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """One padded batch of 2P rows: the P chosen sequences, then the P rejected ones.
+
+    Row ``i`` and row ``P + i`` are a pair, so one forward pass scores both sides.
+    """
+    rows = [example["chosen"] for example in examples]
+    rows += [example["rejected"] for example in examples]
+    return collate_padded(rows, pad_token_id)
+
+
 class _Collator:
     """Picklable collate function (worker processes need to pickle it)."""
 
-    def __init__(self, packing: bool, pad_token_id: int):
+    def __init__(self, packing: bool, pad_token_id: int, preference: bool = False):
         self.packing = packing
         self.pad_token_id = pad_token_id
+        self.preference = preference
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.preference:
+            return collate_preference(examples, self.pad_token_id)
         if self.packing:
             return collate_packed(examples)
         return collate_padded(examples, self.pad_token_id)
@@ -111,19 +126,28 @@ def build_train_loader(
     seed: int,
     pad_token_id: int = 0,
     num_workers: int = 0,
+    preference: bool = False,
 ) -> StatefulDataLoader:
+    """Resumable shuffled batches; ``preference=True`` takes pairs (packing is then ignored)."""
     sampler = ResumableBatchSampler(len(examples), min(batch_size, len(examples)), seed)
     return StatefulDataLoader(
         examples,
         batch_sampler=sampler,
-        collate_fn=_Collator(packing, pad_token_id),
+        collate_fn=_Collator(packing, pad_token_id, preference),
         num_workers=num_workers,
     )
 
 
 def build_eval_loader(
-    examples: list[dict[str, list[int]]], batch_size: int, packing: bool, pad_token_id: int = 0
+    examples: list[dict[str, Any]],
+    batch_size: int,
+    packing: bool,
+    pad_token_id: int = 0,
+    preference: bool = False,
 ) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        examples, batch_size=batch_size, shuffle=False, collate_fn=_Collator(packing, pad_token_id)
+        examples,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_Collator(packing, pad_token_id, preference),
     )

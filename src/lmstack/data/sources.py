@@ -26,6 +26,7 @@ FORMAT_FIELDS = {
 OBJECTIVE_FORMATS = {
     "pretrain": ("text", "prompt_completion", "messages"),
     "sft": ("prompt_completion", "messages", "preference"),
+    "dpo": ("preference",),
 }
 
 
@@ -68,6 +69,12 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
         train = [{"text": arith.pretraining_text(p)} for p in train_problems]
         held_out = [{"text": arith.pretraining_text(p)} for p in eval_problems]
         return Rows(train, held_out, "text", "builtin:arith", eval_problems)
+    if objective == "dpo":
+        # separate seeded streams, so the held-out wrong answers do not depend on train_size
+        train_rng, eval_rng = random.Random(data.seed), random.Random(data.seed + 1)
+        train = [arith.preference_row(p, train_rng) for p in train_problems]
+        held_out = [arith.preference_row(p, eval_rng) for p in eval_problems]
+        return Rows(train, held_out, "preference", "builtin:arith", eval_problems)
     train = [arith.sft_row(p) for p in train_problems]
     held_out = [arith.sft_row(p) for p in eval_problems]
     return Rows(train, held_out, "prompt_completion", "builtin:arith", eval_problems)
@@ -131,7 +138,11 @@ def _require_file(path: Path) -> None:
 
 
 def detect_format(row: dict[str, Any], objective: str) -> str | None:
-    for fmt in OBJECTIVE_FORMATS.get(objective, tuple(FORMAT_FIELDS)):
+    formats = OBJECTIVE_FORMATS.get(objective, tuple(FORMAT_FIELDS))
+    if len(formats) == 1:
+        # the only choice: a row short of its fields then gets "row is missing ..."
+        return formats[0]
+    for fmt in formats:
         if all(key in row for key in FORMAT_FIELDS[fmt]):
             return fmt
     return None
@@ -142,6 +153,11 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
         raise DataError(f"{origin}: the dataset is empty (no rows to train on)")
     if fmt == "auto":
         fmt = detect_format(rows[0], objective) or _no_format(rows[0], origin, objective)
+    if objective == "dpo" and fmt != "preference":
+        raise DataError(
+            f"data.format: objective=dpo trains on preference rows "
+            f"{{{', '.join(FORMAT_FIELDS['preference'])}}}, not format '{fmt}'"
+        )
     needed = FORMAT_FIELDS[fmt]
     for row in rows:
         missing = [key for key in needed if key not in row or row[key] in (None, "", [])]

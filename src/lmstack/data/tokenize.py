@@ -83,5 +83,15 @@ def encode_row(
     raise DataError(f"data.format: cannot encode rows of format '{fmt}'")
 
 
+def encode_preference(
+    row: dict[str, Any], tokenizer: Any, max_length: int
+) -> dict[str, dict[str, list[int]]]:
+    """A preference pair: the same prompt with the chosen and with the rejected completion."""
+    return {
+        key: encode_prompt_completion(row["prompt"], row[key], tokenizer, max_length)
+        for key in ("chosen", "rejected")
+    }
+
+
 def has_target(example: dict[str, list[int]]) -> bool:
     return any(label != IGNORE_INDEX for label in example["labels"])

@@ -145,5 +145,6 @@ def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     tokenizer = load_tokenizer(path, cfg.model)
     base = load_base(path, cfg.model, cfg.quantization)
     model = attach_adapter(base, cfg.adapter, quantized=cfg.quantization.name != "none")
+    model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
     trainable, total = count_parameters(model)
     return LoadedModel(model, tokenizer, path, trainable, total)

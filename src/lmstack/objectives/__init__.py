@@ -11,4 +11,8 @@ def build_objective(config: Any, model: Any, total_steps: int):
         from lmstack.objectives.causal_lm import CausalLMModule
 
         return CausalLMModule(model, config.objective, total_steps)
+    if name == "dpo":
+        from lmstack.objectives.dpo import DPOModule
+
+        return DPOModule(model, config.objective, total_steps)
     raise ValueError(f"objective.name: unknown objective '{name}'")

@@ -50,25 +50,32 @@ class CausalLMModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=1)
 
     def configure_optimizers(self):
-        params = [param for param in self.model.parameters() if param.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=self.objective.lr,
-            weight_decay=self.objective.weight_decay,
-            betas=tuple(self.objective.betas),
-        )
-        schedule = warmup_cosine(self.objective.warmup_steps, self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return adamw_with_schedule(self.model, self.objective, self.total_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trained = {f"model.{name}" for name in trainable_state(self.model)}
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if key in trained
-        }
+        keep_trained_weights(checkpoint, self.model)
+
+
+def adamw_with_schedule(model: torch.nn.Module, objective: Any, total_steps: int) -> dict:
+    """AdamW over the trainable parameters, stepped per batch by :func:`warmup_cosine`."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=objective.lr,
+        weight_decay=objective.weight_decay,
+        betas=tuple(objective.betas),
+    )
+    schedule = warmup_cosine(objective.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def keep_trained_weights(checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
+    """Drop everything but `model`'s trained weights (held as `self.model`) from a checkpoint."""
+    trained = {f"model.{name}" for name in trainable_state(model)}
+    checkpoint["state_dict"] = {
+        key: value for key, value in checkpoint["state_dict"].items() if key in trained
+    }
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1):

@@ -88,15 +88,17 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 
 def encode(rows: Rows, tokenizer: Any, config: Any) -> tuple[list[dict], list[dict]]:
-    from lmstack.data.tokenize import encode_row, has_target
+    from lmstack.data.tokenize import encode_preference, encode_row, has_target
 
     completion_only = getattr(config.objective, "completion_only", True)
-    fmt = rows.format
+    fmt, max_length = rows.format, config.data.max_length
 
     def encode_all(items: list[dict]) -> list[dict]:
-        encoded = [
-            encode_row(r, fmt, tokenizer, config.data.max_length, completion_only) for r in items
-        ]
+        if is_preference(config):
+            pairs = [encode_preference(r, tokenizer, max_length) for r in items]
+            # a pair whose either side lost every target token cannot be compared
+            return [p for p in pairs if has_target(p["chosen"]) and has_target(p["rejected"])]
+        encoded = [encode_row(r, fmt, tokenizer, max_length, completion_only) for r in items]
         return [e for e in encoded if has_target(e)]
 
     train = encode_all(rows.train)
@@ -108,17 +110,20 @@ def encode(rows: Rows, tokenizer: Any, config: Any) -> tuple[list[dict], list[di
     return train, encode_all(rows.eval)
 
 
+def is_preference(config: Any) -> bool:
+    """Objectives that train on (prompt, chosen, rejected) pairs."""
+    return config.objective.name == "dpo"
+
+
 def build_loaders(train: list[dict], held_out: list[dict], tokenizer: Any, config: Any):
     from lmstack.data.loading import build_eval_loader, build_train_loader
 
-    data = config.data
+    data, pad, pairs = config.data, tokenizer.pad_token_id, is_preference(config)
     train_loader = build_train_loader(
-        train, data.batch_size, data.packing, config.seed, tokenizer.pad_token_id, data.num_workers
+        train, data.batch_size, data.packing, config.seed, pad, data.num_workers, pairs
     )
     eval_loader = (
-        build_eval_loader(held_out, data.batch_size, data.packing, tokenizer.pad_token_id)
-        if held_out
-        else None
+        build_eval_loader(held_out, data.batch_size, data.packing, pad, pairs) if held_out else None
     )
     return train_loader, eval_loader
 
