@@ -31,6 +31,7 @@ QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*`is_gradient_checkpointing` is deprecated.*",
     r".*does not have many workers which may be a bottleneck.*",
+    r".*'set_vital' is deprecated.*",
 )
 
 
