@@ -19,12 +19,16 @@ REQUIRED = {
     ("data", "jsonl"): ["data.path=/tmp/train.jsonl"],
     ("data", "parquet"): ["data.path=/tmp/train.parquet"],
     ("data", "hub"): ["data.path=org/dataset"],
+    ("phase", "pipeline"): ["phase.stages=[{name: a, overrides: ['objective=sft']}]"],
+    ("objective", "ppo"): ["objective.reward_model=/tmp/reward-run"],
 }
+RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
 
 
 def group_options() -> list[tuple[str, str]]:
     options = []
-    for group_dir in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+    groups = [p for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "recipe")]
+    for group_dir in sorted(groups):
         options += [(group_dir.name, f.stem) for f in sorted(group_dir.glob("*.yaml"))]
     return options
 
@@ -107,3 +111,21 @@ def test_yaml_files_open_with_a_comment():
         text = (CONF / group / f"{option}.yaml").read_text()
         assert text.lstrip().startswith("#"), f"conf/{group}/{option}.yaml has no opening comment"
     assert OmegaConf.load(CONF / "config.yaml")["defaults"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_and_its_stages_compose(recipe):
+    from lmstack.phases.pipeline import PLACEHOLDER
+
+    config = validate(compose_config(f"recipe={recipe}"))
+    assert config.phase.name == "pipeline" and config.phase.stages
+    for stage in config.phase.stages:
+        overrides = [PLACEHOLDER.sub("/tmp/earlier-run", o) for o in stage.overrides]
+        stage_config = validate(compose_config(f"recipe={recipe}", "phase=train", *overrides))
+        assert stage_config.objective.name in stage.overrides[0]
+
+
+def test_recipes_open_with_a_comment_and_the_command():
+    for recipe in RECIPES:
+        text = (CONF.parent / "recipes" / f"{recipe}.yaml").read_text()
+        assert f"python run.py recipe={recipe}" in text, recipe

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -23,6 +24,7 @@ from lmstack.phases.context import RunContext
 
 log = logging.getLogger("lmstack")
 EXIT_BAD_INPUT = 2
+RUN_DIR_REPORT = "LMSTACK_RUN_DIR_REPORT"
 
 
 # Known-harmless library warnings that would bury lmstack's own output.
@@ -91,6 +93,9 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
     if config.run.rerun or not finished_metrics(run_dir):
         write_run_records(cfg, run_dir, identity, data_fingerprint(resolved["data"]))
         set_status(run_dir, "running", run_id=identity)
+    if report := os.environ.get(RUN_DIR_REPORT):
+        # a pipeline stage tells the pipeline where it ran
+        Path(report).write_text(str(run_dir.resolve()))
     return RunContext(
         cfg=cfg,
         config=config,
@@ -109,7 +114,11 @@ def dispatch(ctx: RunContext) -> dict[str, Any]:
         from lmstack.phases import train
 
         return train.run(ctx)
-    raise ConfigError(f"phase.name: unknown phase '{phase}' (available: train)")
+    if phase == "pipeline":
+        from lmstack.phases import pipeline
+
+        return pipeline.run(ctx)
+    raise ConfigError(f"phase.name: unknown phase '{phase}' (available: train, pipeline)")
 
 
 def sweep_metric(metrics: dict[str, Any]) -> float | None:

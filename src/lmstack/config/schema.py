@@ -21,7 +21,7 @@ from lmstack.errors import ConfigError
 ADAPTERS = ("none", "lora", "dora", "qlora")
 QUANTIZATIONS = ("none", "int8", "nf4")
 DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
-DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
 LOGGERS = ("wandb", "csv", "none")
 MODEL_SOURCES = ("builtin", "hf")
 # same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
@@ -38,8 +38,28 @@ def _require_choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 
 @dataclass
+class StageConfig:
+    """One stage of phase=pipeline: a run.py invocation with these overrides.
+
+    `{name}` in an override stands for the run directory of the earlier stage `name`,
+    e.g. `model.init_from={sft}`.
+    """
+
+    name: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PhaseConfig:
     name: str = "train"
+    # phase=pipeline: the stages, run in order
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.name == "pipeline":
+            _require(len(self.stages) > 0, "phase.stages", "a pipeline needs at least one stage")
+        names = [stage.name for stage in self.stages]
+        _require(len(set(names)) == len(names), "phase.stages", f"stage names repeat: {names}")
 
 
 @dataclass
@@ -181,6 +201,9 @@ class DPOObjectiveConfig(ObjectiveConfig):
     loss: str = "sigmoid"
     # assumed share of flipped preference labels (sigmoid and robust losses)
     label_smoothing: float = 0.0
+    # reference log-probs computed once before training and cached on disk (keyed by
+    # model, tokenizer and data), so a sweep over beta or loss reuses them
+    precompute_ref: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +214,114 @@ class DPOObjectiveConfig(ObjectiveConfig):
             "objective.label_smoothing",
             f"must be in [0, 0.5), got {self.label_smoothing}",
         )
+
+
+@dataclass
+class RewardObjectiveConfig(ObjectiveConfig):
+    """A Bradley-Terry reward model: a scalar head scored on preference pairs."""
+
+    name: str = "reward"
+    lr: float = 1e-3
+
+
+@dataclass
+class PPOObjectiveConfig(ObjectiveConfig):
+    """PPO-RLHF (Ouyang et al. 2022) against a reward-model run."""
+
+    name: str = "ppo"
+    lr: float = 5e-4
+    # a finished objective=reward run directory (required)
+    reward_model: str | None = None
+    # weight of the per-token KL penalty to the reference
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    # optimisation passes over each batch of rollouts
+    ppo_epochs: int = 2
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            bool(self.reward_model),
+            "objective.reward_model",
+            "ppo needs a reward-model run directory (objective.reward_model=<run dir>)",
+        )
+        _require(self.kl_coef > 0, "objective.kl_coef", f"must be > 0, got {self.kl_coef}")
+        _require(0 <= self.gamma <= 1, "objective.gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, "objective.lam", f"must be in [0, 1], got {self.lam}")
+        for key in ("clip_eps", "value_clip_eps", "vf_coef", "temperature"):
+            value = getattr(self, key)
+            _require(value > 0, f"objective.{key}", f"must be > 0, got {value}")
+        _require(self.ppo_epochs >= 1, "objective.ppo_epochs", "must be >= 1")
+        _require(self.max_new_tokens > 0, "objective.max_new_tokens", "must be positive")
+        _require(0 < self.top_p <= 1, "objective.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+# reward functions objective=grpo can sum (see lmstack.objectives.reward_functions)
+GRPO_REWARDS = ("verifier", "format", "reward_model")
+
+
+@dataclass
+class RewardFunctionConfig:
+    """One weighted reward: verifier (the task's check of the row's answer), format (1 when
+    `pattern` matches the completion) or reward_model (a trained scorer at `path`)."""
+
+    name: str = MISSING
+    weight: float = 1.0
+    pattern: str | None = None
+    path: str | None = None
+
+    def check(self, key: str) -> None:
+        _require_choice(self.name, GRPO_REWARDS, f"{key}.name")
+        if self.name == "format":
+            _require(bool(self.pattern), f"{key}.pattern", "the format reward needs a regex")
+        if self.name == "reward_model":
+            _require(bool(self.path), f"{key}.path", "the reward_model reward needs a run dir")
+
+
+@dataclass
+class GRPOObjectiveConfig(ObjectiveConfig):
+    name: str = "grpo"
+    lr: float = 5e-4
+    # completions sampled per prompt; advantages are relative to the group
+    group_size: int = 4
+    # weight of the KL penalty to the reference (0: no reference pass)
+    beta: float = 0.04
+    clip_eps: float = 0.2
+    # policy updates per batch of rollouts
+    iterations: int = 1
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rewards: list[RewardFunctionConfig] = field(
+        default_factory=lambda: [
+            RewardFunctionConfig(name="verifier", weight=1.0),
+            RewardFunctionConfig(name="format", weight=0.1, pattern=r"answer is -?\d+"),
+        ]
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.group_size >= 2,
+            "objective.group_size",
+            f"GRPO needs at least 2 completions per prompt, got {self.group_size}",
+        )
+        _require(self.beta >= 0, "objective.beta", f"must be >= 0, got {self.beta}")
+        _require(self.clip_eps > 0, "objective.clip_eps", f"must be > 0, got {self.clip_eps}")
+        _require(self.iterations >= 1, "objective.iterations", "must be >= 1")
+        _require(self.max_new_tokens > 0, "objective.max_new_tokens", "must be positive")
+        _require(self.temperature > 0, "objective.temperature", "must be positive")
+        _require(0 < self.top_p <= 1, "objective.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(len(self.rewards) > 0, "objective.rewards", "is empty")
+        for index, reward in enumerate(self.rewards):
+            reward.check(f"objective.rewards[{index}]")
 
 
 @dataclass
@@ -271,6 +402,8 @@ class LoggerConfig:
 class PathsConfig:
     output_dir: str = "outputs"
     cache_dir: str = ".cache/lmstack"
+    # DPO reference log-probs (objective.precompute_ref=true)
+    ref_logps_dir: str = ".cache/lmstack/ref_logps"
 
 
 @dataclass
@@ -335,6 +468,9 @@ OBJECTIVE_SCHEMAS: dict[str, type] = {
     "pretrain": PretrainObjectiveConfig,
     "sft": SFTObjectiveConfig,
     "dpo": DPOObjectiveConfig,
+    "reward": RewardObjectiveConfig,
+    "ppo": PPOObjectiveConfig,
+    "grpo": GRPOObjectiveConfig,
 }
 
 # Keys that do not change what a run computes: left out of the run identity.

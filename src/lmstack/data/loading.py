@@ -100,7 +100,10 @@ def collate_preference(
     """
     rows = [example["chosen"] for example in examples]
     rows += [example["rejected"] for example in examples]
-    return collate_padded(rows, pad_token_id)
+    batch = collate_padded(rows, pad_token_id)
+    if "ref_logps" in examples[0]:  # precomputed reference log-probs travel with their pair
+        batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
+    return batch
 
 
 class _Collator:

@@ -21,12 +21,17 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
+    # prompts for online RL (grpo, ppo); an optional "answer" feeds the task verifier
+    "prompt": ("prompt",),
 }
 # which format a row of each objective can train on, in order of preference
 OBJECTIVE_FORMATS = {
     "pretrain": ("text", "prompt_completion", "messages"),
     "sft": ("prompt_completion", "messages", "preference"),
     "dpo": ("preference",),
+    "reward": ("preference",),
+    "grpo": ("prompt",),
+    "ppo": ("prompt",),
 }
 
 
@@ -69,7 +74,7 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
         train = [{"text": arith.pretraining_text(p)} for p in train_problems]
         held_out = [{"text": arith.pretraining_text(p)} for p in eval_problems]
         return Rows(train, held_out, "text", "builtin:arith", eval_problems)
-    if objective == "dpo":
+    if objective in ("dpo", "reward"):
         # separate seeded streams, so the held-out wrong answers do not depend on train_size
         train_rng, eval_rng = random.Random(data.seed), random.Random(data.seed + 1)
         train = [arith.preference_row(p, train_rng) for p in train_problems]
@@ -77,7 +82,8 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
         return Rows(train, held_out, "preference", "builtin:arith", eval_problems)
     train = [arith.sft_row(p) for p in train_problems]
     held_out = [arith.sft_row(p) for p in eval_problems]
-    return Rows(train, held_out, "prompt_completion", "builtin:arith", eval_problems)
+    fmt = "prompt" if objective in ("grpo", "ppo") else "prompt_completion"
+    return Rows(train, held_out, fmt, "builtin:arith", eval_problems)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -153,10 +159,11 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
         raise DataError(f"{origin}: the dataset is empty (no rows to train on)")
     if fmt == "auto":
         fmt = detect_format(rows[0], objective) or _no_format(rows[0], origin, objective)
-    if objective == "dpo" and fmt != "preference":
+    allowed = OBJECTIVE_FORMATS.get(objective, tuple(FORMAT_FIELDS))
+    if fmt not in allowed:
         raise DataError(
-            f"data.format: objective=dpo trains on preference rows "
-            f"{{{', '.join(FORMAT_FIELDS['preference'])}}}, not format '{fmt}'"
+            f"data.format: objective={objective} trains on {' or '.join(allowed)} rows, "
+            f"not format '{fmt}'"
         )
     needed = FORMAT_FIELDS[fmt]
     for row in rows:

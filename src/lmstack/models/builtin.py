@@ -120,7 +120,7 @@ def ensure_builtin_model(shape: TinyLlamaConfig, pretrained: bool, cache_dir: st
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder.with_suffix(".lock")):
+    with file_lock(folder.with_suffix(".lock")):
         if (folder / "config.json").exists():  # another process built it meanwhile
             return folder
         staging = folder.with_name(folder.name + ".partial")
@@ -131,7 +131,7 @@ def ensure_builtin_model(shape: TinyLlamaConfig, pretrained: bool, cache_dir: st
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

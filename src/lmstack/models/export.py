@@ -19,24 +19,34 @@ def save_trained(model: Any, tokenizer: Any, run_dir: Path, adapter: bool) -> Pa
 
 
 def save_merged(loaded: Any, config: Any, run_dir: Path) -> Path:
-    """merged/: the adapter folded into full-precision base weights.
-
-    A quantized base cannot be merged in place without rounding the update
-    away, so the base is reloaded unquantized and the saved adapter applied.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    """merged/: the adapter folded into full-precision base weights."""
     target = run_dir / "merged"
     if config.adapter.name == "none":
-        model = loaded.model
-    else:
-        dtype = (
-            torch.float32 if config.model.dtype == "float32" else getattr(torch, config.model.dtype)
-        )
-        base = AutoModelForCausalLM.from_pretrained(loaded.base_path, dtype=dtype)
-        model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
-    model.save_pretrained(target)
-    loaded.tokenizer.save_pretrained(target)
+        loaded.model.save_pretrained(target)
+        loaded.tokenizer.save_pretrained(target)
+        return target
+    return merge_adapter(loaded.base_path, run_dir / "adapter", target, config.model.dtype)
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, target: Path, dtype: str = "float32") -> Path:
+    """Fold a PEFT adapter into its base and save a Hugging Face folder with the tokenizer.
+
+    A quantized base cannot be merged in place without rounding the update away,
+    so the base is loaded unquantized here. Written to a staging folder first, so
+    a killed merge never leaves a half folder that looks complete.
+    """
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
     return target

@@ -6,6 +6,7 @@ local folder, hub id, an earlier run) goes through the same from_pretrained path
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from lmstack.errors import ConfigError
-from lmstack.models.builtin import ensure_builtin_model
+from lmstack.models.builtin import ensure_builtin_model, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class LoadedModel:
 
 def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
     """The folder (or hub id) that holds the base weights and tokenizer."""
+    if model_cfg.init_from:
+        return str(model_from_run(Path(model_cfg.init_from)))
     if model_cfg.source == "builtin":
         return str(ensure_builtin_model(model_cfg.builtin, model_cfg.pretrained, cache_dir))
     path = model_cfg.name_or_path
@@ -42,6 +45,46 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
             "(no config.json there)"
         )
     return str(Path(path).expanduser()) if looks_local else path
+
+
+def model_from_run(run_dir: Path) -> Path:
+    """The model an earlier run produced, as a Hugging Face folder with that run's tokenizer
+    and chat template: its merged/ or model/ folder, merging its adapter on first use.
+
+    Merging (rather than training the same adapter on) keeps the reference model of
+    DPO, PPO and GRPO right: with a fresh adapter on the merged weights, "adapter
+    disabled" is the earlier run's model, not the original base.
+    """
+    from lmstack.models.export import merge_adapter
+    from lmstack.tracking.run_dir import read_json
+
+    status = read_json(run_dir / "status.json")
+    if status is None:
+        raise ConfigError(
+            f"model.init_from: '{run_dir}' is not an lmstack run directory (no status.json)"
+        )
+    if status.get("status") != "finished":
+        raise ConfigError(
+            f"model.init_from: the run in '{run_dir}' has not finished "
+            f"(status: {status.get('status')})"
+        )
+    if (run_dir / "reward_model.json").exists():
+        raise ConfigError(
+            f"model.init_from: '{run_dir}' is a reward-model run; "
+            "pass it as objective.reward_model instead"
+        )
+    for name in ("merged", "model"):
+        if (run_dir / name / "config.json").is_file():
+            return run_dir / name
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"model.init_from: '{run_dir}' holds no adapter/, model/ or merged/")
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with file_lock(run_dir / "merge.lock"):
+        if not (run_dir / "merged" / "config.json").is_file():
+            print(f"lmstack: merging the adapter of {run_dir} into its base", flush=True)
+            merge_adapter(base_path, adapter, run_dir / "merged")
+    return run_dir / "merged"
 
 
 def compute_dtype(quant_cfg: Any) -> torch.dtype:
@@ -82,7 +125,11 @@ def load_tokenizer(path: str, model_cfg: Any):
     return tokenizer
 
 
-def load_base(path: str, model_cfg: Any, quant_cfg: Any) -> torch.nn.Module:
+def load_base(
+    path: str, model_cfg: Any, quant_cfg: Any, auto_class: Any = None, **model_kwargs: Any
+) -> torch.nn.Module:
+    """The base weights through `auto_class` (AutoModelForCausalLM unless told otherwise,
+    e.g. AutoModelForSequenceClassification with ``num_labels=1`` for a reward model)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -90,19 +137,25 @@ def load_base(path: str, model_cfg: Any, quant_cfg: Any) -> torch.nn.Module:
 
     quant = quantization_config(quant_cfg)
     dtype = compute_dtype(quant_cfg) if quant is not None else DTYPES[model_cfg.dtype]
-    model = AutoModelForCausalLM.from_pretrained(
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(
         path,
         revision=model_cfg.revision,
         dtype=dtype,
         quantization_config=quant,
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation="sdpa",
+        **model_kwargs,
     )
     return model
 
 
-def attach_adapter(model: torch.nn.Module, adapter_cfg: Any, quantized: bool) -> torch.nn.Module:
-    """Full fine-tuning (adapter=none) or a peft LoRA/DoRA adapter on a frozen base."""
+def attach_adapter(
+    model: torch.nn.Module, adapter_cfg: Any, quantized: bool, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
+    """Full fine-tuning (adapter=none) or a peft LoRA/DoRA adapter on a frozen base.
+
+    ``task_type="SEQ_CLS"`` also trains (and saves with the adapter) the score head.
+    """
     if adapter_cfg.name == "none":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -118,7 +171,7 @@ def attach_adapter(model: torch.nn.Module, adapter_cfg: Any, quantized: bool) ->
         lora_dropout=adapter_cfg.dropout,
         target_modules=list(adapter_cfg.target_modules),
         use_dora=adapter_cfg.use_dora or adapter_cfg.name == "dora",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         bias="none",
     )
     try:

@@ -12,7 +12,38 @@ from typing import Any
 import lightning as L
 import torch
 
+from lmstack.objectives import ObjectiveSetup, require_examples
 from lmstack.objectives.losses import causal_lm_loss
+
+
+def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
+    """Rows as token ids with target labels, in packed (or padded) batches."""
+    from lmstack.data.loading import build_eval_loader, build_train_loader
+    from lmstack.data.tokenize import encode_row, has_target
+
+    data, tokenizer = config.data, loaded.tokenizer
+    completion_only = getattr(config.objective, "completion_only", True)
+
+    def encode_all(items: list[dict]) -> list[dict]:
+        encoded = [
+            encode_row(r, rows.format, tokenizer, data.max_length, completion_only) for r in items
+        ]
+        return [e for e in encoded if has_target(e)]
+
+    train, held_out = encode_all(rows.train), encode_all(rows.eval)
+    require_examples(train, rows.origin, data.max_length)
+    pad = tokenizer.pad_token_id
+    return ObjectiveSetup(
+        module=CausalLMModule(loaded.model, config.objective, config.trainer.max_steps),
+        train_loader=build_train_loader(
+            train, data.batch_size, data.packing, config.seed, pad, data.num_workers
+        ),
+        eval_loader=build_eval_loader(held_out, data.batch_size, data.packing, pad)
+        if held_out
+        else None,
+        train_examples=len(train),
+        eval_examples=len(held_out),
+    )
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

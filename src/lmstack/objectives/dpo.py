@@ -14,8 +14,87 @@ from typing import Any
 import lightning as L
 import torch
 
+from lmstack.objectives import ObjectiveSetup
 from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
 from lmstack.objectives.losses import dpo_loss, sequence_logprobs
+
+
+def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
+    """Preference pairs, batched as all chosen rows then all rejected rows."""
+    from lmstack.objectives.pairs import preference_setup
+
+    module = DPOModule(loaded.model, config.objective, config.trainer.max_steps)
+
+    def prepare(pairs: list[dict]) -> dict:
+        if not config.objective.precompute_ref:
+            return {}
+        return precompute_reference(module, pairs, loaded, config)
+
+    return preference_setup(config, loaded, rows, module, prepare)
+
+
+def reference_cache_key(examples: list[dict], loaded: Any, config: Any) -> str:
+    """What reference log-probs depend on: the reference weights (base folder and its
+    quantization), the exact token ids (data, tokenizer, template, max_length) and
+    whether log-probs are averaged (ipo). Beta, loss variant and seed are not in it,
+    so a sweep over them reuses one computation."""
+    from lmstack.tracking.identity import stable_hash
+
+    return stable_hash(
+        {
+            "model": folder_fingerprint(loaded.base_path),
+            "quantization": vars(config.quantization),
+            "examples": stable_hash([[e["chosen"], e["rejected"]] for e in examples], 32),
+            "average": config.objective.loss == "ipo",
+        },
+        24,
+    )
+
+
+def folder_fingerprint(path: str) -> Any:
+    """Name, size and modification time of a model folder's files (a hub id as it is)."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    return [str(folder.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime) for f in files]
+
+
+def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, config: Any):
+    """Reference log-probs of every pair, computed once and cached on disk; each pair
+    then carries its own, so training runs no reference forward pass."""
+    from pathlib import Path
+
+    from lmstack.data.loading import collate_preference
+
+    cache = (
+        Path(config.paths.cache_dir)
+        / "ref_logps"
+        / f"{reference_cache_key(examples, loaded, config)}.pt"
+    )
+    hit = cache.exists()
+    if hit:
+        logps = torch.load(cache)
+        print(f"lmstack: reference log-probs from the cache ({cache.name})", flush=True)
+    else:
+        batch_size, pad = config.data.batch_size, loaded.tokenizer.pad_token_id
+        parts = []
+        for start in range(0, len(examples), batch_size):
+            print(
+                f"lmstack: reference log-probs {start}/{len(examples)} pairs", end="\r", flush=True
+            )
+            batch = collate_preference(examples[start : start + batch_size], pad)
+            parts.append(torch.stack(module.reference_logps(batch), dim=1))
+        logps = torch.cat(parts)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(logps, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").rename(cache)
+        print(f"lmstack: reference log-probs of {len(examples)} pairs cached", flush=True)
+    for example, pair in zip(examples, logps.tolist()):
+        example["ref_logps"] = pair
+    return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -34,6 +113,7 @@ class DPOModule(L.LightningModule):
         # reloaded from its own folder
         self.strict_loading = False
         self.reference: torch.nn.Module | None = None
+        self.reference_passes = 0  # forward passes of the reference model, for the record
         if not _is_peft(model):
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
 
@@ -60,6 +140,9 @@ class DPOModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]):
+        if "ref_logps" in batch:  # precomputed (objective.precompute_ref=true)
+            return batch["ref_logps"].unbind(dim=1)
+        self.reference_passes += 1
         if self.reference is not None:
             return self.sequence_logps(self.reference, batch)
         # eval mode so dropout cannot make the reference noisy; each module's own mode is put
@@ -101,7 +184,9 @@ class DPOModule(L.LightningModule):
         result, chosen, _ = self.step(batch)
         pairs = chosen.numel()
         self.log("val/loss", result["loss"], prog_bar=True, batch_size=pairs)
-        self.log("val/reward_accuracy", result["accuracy"], batch_size=pairs)
+        # a tie (policy == reference, as before training) counts half: chance is 0.5
+        ties = (result["margins"] == 0).float().mean()
+        self.log("val/reward_accuracy", result["accuracy"] + 0.5 * ties, batch_size=pairs)
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.model, self.objective, self.total_steps)

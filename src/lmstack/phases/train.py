@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.data.sources import Rows, load_rows
-from lmstack.errors import DataError
 from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import finished_metrics, set_status, write_json
 
@@ -36,45 +35,38 @@ def run(ctx: RunContext) -> dict[str, Any]:
     L.seed_everything(config.seed, verbose=False)
 
     from lmstack.models.loading import load_for_training
+    from lmstack.objectives import objective_module
 
-    loaded = load_for_training(config, ctx.cache_dir)
+    objective = objective_module(config.objective.name)
+    loaded = getattr(objective, "load_model", load_for_training)(config, ctx.cache_dir)
     print(
         f"lmstack: {loaded.trainable_params:,} trainable of {loaded.total_params:,} parameters "
         f"({100 * loaded.trainable_params / loaded.total_params:.2f}%)",
         flush=True,
     )
-    train_examples, eval_examples = encode(rows, loaded.tokenizer, config)
-
+    setup = objective.setup(config, loaded, rows)
     metrics: dict[str, Any] = {
         "run_id": ctx.run_id,
         "params/trainable": loaded.trainable_params,
         "params/total": loaded.total_params,
-        "data/train_examples": len(train_examples),
-        "data/eval_examples": len(eval_examples),
+        "data/train_examples": setup.train_examples,
+        "data/eval_examples": setup.eval_examples,
+        **setup.metrics,
     }
     metrics |= verify(loaded, rows, config, "before")
 
-    from lmstack.objectives import build_objective
-
-    module = build_objective(config, loaded.model, total_steps=config.trainer.max_steps)
-    trainer, logger = build_trainer(ctx)
-    train_loader, eval_loader = build_loaders(
-        train_examples, eval_examples, loaded.tokenizer, config
-    )
+    trainer, logger = build_trainer(ctx, setup.module.automatic_optimization)
     started = time.perf_counter()
     try:
-        trainer.fit(module, train_dataloaders=train_loader, ckpt_path=last_checkpoint(ctx))
+        metrics |= validate(trainer, setup, suffix="_before")
+        trainer.fit(setup.module, setup.train_loader, ckpt_path=last_checkpoint(ctx))
         metrics["train/seconds"] = round(time.perf_counter() - started, 2)
         metrics |= {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
         }
-        if eval_loader is not None:
-            metrics |= {
-                k: float(v)
-                for k, v in trainer.validate(module, eval_loader, verbose=False)[0].items()
-            }
+        metrics |= validate(trainer, setup)
         metrics |= verify(loaded, rows, config, "after")
-        save_artifacts(loaded, config, run_dir)
+        getattr(objective, "save", save_artifacts)(setup, loaded, config, run_dir)
         if logger:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
     finally:
@@ -87,48 +79,17 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return metrics
 
 
-def encode(rows: Rows, tokenizer: Any, config: Any) -> tuple[list[dict], list[dict]]:
-    from lmstack.data.tokenize import encode_preference, encode_row, has_target
-
-    completion_only = getattr(config.objective, "completion_only", True)
-    fmt, max_length = rows.format, config.data.max_length
-
-    def encode_all(items: list[dict]) -> list[dict]:
-        if is_preference(config):
-            pairs = [encode_preference(r, tokenizer, max_length) for r in items]
-            # a pair whose either side lost every target token cannot be compared
-            return [p for p in pairs if has_target(p["chosen"]) and has_target(p["rejected"])]
-        encoded = [encode_row(r, fmt, tokenizer, max_length, completion_only) for r in items]
-        return [e for e in encoded if has_target(e)]
-
-    train = encode_all(rows.train)
-    if not train:
-        raise DataError(
-            f"{rows.origin}: no row has a target token left after tokenisation "
-            f"(data.max_length={config.data.max_length} may cut off every completion)"
-        )
-    return train, encode_all(rows.eval)
+def validate(trainer: Any, setup: Any, suffix: str = "") -> dict[str, float]:
+    """Held-out metrics of the objective (val/...), e.g. before and after training."""
+    if setup.eval_loader is None:
+        return {}
+    validated = trainer.validate(setup.module, setup.eval_loader, verbose=False)[0]
+    return {f"{key}{suffix}": float(value) for key, value in validated.items()}
 
 
-def is_preference(config: Any) -> bool:
-    """Objectives that train on (prompt, chosen, rejected) pairs."""
-    return config.objective.name == "dpo"
-
-
-def build_loaders(train: list[dict], held_out: list[dict], tokenizer: Any, config: Any):
-    from lmstack.data.loading import build_eval_loader, build_train_loader
-
-    data, pad, pairs = config.data, tokenizer.pad_token_id, is_preference(config)
-    train_loader = build_train_loader(
-        train, data.batch_size, data.packing, config.seed, pad, data.num_workers, pairs
-    )
-    eval_loader = (
-        build_eval_loader(held_out, data.batch_size, data.packing, pad, pairs) if held_out else None
-    )
-    return train_loader, eval_loader
-
-
-def build_trainer(ctx: RunContext):
+def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
+    """With manual optimization (ppo) the module clips gradients itself; Lightning
+    refuses a gradient_clip_val then."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -142,6 +103,7 @@ def build_trainer(ctx: RunContext):
         save_last=True,
         save_top_k=1,
     )
+    clip_val = trainer_cfg.gradient_clip_val or None
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
         max_epochs=trainer_cfg.max_epochs,
@@ -149,7 +111,7 @@ def build_trainer(ctx: RunContext):
         devices=trainer_cfg.devices,
         precision=trainer_cfg.precision,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
-        gradient_clip_val=trainer_cfg.gradient_clip_val or None,
+        gradient_clip_val=clip_val if automatic_optimization else None,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         enable_model_summary=False,
@@ -171,7 +133,8 @@ def last_checkpoint(ctx: RunContext) -> str | None:
 
 def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
     """Held-out verifier score of the built-in task (the demo's before/after figure)."""
-    if not (config.verify.enabled and rows.problems):
+    # a reward model has a score head, not a language-model head: nothing to generate
+    if not (config.verify.enabled and rows.problems and loaded.model.can_generate()):
         return {}
     from lmstack.evaluation.verifier import verifier_score
 
@@ -193,7 +156,7 @@ def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
     return {f"verify/score_{when}": result["score"], f"verify/examples_{when}": result["examples"]}
 
 
-def save_artifacts(loaded: Any, config: Any, run_dir: Path) -> None:
+def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
     """The adapter in PEFT format (or the full model), and a merged model when asked."""
     from lmstack.models.export import save_merged, save_trained
 

@@ -56,6 +56,14 @@ def identity_payload(cfg: DictConfig) -> dict[str, Any]:
         _drop(resolved, dotted.split("."))
     from lmstack.models.builtin import BUILD_VERSION
 
+    init_from = (resolved.get("model") or {}).get("init_from")
+    if init_from:
+        # the earlier run's identity, so re-training it changes this run's identity too
+        status = Path(init_from) / "status.json"
+        resolved["model"]["init_from"] = {
+            "path": init_from,
+            "run": json.loads(status.read_text()).get("run_id") if status.is_file() else None,
+        }
     return {
         "config": resolved,
         "data": data_fingerprint(resolved.get("data", {})),
@@ -74,7 +82,9 @@ def _drop(tree: dict[str, Any], parts: list[str]) -> None:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Readable prefix: objective-adapter-quantization, e.g. sft-lora-none."""
+    """Readable prefix: objective-adapter[-quantization], e.g. sft-lora; or pipeline."""
+    if cfg.get("phase", {}).get("name") == "pipeline":
+        return "pipeline"
     parts = [cfg.get("objective", {}).get("name"), cfg.get("adapter", {}).get("name")]
     quant = cfg.get("quantization", {}).get("name")
     if quant and quant != "none":

@@ -1,0 +1,46 @@
+"""Preference-pair data shared by the pairwise objectives (dpo, reward)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lmstack.objectives import ObjectiveSetup, require_examples
+
+
+def encode_pairs(items: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
+    """Each row as a chosen and a rejected chat, dropping pairs that cannot be compared."""
+    from lmstack.data.tokenize import encode_preference, has_target
+
+    pairs = [encode_preference(row, tokenizer, max_length) for row in items]
+    # a pair whose either side lost every target token cannot be compared
+    return [p for p in pairs if has_target(p["chosen"]) and has_target(p["rejected"])]
+
+
+def preference_setup(
+    config: Any, loaded: Any, rows: Any, module: Any, prepare: Callable | None = None
+) -> ObjectiveSetup:
+    """Loaders of preference pairs, batched as all chosen rows then all rejected rows.
+
+    ``prepare(pairs) -> metrics`` may annotate the encoded pairs first (DPO attaches
+    precomputed reference log-probs)."""
+    from lmstack.data.loading import build_eval_loader, build_train_loader
+
+    data, tokenizer = config.data, loaded.tokenizer
+    train = encode_pairs(rows.train, tokenizer, data.max_length)
+    held_out = encode_pairs(rows.eval, tokenizer, data.max_length)
+    require_examples(train, rows.origin, data.max_length)
+    pad = tokenizer.pad_token_id
+    metrics = prepare(train + held_out) if prepare else {}
+    return ObjectiveSetup(
+        module=module,
+        train_loader=build_train_loader(
+            train, data.batch_size, False, config.seed, pad, data.num_workers, preference=True
+        ),
+        eval_loader=build_eval_loader(held_out, data.batch_size, False, pad, preference=True)
+        if held_out
+        else None,
+        train_examples=len(train),
+        eval_examples=len(held_out),
+        metrics=metrics,
+    )

@@ -1,0 +1,292 @@
+"""PPO-RLHF (Ouyang et al. 2022, InstructGPT) as a LightningModule.
+
+Per batch of prompts: sample one completion each (``model.generate`` with a KV cache), score
+it with a frozen reward model (an objective=reward run), then
+
+- per-token rewards ``r_t = -kl_coef (log pi(y_t) - log pi_ref(y_t)) + [t last] * score``;
+- GAE over the completion tokens: ``delta_t = r_t + gamma V_{t+1} - V_t``,
+  ``A_t = delta_t + gamma lam A_{t+1}``, returns ``R_t = A_t + V_t``; advantages whitened;
+- ``ppo_epochs`` updates of ``L = L_clip + vf_coef L_V`` with the clipped surrogate
+  ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` and the clipped value loss.
+
+The value head is ``nn.Linear(hidden, 1)`` on the policy's last hidden states (the trunk is
+shared). The reference is the policy with its adapter off, or a frozen copy after full
+fine-tuning. Optimisation is manual, so ``trainer.max_steps`` counts updates. The old
+log-probs and values are the first update's forward pass: the weights have not moved yet,
+so they equal a separate no-grad pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lmstack.objectives import ObjectiveSetup
+from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
+from lmstack.objectives.losses import (
+    gae_advantages,
+    kl_penalty_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+    whiten,
+)
+from lmstack.objectives.rollout import (
+    completion_logprobs,
+    completion_mask,
+    eval_mode,
+    sample_completions,
+)
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
+    """Prompt batches (left-padded, chat-rendered), the reward model and the PPO module."""
+    from lmstack.data.prompts import build_prompt_eval_loader, build_prompt_loader, encode_prompts
+    from lmstack.objectives.reward import load_reward_model
+
+    data, objective, tokenizer = config.data, config.objective, loaded.tokenizer
+    max_prompt = data.max_length - objective.max_new_tokens
+    train = encode_prompts(rows.train, tokenizer, max_prompt, rows.origin)
+    held_out = encode_prompts(rows.eval, tokenizer, max_prompt, rows.origin)
+    pad = tokenizer.pad_token_id
+    module = PPOModule(
+        loaded.model,
+        tokenizer,
+        load_reward_model(objective.reward_model),
+        objective,
+        config.trainer.max_steps,
+        config.trainer.gradient_clip_val,
+    )
+    return ObjectiveSetup(
+        module=module,
+        train_loader=build_prompt_loader(
+            train, data.batch_size, config.seed, pad, data.num_workers
+        ),
+        eval_loader=build_prompt_eval_loader(held_out, data.batch_size, pad) if held_out else None,
+        train_examples=len(train),
+        eval_examples=len(held_out),
+    )
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@dataclass
+class Rollout:
+    """One sampled completion per prompt, with what PPO needs that does not change."""
+
+    prompt_ids: torch.Tensor  # (B, P), left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completions: torch.Tensor  # (B, L)
+    mask: torch.Tensor  # (B, L) bool: tokens up to and including the first EOS
+    scores: torch.Tensor  # (B,) reward-model score
+    ref_logps: torch.Tensor  # (B, L)
+
+
+@dataclass
+class Targets:
+    """Fixed for a batch's updates: the behaviour policy's log-probs and values, and GAE."""
+
+    old_logps: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor  # whitened
+    returns: torch.Tensor
+    kl: torch.Tensor  # (B, L) per-token log pi - log pi_ref
+
+
+class PPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        reward_model: torch.nn.Module,
+        objective: Any,
+        total_steps: int,
+        gradient_clip_val: float = 0.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.value_head = torch.nn.Linear(model.config.hidden_size, 1)
+        # start from V = 0: a random head would add noise to the first advantages
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.reward_model = reward_model
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.total_steps = total_steps
+        self.gradient_clip_val = gradient_clip_val
+        # several updates per batch of rollouts: Lightning's loop would take one
+        self.automatic_optimization = False
+        # checkpoints hold only the trained weights; the base (and the reference) is reloaded
+        self.strict_loading = False
+        self.reference: torch.nn.Module | None = None
+        if not _is_peft(model):
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # fixed functions: no dropout, whatever Lightning asks
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # rollouts
+
+    def sample(self, batch: dict[str, Any], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        completions = sample_completions(
+            self.model,
+            batch,
+            1,
+            self.objective.max_new_tokens,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.eos_token_id,
+            sample=not greedy,
+            temperature=self.objective.temperature,
+            top_p=self.objective.top_p,
+        )
+        return completions, completion_mask(completions, self.tokenizer.eos_token_id)
+
+    def score(self, batch: dict[str, Any], completions: torch.Tensor, mask: torch.Tensor):
+        """``(B,)`` reward-model scores of the decoded completions."""
+        texts = self.tokenizer.batch_decode(
+            completions.masked_fill(~mask, self.tokenizer.pad_token_id), skip_special_tokens=True
+        )
+        return self.reward_model.score(batch["prompt"], texts).to(self.device)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        completions, mask = self.sample(batch, greedy=False)
+        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        if self.reference is not None:
+            ref_logps = completion_logprobs(
+                self.reference, prompt_ids, prompt_mask, completions, mask
+            )
+        else:
+            with eval_mode(self.model), self.model.disable_adapter():
+                ref_logps = completion_logprobs(
+                    self.model, prompt_ids, prompt_mask, completions, mask
+                )
+        scores = self.score(batch, completions, mask)
+        return Rollout(prompt_ids, prompt_mask, completions, mask, scores, ref_logps)
+
+    def policy_outputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, values)``, each ``(B, L)``: ``logps[:, t]`` of completion token ``t`` and
+        ``values[:, t] = V(prompt + completion[:t])``, both read at the column before token ``t``.
+        """
+        input_ids = torch.cat([rollout.prompt_ids, rollout.completions], dim=1)
+        attention_mask = torch.cat([rollout.prompt_mask, rollout.mask.long()], dim=1)
+        # position ids count only real tokens, as generation does
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        start = rollout.prompt_ids.shape[1] - 1
+        labels = torch.cat(
+            [rollout.prompt_ids[:, -1:], rollout.completions.masked_fill(~rollout.mask, -100)], 1
+        )
+        logps, _ = token_logprobs(output.logits[:, start:], labels)
+        hidden = output.hidden_states[-1][:, start:-1]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logps, values
+
+    def targets(self, rollout: Rollout, logps: torch.Tensor, values: torch.Tensor) -> Targets:
+        objective = self.objective
+        rewards, kl = kl_penalty_rewards(
+            logps, rollout.ref_logps, rollout.scores, rollout.mask, objective.kl_coef
+        )
+        advantages, returns = gae_advantages(
+            rewards, values, rollout.mask, objective.gamma, objective.lam
+        )
+        return Targets(
+            logps.detach(), values.detach(), whiten(advantages, rollout.mask), returns, kl
+        )
+
+    # optimisation
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = self.rollout(batch)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        objective, targets = self.objective, None
+        for _ in range(objective.ppo_epochs):
+            logps, values = self.policy_outputs(rollout)
+            if targets is None:
+                targets = self.targets(rollout, logps, values)
+            policy = ppo_policy_loss(
+                logps, targets.old_logps, targets.advantages, rollout.mask, objective.clip_eps
+            )
+            value_loss = ppo_value_loss(
+                values, targets.old_values, targets.returns, rollout.mask, objective.value_clip_eps
+            )
+            loss = policy["loss"] + objective.vf_coef * value_loss
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
+            optimizer.step()
+            scheduler.step()
+        self.log_update(rollout, targets, policy, value_loss)
+
+    def log_update(self, rollout: Rollout, targets: Targets, policy: dict, value_loss) -> None:
+        """The batch's rollout statistics and its last update's losses."""
+        size = rollout.scores.numel()
+        stats = {
+            "train/reward_score": rollout.scores.mean(),
+            # KL(pi || pi_ref) of a completion: its per-token log-ratios summed
+            "train/kl": targets.kl.sum(-1).mean(),
+            "train/policy_loss": policy["loss"].detach(),
+            "train/value_loss": value_loss.detach(),
+            "train/clip_fraction": policy["clip_fraction"],
+            "train/approx_kl": policy["approx_kl"],
+            "train/completion_length": rollout.mask.sum(-1).float().mean(),
+        }
+        for key, value in stats.items():
+            self.log(key, value, prog_bar=key == "train/reward_score", batch_size=size)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Mean reward-model score of greedy completions of held-out prompts."""
+        completions, mask = self.sample(batch, greedy=True)
+        scores = self.score(batch, completions, mask)
+        self.log("val/reward_score", scores.mean(), prog_bar=True, batch_size=scores.numel())
+
+    def configure_optimizers(self):
+        trained = torch.nn.ModuleList([self.model, self.value_head])
+        return adamw_with_schedule(trained, self.objective, self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        value_head = {
+            key: value
+            for key, value in checkpoint["state_dict"].items()
+            if key.startswith("value_head.")
+        }
+        keep_trained_weights(checkpoint, self.model)
+        checkpoint["state_dict"] |= value_head
+
+
+def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
+    """The policy as any run leaves it (adapter/ or model/, merged/ when asked), with the
+    value head beside it as value_head.safetensors."""
+    from safetensors.torch import save_file
+
+    from lmstack.phases.train import save_artifacts
+
+    save_artifacts(setup, loaded, config, run_dir)
+    folder = run_dir / ("adapter" if config.adapter.name != "none" else "model")
+    state = {
+        key: value.detach().cpu() for key, value in setup.module.value_head.state_dict().items()
+    }
+    save_file(state, str(folder / VALUE_HEAD))

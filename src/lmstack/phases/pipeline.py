@@ -1,0 +1,89 @@
+"""phase=pipeline: run stages in order, each a `run.py` invocation, chaining run directories.
+
+A stage is composed from scratch like any command (same recipe, the pipeline's
+command-line overrides, then the stage's own), so each stage has its own run
+identity: re-running a pipeline skips finished stages and resumes a killed one.
+`{name}` in a stage's overrides stands for the run directory of stage `name`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lmstack.config.recipes import SOURCE_ENV
+from lmstack.errors import ConfigError, LmstackError
+from lmstack.phases.context import RunContext
+from lmstack.tracking.run_dir import set_status, write_json
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    stages = ctx.config.phase.stages
+    common = inherited_overrides()
+    stage_dirs: dict[str, str] = {}
+    metrics: dict[str, Any] = {"run_id": ctx.run_id}
+    for index, stage in enumerate(stages, start=1):
+        overrides = [substitute(o, stage_dirs, stage.name) for o in stage.overrides]
+        print(
+            f"lmstack: pipeline stage {index}/{len(stages)}: {stage.name} ({' '.join(overrides)})",
+            flush=True,
+        )
+        run_dir = run_stage(stage.name, [*common, *overrides])
+        stage_dirs[stage.name] = run_dir
+        stage_metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        metrics |= {
+            f"{stage.name}/{k}": v for k, v in stage_metrics.items() if isinstance(v, int | float)
+        }
+        metrics[f"{stage.name}/run_dir"] = run_dir
+    write_json(ctx.run_dir / "metrics.json", metrics)
+    set_status(ctx.run_dir, "finished")
+    for name, run_dir in stage_dirs.items():
+        print(f"  {name}: {run_dir}")
+    return metrics
+
+
+def inherited_overrides() -> list[str]:
+    """The pipeline command's own overrides, less those that make it a pipeline."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = list(HydraConfig.get().overrides.task)
+    kept = [o for o in task if not re.match(r"^[+~]*(phase|hydra)[=.]", o)]
+    if source := os.environ.get(SOURCE_ENV):  # a recipe file outside recipes/
+        kept = [f"recipe={source}" if o.startswith("recipe=") else o for o in kept]
+    return ["phase=train", *kept]
+
+
+def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in stage_dirs:
+            raise ConfigError(
+                f"phase.stages: stage '{stage}' refers to {{{name}}}, which is not an earlier "
+                f"stage (earlier: {', '.join(stage_dirs) or 'none'})"
+            )
+        return stage_dirs[name]
+
+    return PLACEHOLDER.sub(replace, override)
+
+
+def run_stage(name: str, overrides: list[str]) -> str:
+    """Runs one stage in a child process (its output streams through) and returns its run dir."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "run_dir"
+        env = {**os.environ, "LMSTACK_RUN_DIR_REPORT": str(report)}
+        command = [sys.executable, str(REPO_ROOT / "run.py"), *overrides]
+        result = subprocess.run(command, env=env, check=False)
+        run_dir = report.read_text() if report.exists() else None
+    if result.returncode != 0 or run_dir is None:
+        where = f"; see {run_dir}/error.log" if run_dir else ""
+        raise LmstackError(f"pipeline stage '{name}' failed (exit {result.returncode}){where}")
+    return run_dir
