@@ -133,3 +133,55 @@ def test_preference_row_missing_rejected_is_named(tmp_path):
         "objective=dpo", "data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False
     )
     assert_rejected_early(result, f"{path}:3", "row is missing rejected")
+
+
+def test_beta_sweep_computes_reference_logprobs_once(tmp_path):
+    """precompute_ref=true: the first point runs the reference, the others read the cache."""
+    run_cli(
+        "-m",
+        "objective=dpo",
+        "objective.beta=0.05,0.1,0.5",
+        "objective.precompute_ref=true",
+        f"paths.ref_logps_dir={tmp_path / 'ref'}",
+        *FAST,
+        "logger=none",
+        "trainer.num_threads=1",
+        output_dir=tmp_path / "out",
+    )
+    points = [json.loads((d / "metrics.json").read_text()) for d in run_dirs(tmp_path / "out")]
+    assert len(points) == 3
+    assert sorted(p["ref/cache_hit"] for p in points) == [False, True, True]
+    passes = sorted(p["ref/passes"] for p in points)
+    assert passes[:2] == [0, 0] and passes[2] > 0  # one point's reference passes in all
+
+
+@pytest.mark.slow
+def test_dpo_lifts_held_out_preference_accuracy(tmp_path):
+    """DPO straight from tiny_base lifts held-out preference accuracy from 0.5 (chance) to >= 0.8.
+
+    Full fine-tuning (adapter=none), lr 2e-4, beta 0.1, sigmoid loss, 300 steps of 32 pairs,
+    default seeds: measured 0.860 on the 200 held-out pairs (margin 0.06), about 2 minutes on 2
+    shared cores. By error kind (arith.wrong_solution): wrong operation 1.00, answer sentence
+    disagreeing with the equation 0.90, operand copied wrongly 0.85, result off by 1-3 0.69.
+
+    Measured alongside: lr 3e-4 gives 0.81, batch 16 at lr 2e-4 gives 0.80 and at 5e-4 0.775
+    (both log-probs fall, and the off-by-k pairs drop below chance); LoRA gives 0.735-0.76,
+    beta 0.5 0.71, ipo 0.735, and starting from a 500-step SFT run 0.705.
+    """
+    run_cli(
+        "objective=dpo",
+        "adapter=none",
+        "objective.lr=2e-4",
+        "objective.beta=0.1",
+        "trainer.max_steps=300",
+        "data.batch_size=32",
+        "verify.enabled=false",
+        "logger=none",
+        "trainer.num_threads=1",
+        "trainer.enable_progress_bar=false",
+        output_dir=tmp_path,
+    )
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/reward_accuracy_before"] == pytest.approx(0.5), metrics
+    assert metrics["val/reward_accuracy"] >= 0.8, metrics

@@ -113,11 +113,44 @@ def sft_row(problem: Problem) -> dict[str, str]:
     }
 
 
+ERROR_KINDS = ("operation", "operand", "answer", "sentence")
+
+
+def wrong_solution(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong completion, with one of the mistakes a solver makes, drawn by `rng`:
+
+    - operation: the other operation (a + b for a "gives away" problem), worked out right;
+    - operand: one operand copied wrongly from the question, worked out right;
+    - answer: the right equation with its result off by 1 to 3, stated consistently;
+    - sentence: the right equation, but an answer sentence that disagrees with it.
+
+    Only the "answer" kind needs the sums themselves to tell apart; the others are
+    mistakes of reading and copying, which carry over to problems never trained on.
+    """
+    a, b, op = problem.a, problem.b, problem.op
+    kind = rng.choice(ERROR_KINDS)
+    if kind == "operation":
+        other = "-" if op == "+" else "+"
+        value = a + b if other == "+" else a - b
+        return f"{a} {other} {b} = {value}. The answer is {value}."
+    if kind == "operand":
+        first = rng.random() < 0.5
+        copied = a if first else b
+        wrong = rng.choice([v for v in range(MAX_OPERAND + 1) if v != copied])
+        a, b = (wrong, b) if first else (a, wrong)
+        value = a + b if op == "+" else a - b
+        return f"{a} {op} {b} = {value}. The answer is {value}."
+    if kind == "answer":
+        return problem.solution(problem.wrong_answer(rng))
+    stated = problem.wrong_answer(rng)
+    return f"{a} {op} {b} = {problem.answer}. The answer is {stated}."
+
+
 def preference_row(problem: Problem, rng: random.Random) -> dict[str, str]:
     return {
         "prompt": problem.question,
         "chosen": problem.solution(),
-        "rejected": problem.solution(problem.wrong_answer(rng)),
+        "rejected": wrong_solution(problem, rng),
         "answer": str(problem.answer),
     }
 

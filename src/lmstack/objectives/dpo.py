@@ -8,7 +8,6 @@ one (no second copy of the base weights), else a frozen copy taken at the start.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import lightning as L
@@ -17,6 +16,7 @@ import torch
 from lmstack.objectives import ObjectiveSetup
 from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
 from lmstack.objectives.losses import dpo_loss, sequence_logprobs
+from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
@@ -97,12 +97,6 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
     return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 class DPOModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
         super().__init__()
@@ -112,16 +106,12 @@ class DPOModule(L.LightningModule):
         # checkpoints hold only the trained weights; the base (and so the reference) is
         # reloaded from its own folder
         self.strict_loading = False
-        self.reference: torch.nn.Module | None = None
         self.reference_passes = 0  # forward passes of the reference model, for the record
-        if not _is_peft(model):
-            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        self.reference = frozen_reference(model)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.reference is not None:
-            # the reference is a fixed function: no dropout, whatever Lightning asks
-            self.reference.eval()
+        keep_frozen_in_eval(self.reference)
         return self
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -143,18 +133,8 @@ class DPOModule(L.LightningModule):
         if "ref_logps" in batch:  # precomputed (objective.precompute_ref=true)
             return batch["ref_logps"].unbind(dim=1)
         self.reference_passes += 1
-        if self.reference is not None:
-            return self.sequence_logps(self.reference, batch)
-        # eval mode so dropout cannot make the reference noisy; each module's own mode is put
-        # back afterwards (a loaded model may mix modes, and train() would flatten them)
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                return self.sequence_logps(self.model, batch)
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with reference_of(self.model, self.reference) as reference:
+            return self.sequence_logps(reference, batch)
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor, torch.Tensor]:
         ref_chosen, ref_rejected = self.reference_logps(batch)

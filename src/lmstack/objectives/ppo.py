@@ -18,7 +18,6 @@ so they equal a separate no-grad pass.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from lmstack.objectives.losses import (
     token_logprobs,
     whiten,
 )
+from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 from lmstack.objectives.rollout import (
     completion_logprobs,
     completion_mask,
-    eval_mode,
     sample_completions,
 )
 
@@ -73,12 +72,6 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
         train_examples=len(train),
         eval_examples=len(held_out),
     )
-
-
-def _is_peft(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 @dataclass
@@ -129,16 +122,11 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False
         # checkpoints hold only the trained weights; the base (and the reference) is reloaded
         self.strict_loading = False
-        self.reference: torch.nn.Module | None = None
-        if not _is_peft(model):
-            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        self.reference = frozen_reference(model)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # fixed functions: no dropout, whatever Lightning asks
-        for frozen in (self.reference, self.reward_model):
-            if frozen is not None:
-                frozen.eval()
+        keep_frozen_in_eval(self.reference, self.reward_model)
         return self
 
     # rollouts
@@ -168,15 +156,8 @@ class PPOModule(L.LightningModule):
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         completions, mask = self.sample(batch, greedy=False)
         prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        if self.reference is not None:
-            ref_logps = completion_logprobs(
-                self.reference, prompt_ids, prompt_mask, completions, mask
-            )
-        else:
-            with eval_mode(self.model), self.model.disable_adapter():
-                ref_logps = completion_logprobs(
-                    self.model, prompt_ids, prompt_mask, completions, mask
-                )
+        with reference_of(self.model, self.reference) as reference:
+            ref_logps = completion_logprobs(reference, prompt_ids, prompt_mask, completions, mask)
         scores = self.score(batch, completions, mask)
         return Rollout(prompt_ids, prompt_mask, completions, mask, scores, ref_logps)
 

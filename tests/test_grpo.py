@@ -1,0 +1,210 @@
+"""objective=grpo: bad config, rollout masks and advantages, log-probs of left-padded rollouts,
+a run end to end, and (slow) GRPO lifting the held-out verifier score."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import FAST, run_cli, run_dirs
+
+EOS, PAD = 3, 1
+
+
+def assert_rejected_early(result, *fragments: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    for fragment in fragments:
+        assert fragment in output, f"{fragment!r} not in:\n{output}"
+    assert "trainable of" not in output and "Traceback" not in output, output
+
+
+def test_group_of_one_is_rejected(tmp_path):
+    result = run_cli("objective=grpo", "objective.group_size=1", output_dir=tmp_path, check=False)
+    assert_rejected_early(
+        result,
+        "objective.group_size: GRPO needs at least 2 completions per prompt, got 1",
+    )
+
+
+def test_unknown_reward_function_is_named(tmp_path):
+    result = run_cli(
+        "objective=grpo",
+        "objective.rewards=[{name:verifier},{name:bogus}]",
+        output_dir=tmp_path,
+        check=False,
+    )
+    assert_rejected_early(result, "objective.rewards[1].name", "bogus", "reward_model")
+
+
+def test_format_reward_without_pattern_is_named(tmp_path):
+    result = run_cli(
+        "objective=grpo", "objective.rewards=[{name:format}]", output_dir=tmp_path, check=False
+    )
+    assert_rejected_early(result, "objective.rewards[0].pattern")
+
+
+def test_completion_mask_keeps_tokens_through_the_first_eos():
+    from lmstack.objectives.rollout import completion_mask
+
+    completions = torch.tensor(
+        [
+            [7, 8, EOS, PAD, PAD],  # stopped: EOS included, padding not
+            [7, 8, 9, 10, 11],  # cut off at max_new_tokens: all kept
+            [EOS, PAD, PAD, PAD, PAD],  # empty answer: only the EOS
+            [7, EOS, 8, EOS, PAD],  # a second EOS never counts
+        ]
+    )
+    expected = torch.tensor(
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool
+    )
+    assert torch.equal(completion_mask(completions, EOS), expected)
+
+
+def test_weighted_rewards_and_group_advantages_on_a_hand_built_rollout():
+    from lmstack.objectives.losses import grpo_advantages
+    from lmstack.objectives.reward_functions import build_reward_functions, score_completions
+
+    configs = [
+        SimpleNamespace(name="verifier", weight=1.0, pattern=None, path=None),
+        SimpleNamespace(name="format", weight=0.5, pattern=r"answer is -?\d+", path=None),
+    ]
+    functions = build_reward_functions(configs)
+    # two prompts (answers 5 and 2), two samples each
+    completions = [
+        "2 + 3 = 5. The answer is 5.",  # right: 1 + 0.5
+        "2 + 3 = 6. The answer is 6.",  # well formed, wrong: 0.5
+        "4 - 2 = 2.",  # right sum, no answer sentence: 0
+        "4 - 2 = 2. The answer is 2.",  # right: 1.5
+    ]
+    answers = ["5", "5", "2", "2"]
+    total, parts = score_completions(functions, ["q1"] * 2 + ["q2"] * 2, completions, answers)
+    assert total.tolist() == [1.5, 0.5, 0.0, 1.5]
+    assert parts["verifier"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert parts["format"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    advantages = grpo_advantages(total, group_size=2)
+    # each group is {mean + d, mean - d} with sample std sqrt(2) d: A = +-1/sqrt(2)
+    expected = torch.tensor([1.0, -1.0, -1.0, 1.0]) / 2**0.5
+    assert torch.allclose(advantages, expected, atol=1e-3)
+
+
+def test_verifier_reward_needs_an_answer_per_row():
+    from lmstack.errors import DataError
+    from lmstack.objectives.grpo import require_answers
+
+    rows = SimpleNamespace(
+        train=[{"prompt": "a", "answer": "1", "_line": 1}, {"prompt": "b", "_line": 2}],
+        eval=[],
+        origin="train.jsonl",
+    )
+    with pytest.raises(DataError, match=r"train\.jsonl:2: row has no 'answer'"):
+        require_answers([SimpleNamespace(name="verifier")], rows)
+    require_answers([SimpleNamespace(name="format")], rows)
+
+
+def test_left_padded_rollout_logprobs_match_each_row_alone(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from lmstack.config.schema import ModelConfig
+    from lmstack.data import arith
+    from lmstack.data.prompts import collate_prompts, encode_prompts
+    from lmstack.models.loading import load_tokenizer
+    from lmstack.objectives.losses import sequence_logprobs
+    from lmstack.objectives.rollout import (
+        completion_logprobs,
+        completion_mask,
+        repeat_prompts,
+        sample_completions,
+    )
+
+    tokenizer = load_tokenizer(str(tiny_base), ModelConfig())
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    rows = [arith.sft_row(p) for p in arith.problems(3, seed=0, held_out=True)]
+    rows[1]["prompt"] += " Think."  # prompts of different lengths, so rows get left padding
+    batch = collate_prompts(encode_prompts(rows, tokenizer, 200, "test"), tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    completions = sample_completions(
+        model, batch, 2, 10, tokenizer.pad_token_id, tokenizer.eos_token_id
+    )
+    mask = completion_mask(completions, tokenizer.eos_token_id)
+    prompt_ids, prompt_mask = repeat_prompts(batch, 2)
+    with torch.no_grad():
+        logps = completion_logprobs(model, prompt_ids, prompt_mask, completions, mask)
+        for row in range(completions.shape[0]):
+            prompt = prompt_ids[row][prompt_mask[row].bool()]
+            answer = completions[row][mask[row]]
+            ids = torch.cat([prompt, answer]).unsqueeze(0)
+            labels = ids.clone()
+            labels[:, : len(prompt)] = -100
+            alone = sequence_logprobs(model(input_ids=ids).logits, labels)[0]
+            assert torch.allclose(logps[row].sum(), alone, atol=1e-4), row
+    assert (logps[~mask] == 0).all()
+
+
+def test_grpo_end_to_end_writes_metrics(tmp_path):
+    # one thread: with the CPU shared, torch's spinning threads make this run far slower
+    run_cli(
+        *FAST,
+        "objective=grpo",
+        "objective.group_size=2",
+        "logger=none",
+        "trainer.num_threads=1",
+        output_dir=tmp_path,
+    )
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in (
+        "train/reward_mean",
+        "train/reward_std",
+        "train/reward_verifier",
+        "train/reward_format",
+        "train/kl",
+        "train/clip_fraction",
+        "train/completion_length",
+        "val/reward_mean",
+        "val/reward_verifier",
+    ):
+        assert key in metrics, key
+    assert 0.0 <= metrics["val/reward_verifier"] <= 1.0
+    assert 0 < metrics["train/completion_length"] <= 24
+    assert (run_dir / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_grpo_lifts_the_held_out_format_reward(tmp_path):
+    """From a briefly SFT-trained model (65 steps: greedy answers carry the "The answer is N"
+    sentence 43% of the time, verifier score 0.05), 50 rollout batches of GRPO (8 prompts x 8
+    samples, 2 updates each) lift the greedy held-out format reward to 1.00: +0.57 against the
+    +0.2 asked for. ~80 s on 2 shared cores with the default seeds.
+
+    The verifier part hardly moves (0.05 -> 0.06): the model at this stage copies the wrong
+    operands into its equation, which a few dozen rollouts do not fix, so it is not asserted.
+    Sampling at temperature 0.3: the tiny model's tail is near-uniform over its 512 tokens, so
+    at temperature 1 no sample carries the answer sentence and every group's reward is 0.
+    """
+    sft_dir = tmp_path / "sft"
+    quiet = ("logger=none", "trainer.num_threads=1", "trainer.enable_progress_bar=false")
+    run_cli("trainer.max_steps=65", *quiet, output_dir=sft_dir)
+    (sft_run,) = run_dirs(sft_dir)
+    run_cli(
+        "objective=grpo",
+        f"model.init_from={sft_run}",
+        "objective.temperature=0.3",
+        "objective.lr=2e-3",
+        "objective.group_size=8",
+        "objective.beta=0",
+        "objective.iterations=2",
+        "trainer.max_steps=100",
+        "data.batch_size=8",
+        "data.eval_size=100",
+        *quiet,
+        output_dir=tmp_path / "grpo",
+    )
+    (run_dir,) = run_dirs(tmp_path / "grpo")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    lift = metrics["val/reward_format"] - metrics["val/reward_format_before"]
+    assert lift >= 0.2, metrics
+    assert metrics["val/reward_mean"] > metrics["val/reward_mean_before"], metrics
