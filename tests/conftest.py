@@ -75,6 +75,15 @@ def tiny_random() -> Path:
     return ensure_builtin_model(TinyLlamaConfig(), pretrained=False, cache_dir=CACHE_DIR)
 
 
+def assert_rejected_early(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2 with every fragment in the output, before any model was loaded."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    for fragment in fragments:
+        assert fragment in output, f"{fragment!r} not in:\n{output}"
+    assert "trainable of" not in output and "Traceback" not in output, output
+
+
 def run_dirs(output_dir: Path) -> list[Path]:
     """Every run directory under an output dir (single runs and sweep points)."""
     return sorted(path.parent for path in output_dir.rglob("status.json"))

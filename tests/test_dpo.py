@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, run_cli, run_dirs
+from conftest import FAST, assert_rejected_early, run_cli, run_dirs
 
 OBJECTIVE = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0)
 
@@ -108,14 +108,6 @@ def test_dpo_end_to_end_reports_held_out_preference_accuracy(tmp_path):
     for key in ("val/loss", "train/loss", "train/reward_margin", "train/logps_chosen"):
         assert key in metrics, key
     assert (run_dir / "adapter").is_dir()
-
-
-def assert_rejected_early(result, *fragments: str) -> None:
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    for fragment in fragments:
-        assert fragment in output, f"{fragment!r} not in:\n{output}"
-    assert "trainable of" not in output and "Traceback" not in output, output
 
 
 def test_non_positive_beta_is_rejected(tmp_path):

@@ -9,17 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, run_cli, run_dirs
+from conftest import FAST, assert_rejected_early, run_cli, run_dirs
 
 EOS, PAD = 3, 1
-
-
-def assert_rejected_early(result, *fragments: str) -> None:
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    for fragment in fragments:
-        assert fragment in output, f"{fragment!r} not in:\n{output}"
-    assert "trainable of" not in output and "Traceback" not in output, output
 
 
 def test_group_of_one_is_rejected(tmp_path):

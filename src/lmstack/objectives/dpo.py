@@ -69,11 +69,7 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
 
     from lmstack.data.loading import collate_preference
 
-    cache = (
-        Path(config.paths.cache_dir)
-        / "ref_logps"
-        / f"{reference_cache_key(examples, loaded, config)}.pt"
-    )
+    cache = Path(config.paths.ref_logps_dir) / f"{reference_cache_key(examples, loaded, config)}.pt"
     hit = cache.exists()
     if hit:
         logps = torch.load(cache)

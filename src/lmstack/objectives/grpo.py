@@ -28,6 +28,7 @@ from lmstack.objectives.reward_functions import build_reward_functions, score_co
 from lmstack.objectives.rollout import (
     completion_logprobs,
     completion_mask,
+    prompt_setup,
     repeat_prompts,
     sample_completions,
 )
@@ -35,31 +36,17 @@ from lmstack.objectives.rollout import (
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Prompt batches (left-padded, chat-rendered) and the GRPO module."""
-    from lmstack.data.prompts import build_prompt_eval_loader, build_prompt_loader, encode_prompts
-
-    data, objective, tokenizer = config.data, config.objective, loaded.tokenizer
+    objective = config.objective
     require_answers(objective.rewards, rows)
-    max_prompt = data.max_length - objective.max_new_tokens
-    train = encode_prompts(rows.train, tokenizer, max_prompt, rows.origin)
-    held_out = encode_prompts(rows.eval, tokenizer, max_prompt, rows.origin)
-    pad = tokenizer.pad_token_id
     module = GRPOModule(
         loaded.model,
         objective,
         config.trainer.max_steps,
         build_reward_functions(objective.rewards),
-        tokenizer,
+        loaded.tokenizer,
         config.trainer.gradient_clip_val,
     )
-    return ObjectiveSetup(
-        module=module,
-        train_loader=build_prompt_loader(
-            train, data.batch_size, config.seed, pad, data.num_workers
-        ),
-        eval_loader=build_prompt_eval_loader(held_out, data.batch_size, pad) if held_out else None,
-        train_examples=len(train),
-        eval_examples=len(held_out),
-    )
+    return prompt_setup(config, loaded, rows, module)
 
 
 def require_answers(rewards: list[Any], rows: Any) -> None:

@@ -39,6 +39,7 @@ from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, 
 from lmstack.objectives.rollout import (
     completion_logprobs,
     completion_mask,
+    prompt_setup,
     sample_completions,
 )
 
@@ -47,31 +48,17 @@ VALUE_HEAD = "value_head.safetensors"
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Prompt batches (left-padded, chat-rendered), the reward model and the PPO module."""
-    from lmstack.data.prompts import build_prompt_eval_loader, build_prompt_loader, encode_prompts
     from lmstack.objectives.reward import load_reward_model
 
-    data, objective, tokenizer = config.data, config.objective, loaded.tokenizer
-    max_prompt = data.max_length - objective.max_new_tokens
-    train = encode_prompts(rows.train, tokenizer, max_prompt, rows.origin)
-    held_out = encode_prompts(rows.eval, tokenizer, max_prompt, rows.origin)
-    pad = tokenizer.pad_token_id
     module = PPOModule(
         loaded.model,
-        tokenizer,
-        load_reward_model(objective.reward_model),
-        objective,
+        loaded.tokenizer,
+        load_reward_model(config.objective.reward_model),
+        config.objective,
         config.trainer.max_steps,
         config.trainer.gradient_clip_val,
     )
-    return ObjectiveSetup(
-        module=module,
-        train_loader=build_prompt_loader(
-            train, data.batch_size, config.seed, pad, data.num_workers
-        ),
-        eval_loader=build_prompt_eval_loader(held_out, data.batch_size, pad) if held_out else None,
-        train_examples=len(train),
-        eval_examples=len(held_out),
-    )
+    return prompt_setup(config, loaded, rows, module)
 
 
 @dataclass

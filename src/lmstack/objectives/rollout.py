@@ -106,3 +106,25 @@ def repeat_prompts(batch: dict[str, Any], times: int) -> tuple[torch.Tensor, tor
         batch["input_ids"].repeat_interleave(times, dim=0),
         batch["attention_mask"].repeat_interleave(times, dim=0),
     )
+
+
+def prompt_setup(config: Any, loaded: Any, rows: Any, module: Any):
+    """Prompt batches for online RL (left-padded, chat-rendered, room left for the
+    completion) around an already built module."""
+    from lmstack.data.prompts import build_prompt_eval_loader, build_prompt_loader, encode_prompts
+    from lmstack.objectives import ObjectiveSetup
+
+    data, tokenizer = config.data, loaded.tokenizer
+    max_prompt = data.max_length - config.objective.max_new_tokens
+    train = encode_prompts(rows.train, tokenizer, max_prompt, rows.origin)
+    held_out = encode_prompts(rows.eval, tokenizer, max_prompt, rows.origin)
+    pad = tokenizer.pad_token_id
+    return ObjectiveSetup(
+        module=module,
+        train_loader=build_prompt_loader(
+            train, data.batch_size, config.seed, pad, data.num_workers
+        ),
+        eval_loader=build_prompt_eval_loader(held_out, data.batch_size, pad) if held_out else None,
+        train_examples=len(train),
+        eval_examples=len(held_out),
+    )
