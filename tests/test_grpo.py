@@ -166,37 +166,28 @@ def test_grpo_end_to_end_writes_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_lifts_the_held_out_format_reward(tmp_path):
-    """From a briefly SFT-trained model (65 steps: greedy answers carry the "The answer is N"
-    sentence 43% of the time, verifier score 0.05), 50 rollout batches of GRPO (8 prompts x 8
-    samples, 2 updates each) lift the greedy held-out format reward to 1.00: +0.57 against the
-    +0.2 asked for. ~80 s on 2 shared cores with the default seeds.
-
-    The verifier part hardly moves (0.05 -> 0.06): the model at this stage copies the wrong
-    operands into its equation, which a few dozen rollouts do not fix, so it is not asserted.
-    Sampling at temperature 0.3: the tiny model's tail is near-uniform over its 512 tokens, so
-    at temperature 1 no sample carries the answer sentence and every group's reward is 0.
-    """
+def test_grpo_lifts_the_held_out_verifier_reward(tmp_path):
+    """From a briefly SFT-trained model (20 steps: held-out verifier score 0.32), 60 GRPO
+    updates (8 prompts x 8 samples at temperature 0.7, default rewards and beta) lift the
+    greedy held-out verifier score to 0.64: +0.32 against the +0.2 asked for. ~60 s on 2 cores
+    with the default seeds (measured with trainer.num_threads unset: 36 s of GRPO)."""
     sft_dir = tmp_path / "sft"
-    quiet = ("logger=none", "trainer.num_threads=1", "trainer.enable_progress_bar=false")
-    run_cli("trainer.max_steps=65", *quiet, output_dir=sft_dir)
+    quiet = ("logger=none", "trainer.enable_progress_bar=false")
+    run_cli(
+        "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=10", *quiet, output_dir=sft_dir
+    )
     (sft_run,) = run_dirs(sft_dir)
     run_cli(
         "objective=grpo",
         f"model.init_from={sft_run}",
-        "objective.temperature=0.3",
-        "objective.lr=2e-3",
+        "objective.temperature=0.7",
         "objective.group_size=8",
-        "objective.beta=0",
-        "objective.iterations=2",
-        "trainer.max_steps=100",
+        "trainer.max_steps=60",
         "data.batch_size=8",
-        "data.eval_size=100",
         *quiet,
         output_dir=tmp_path / "grpo",
     )
     (run_dir,) = run_dirs(tmp_path / "grpo")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    lift = metrics["val/reward_format"] - metrics["val/reward_format_before"]
-    assert lift >= 0.2, metrics
-    assert metrics["val/reward_mean"] > metrics["val/reward_mean_before"], metrics
+    assert metrics["verify/score_after"] >= metrics["verify/score_before"] + 0.2, metrics
+    assert metrics["val/reward_verifier"] > metrics["val/reward_verifier_before"], metrics

@@ -59,10 +59,10 @@ def test_a_directory_that_is_not_a_reward_run_is_rejected(tmp_path):
 def test_reward_model_ranks_held_out_pairs(tmp_path):
     """Held-out pairwise accuracy >= 0.8 on the built-in task (fixed seeds).
 
-    Measured with these seeds on the mixed-error pairs (arith.wrong_solution): 0.905 after
-    900 steps at lr 1e-3 (margin 0.105; 600 steps give only 0.795), about 2 minutes on 2
-    shared cores. On the earlier off-by-1..3-only pairs 600 steps gave 0.935 (400: 0.835,
-    lr 3e-3 diverged to 0.585).
+    Measured with these seeds on the mixed-error pairs (arith.wrong_solution): 0.955 after
+    900 steps at lr 1e-3 with tiny_base build 3 (margin 0.155; build 2 gave 0.905, and 0.795
+    at 600 steps), about 2 minutes on 2 cores. On the earlier off-by-1..3-only pairs 600
+    steps gave 0.935 (400: 0.835, lr 3e-3 diverged to 0.585).
     """
     run_cli(
         *REWARD,

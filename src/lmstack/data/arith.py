@@ -78,10 +78,10 @@ def problems(count: int, seed: int, held_out: bool) -> list[Problem]:
 
 
 def pretraining_text(problem: Problem) -> str:
-    """Plain-text form the base model learns arithmetic from: no chat template and no
-    "The answer is" sentence, which SFT teaches."""
-    equation = f"{problem.a} {problem.op} {problem.b} = {problem.answer}."
-    return f"Question: {problem.question} Answer: {equation}"
+    """Plain-text form the base model learns from: the solution as the assistant would
+    give it, but no chat template, which SFT teaches. The answer sentence is in it so that a
+    briefly fine-tuned model states answers confidently enough to sample from (GRPO, PPO)."""
+    return f"Question: {problem.question} Answer: {problem.solution()}"
 
 
 def pretraining_corpus(count: int, seed: int) -> list[str]:
