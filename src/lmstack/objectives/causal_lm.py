@@ -51,16 +51,27 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in module.state_dict().items() if name in names}
 
 
-class CausalLMModule(L.LightningModule):
+class TrainedModelModule(L.LightningModule):
+    """What every objective's module shares: `self.model` trained with AdamW on a warm-up +
+    cosine schedule over `total_steps`, and checkpoints that hold only the trained weights
+    (an adapter, or all weights when fully fine-tuning); the frozen base is reloaded from its
+    own folder."""
+
     def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
         super().__init__()
         self.model = model
         self.objective = objective
         self.total_steps = total_steps
-        # checkpoints hold only the trained weights (an adapter, or all weights when full
-        # fine-tuning); the frozen base is reloaded from its own folder
         self.strict_loading = False
 
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.model, self.objective, self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep_trained_weights(checkpoint, self.model)
+
+
+class CausalLMModule(TrainedModelModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
             input_ids=batch["input_ids"],
@@ -79,12 +90,6 @@ class CausalLMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = causal_lm_loss(self(batch), batch["labels"])
         self.log("val/loss", loss, prog_bar=True, batch_size=1)
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.model, self.objective, self.total_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep_trained_weights(checkpoint, self.model)
 
 
 def adamw_with_schedule(model: torch.nn.Module, objective: Any, total_steps: int) -> dict:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 
 from lmstack.objectives import ObjectiveSetup
-from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
+from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import dpo_loss, sequence_logprobs
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 
@@ -93,15 +92,9 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
     return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(TrainedModelModule):
     def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.total_steps = total_steps
-        # checkpoints hold only the trained weights; the base (and so the reference) is
-        # reloaded from its own folder
-        self.strict_loading = False
+        super().__init__(model, objective, total_steps)
         self.reference_passes = 0  # forward passes of the reference model, for the record
         self.reference = frozen_reference(model)
 
@@ -163,9 +156,3 @@ class DPOModule(L.LightningModule):
         # a tie (policy == reference, as before training) counts half: chance is 0.5
         ties = (result["margins"] == 0).float().mean()
         self.log("val/reward_accuracy", result["accuracy"] + 0.5 * ties, batch_size=pairs)
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.model, self.objective, self.total_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep_trained_weights(checkpoint, self.model)

@@ -17,11 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 
 from lmstack.objectives import ObjectiveSetup
-from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
+from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import grpo_advantages, grpo_loss
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 from lmstack.objectives.reward_functions import build_reward_functions, score_completions
@@ -77,7 +76,7 @@ class Rollout:
     ref_logps: torch.Tensor | None  # (N, L); None when beta = 0
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(TrainedModelModule):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -87,10 +86,7 @@ class GRPOModule(L.LightningModule):
         tokenizer: Any,
         gradient_clip_val: float = 0.0,
     ):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.total_steps = total_steps
+        super().__init__(model, objective, total_steps)
         self.reward_functions = reward_functions
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_id = tokenizer.eos_token_id
@@ -98,8 +94,6 @@ class GRPOModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         # several policy updates per batch of rollouts: Lightning's loop would take one
         self.automatic_optimization = False
-        # checkpoints hold only the trained weights; the base (and the reference) is reloaded
-        self.strict_loading = False
         # no reference at all when the KL term is off (beta = 0)
         self.reference = frozen_reference(model, needed=objective.beta > 0)
 
@@ -222,9 +216,3 @@ class GRPOModule(L.LightningModule):
         self.log("val/reward_mean", rewards.mean(), prog_bar=True, batch_size=size)
         for key, scores in parts.items():
             self.log(f"val/reward_{key}", scores.float().mean(), batch_size=size)
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.model, self.objective, self.total_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep_trained_weights(checkpoint, self.model)

@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from lmstack.errors import ConfigError
 from lmstack.objectives import ObjectiveSetup
-from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
+from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import reward_bt_loss
 
 MARKER = "reward_model.json"
@@ -93,14 +92,8 @@ def sequence_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return logits.squeeze(-1).float()
 
 
-class RewardModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.total_steps = total_steps
-        # checkpoints hold only the trained weights (adapter and score head)
-        self.strict_loading = False
+class RewardModule(TrainedModelModule):
+    """Bradley-Terry training of the scalar head (checkpoints: adapter and score head)."""
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         chosen, rejected = sequence_scores(self.model, batch).chunk(2)
@@ -118,12 +111,6 @@ class RewardModule(L.LightningModule):
         self.log("val/loss", result["loss"], prog_bar=True, batch_size=pairs)
         self.log("val/accuracy", result["accuracy"], batch_size=pairs)
         self.log("val/margin", result["margin"], batch_size=pairs)
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.model, self.objective, self.total_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep_trained_weights(checkpoint, self.model)
 
 
 def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
