@@ -21,6 +21,7 @@ REQUIRED = {
     ("data", "hub"): ["data.path=org/dataset"],
     ("phase", "pipeline"): ["phase.stages=[{name: a, overrides: ['objective=sft']}]"],
     ("objective", "ppo"): ["objective.reward_model=/tmp/reward-run"],
+    ("serving", "external"): ["serving.base_url=http://127.0.0.1:9/v1"],
 }
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
 

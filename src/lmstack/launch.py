@@ -108,17 +108,26 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
     )
 
 
+# phase name -> the module whose `run(ctx)` is its single entry point (imported lazily)
+PHASE_MODULES = {
+    "train": "lmstack.phases.train",
+    "pipeline": "lmstack.phases.pipeline",
+    "serve": "lmstack.phases.serve",
+    "bench": "lmstack.phases.bench",
+    "eval": "lmstack.phases.eval",
+    "report": "lmstack.phases.report",
+}
+
+
 def dispatch(ctx: RunContext) -> dict[str, Any]:
+    import importlib
+
     phase = ctx.config.phase.name
-    if phase == "train":
-        from lmstack.phases import train
-
-        return train.run(ctx)
-    if phase == "pipeline":
-        from lmstack.phases import pipeline
-
-        return pipeline.run(ctx)
-    raise ConfigError(f"phase.name: unknown phase '{phase}' (available: train, pipeline)")
+    if phase not in PHASE_MODULES:
+        raise ConfigError(
+            f"phase.name: unknown phase '{phase}' (available: {', '.join(PHASE_MODULES)})"
+        )
+    return importlib.import_module(PHASE_MODULES[phase]).run(ctx)
 
 
 def sweep_metric(metrics: dict[str, Any]) -> float | None:

@@ -23,6 +23,14 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
 LOGGERS = ("wandb", "csv", "none")
+PHASES = ("train", "pipeline", "serve", "bench", "eval", "report")
+ENGINES = ("hf", "vllm", "external")
+# what `serving.quantization` may ask of each engine (bnb on hf; vLLM's own methods on GPUs)
+ENGINE_QUANTIZATIONS = {
+    "hf": ("none", "int8", "nf4"),
+    "vllm": ("none", "awq", "gptq", "fp8", "bitsandbytes"),
+    "external": ("none",),
+}
 MODEL_SOURCES = ("builtin", "hf")
 # same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
@@ -56,6 +64,7 @@ class PhaseConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _require_choice(self.name, PHASES, "phase.name")
         if self.name == "pipeline":
             _require(len(self.stages) > 0, "phase.stages", "a pipeline needs at least one stage")
         names = [stage.name for stage in self.stages]
@@ -407,6 +416,81 @@ class PathsConfig:
 
 
 @dataclass
+class ServingConfig:
+    """How a model is served: an engine started as a child process, or an external URL."""
+
+    name: str = "hf"
+    # what to serve: a run directory, a Hugging Face folder or hub id; empty = the `model` group
+    model: str = ""
+    # none | int8 | nf4 (hf, bitsandbytes) | awq | gptq | fp8 | bitsandbytes (vllm)
+    quantization: str = "none"
+    host: str = "127.0.0.1"
+    # 0: a free port
+    port: int = 0
+    # seconds to wait for the engine's health endpoint before giving up
+    startup_timeout_s: float = 180.0
+    # external: the server's base URL (…/v1) and its key (or the env var holding it)
+    base_url: str = ""
+    api_key: str = ""
+    api_key_env: str = ""
+    # name the model is served under; empty = the engine's default
+    served_model_name: str = ""
+    # hf: transformers' continuous batching (paged attention); vllm always batches
+    continuous_batching: bool = True
+    # vllm: serve base + LoRA adapter (--enable-lora) instead of the merged model
+    enable_lora: bool = False
+    # extra command-line arguments appended to the engine's command
+    extra_args: list[str] = field(default_factory=list)
+    # put lmstack's tracing gateway (an OpenAI-compatible proxy) in front of the engine
+    gateway: bool = True
+
+    def __post_init__(self) -> None:
+        _require_choice(self.name, ENGINES, "serving.name")
+        _require_choice(self.quantization, ENGINE_QUANTIZATIONS[self.name], "serving.quantization")
+        _require(0 <= self.port < 65536, "serving.port", f"{self.port} is not a port number")
+        _require(self.startup_timeout_s > 0, "serving.startup_timeout_s", "must be > 0")
+        if self.name == "external":
+            _require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
+
+
+@dataclass
+class BenchConfig:
+    """A serving benchmark, measured the way `vllm bench serve` measures."""
+
+    # "builtin" (the arithmetic task's prompts) or a jsonl of {"prompt": ...} or {"messages": ...}
+    prompts: str = "builtin"
+    num_requests: int = 64
+    # requests in flight at most; null = no cap
+    max_concurrency: int | None = None
+    # requests per second with Poisson arrivals; inf = all at once
+    request_rate: float = float("inf")
+    max_tokens: int = 64
+    # ignore end-of-sequence so every request generates max_tokens (a fixed output length)
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    # chat (/v1/chat/completions, the run's chat template) or completions (/v1/completions)
+    endpoint: str = "chat"
+    # requests sent (and not measured) before the benchmark, to warm the engine
+    warmup_requests: int = 2
+    request_timeout_s: float = 300.0
+    # service-level objectives for goodput, in milliseconds; null = not checked
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_e2el_ms: float | None = None
+    # the figure a sweeper gets back
+    metric: str = "output_throughput"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_requests >= 1, "bench.num_requests", "must be >= 1")
+        if self.max_concurrency is not None:
+            _require(self.max_concurrency >= 1, "bench.max_concurrency", "must be >= 1 or null")
+        _require(self.request_rate > 0, "bench.request_rate", "must be > 0 (inf: all at once)")
+        _require(self.max_tokens >= 1, "bench.max_tokens", "must be >= 1")
+        _require_choice(self.endpoint, ("chat", "completions"), "bench.endpoint")
+
+
+@dataclass
 class VerifyConfig:
     """Held-out verifier score before and after training (the demo's proof)."""
 
@@ -440,6 +524,8 @@ class Config:
     trainer: Any = MISSING
     logger: Any = MISSING
     paths: Any = MISSING
+    serving: Any = MISSING
+    bench: Any = MISSING
     seed: int = 1234
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -463,6 +549,8 @@ GROUP_SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
     "paths": PathsConfig,
+    "serving": ServingConfig,
+    "bench": BenchConfig,
 }
 OBJECTIVE_SCHEMAS: dict[str, type] = {
     "pretrain": PretrainObjectiveConfig,
@@ -471,6 +559,14 @@ OBJECTIVE_SCHEMAS: dict[str, type] = {
     "reward": RewardObjectiveConfig,
     "ppo": PPOObjectiveConfig,
     "grpo": GRPOObjectiveConfig,
+}
+
+# Groups that a phase does not read: left out of its run identity, so that, say, a
+# bench setting never renames a training run.
+PHASE_GROUPS: dict[str, tuple[str, ...]] = {
+    "train": ("phase", "model", "adapter", "quantization", "objective", "data", "trainer"),
+    "serve": ("phase", "model", "serving"),
+    "bench": ("phase", "model", "serving", "bench"),
 }
 
 # Keys that do not change what a run computes: left out of the run identity.
@@ -484,4 +580,8 @@ COSMETIC_KEYS = (
     "trainer.num_threads",
     "data.num_workers",
     "verify.batch_size",
+    "serving.host",
+    "serving.port",
+    "serving.startup_timeout_s",
+    "bench.request_timeout_s",
 )

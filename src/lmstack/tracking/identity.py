@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import lmstack
-from lmstack.config.schema import COSMETIC_KEYS
+from lmstack.config.schema import COSMETIC_KEYS, GROUP_SCHEMAS, PHASE_GROUPS
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:
@@ -54,6 +54,10 @@ def identity_payload(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
     for dotted in COSMETIC_KEYS:
         _drop(resolved, dotted.split("."))
+    read_groups = PHASE_GROUPS.get((resolved.get("phase") or {}).get("name"))
+    if read_groups:
+        for group in set(GROUP_SCHEMAS) - set(read_groups):
+            resolved.pop(group, None)
     from lmstack.models.builtin import BUILD_VERSION
 
     init_from = (resolved.get("model") or {}).get("init_from")
@@ -83,8 +87,13 @@ def _drop(tree: dict[str, Any], parts: list[str]) -> None:
 
 def run_name(cfg: DictConfig) -> str:
     """Readable prefix: objective-adapter[-quantization], e.g. sft-lora; or pipeline."""
-    if cfg.get("phase", {}).get("name") == "pipeline":
+    phase = cfg.get("phase", {}).get("name")
+    if phase == "pipeline":
         return "pipeline"
+    if phase in ("serve", "bench"):
+        serving = cfg.get("serving", {})
+        quant = serving.get("quantization")
+        return "-".join(p for p in (phase, serving.get("name"), quant) if p and p != "none")
     parts = [cfg.get("objective", {}).get("name"), cfg.get("adapter", {}).get("name")]
     quant = cfg.get("quantization", {}).get("name")
     if quant and quant != "none":
