@@ -416,6 +416,26 @@ class PathsConfig:
 
 
 @dataclass
+class PromptConfig:
+    """A prompt template (conf/prompt/NAME.yaml); its version is a hash of its content."""
+
+    name: str = "plain"
+    # the system message; empty = none
+    system: str = ""
+    # the user message; {question} (and any other row field) is filled in
+    template: str = "{question}"
+    # example turns shown before the question: [{question: ..., answer: ...}]
+    few_shot: list[dict[str, Any]] = field(default_factory=list)
+    # plain-text rendering (base models, /v1/completions): "Question: ... Answer: ..."
+    text_question_prefix: str = "Question: "
+    text_answer_prefix: str = " Answer:"
+
+    def __post_init__(self) -> None:
+        for index, shot in enumerate(self.few_shot):
+            _require("answer" in shot, f"prompt.few_shot[{index}]", "needs an 'answer' field")
+
+
+@dataclass
 class ServingConfig:
     """How a model is served: an engine started as a child process, or an external URL."""
 
@@ -526,6 +546,7 @@ class Config:
     paths: Any = MISSING
     serving: Any = MISSING
     bench: Any = MISSING
+    prompt: Any = MISSING
     seed: int = 1234
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -551,6 +572,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "paths": PathsConfig,
     "serving": ServingConfig,
     "bench": BenchConfig,
+    "prompt": PromptConfig,
 }
 OBJECTIVE_SCHEMAS: dict[str, type] = {
     "pretrain": PretrainObjectiveConfig,
@@ -566,7 +588,7 @@ OBJECTIVE_SCHEMAS: dict[str, type] = {
 PHASE_GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("phase", "model", "adapter", "quantization", "objective", "data", "trainer"),
     "serve": ("phase", "model", "serving"),
-    "bench": ("phase", "model", "serving", "bench"),
+    "bench": ("phase", "model", "serving", "bench", "prompt"),
 }
 
 # Keys that do not change what a run computes: left out of the run identity.
