@@ -1,0 +1,191 @@
+"""phase=bench: measure a served model the way `vllm bench serve` does.
+
+Reads top to bottom: build the prompt set → start the engine (or reach the
+external URL) → warm it up → send the requests (Poisson arrivals or a fixed
+concurrency, streamed) → figures (TTFT, TPOT, ITL, latency, throughput, goodput)
+→ metrics.json, requests.jsonl, W&B and a table. The engine is always stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from lmstack.errors import ConfigError, DataError
+from lmstack.phases.context import RunContext
+from lmstack.tracking.run_dir import finished_metrics, set_status, write_json
+
+TABLE_KEYS = (
+    "completed",
+    "failed",
+    "request_throughput",
+    "output_throughput",
+    "goodput",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "itl_ms_p50",
+    "e2el_ms_p50",
+    "e2el_ms_p99",
+)
+# request fields a prompt-file row may set for itself
+ROW_REQUEST_FIELDS = ("max_tokens", "temperature", "stop")
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from lmstack.prompts import prompt_version
+    from lmstack.serving.client import run_load
+    from lmstack.serving.engines import serve
+
+    config, run_dir = ctx.config, ctx.run_dir
+    if (done := finished_metrics(run_dir)) and not config.run.rerun:
+        print(f"lmstack: {run_dir} already holds this finished benchmark; its results:")
+        print_table(done)
+        return done
+    bench = config.bench
+    requests = build_requests(bench, config.prompt)
+    settings = load_settings(bench, prompt_version(config.prompt))
+    with serve(config, ctx.cache_dir, run_dir) as endpoint:
+        print(f"lmstack: benchmarking {endpoint.model} at {endpoint.base_url}", flush=True)
+        warm_up(requests[: bench.warmup_requests], endpoint, settings)
+        with tqdm(total=len(requests[bench.warmup_requests :]), desc="bench", unit="req") as bar:
+            results, duration = asyncio.run(
+                run_load(requests[bench.warmup_requests :], endpoint, settings, progress=bar)
+            )
+        metrics = bench_metrics(results, duration, bench, endpoint, settings.prompt_version)
+    write_requests(run_dir / "requests.jsonl", results)
+    write_json(run_dir / "metrics.json", metrics)
+    log_bench(ctx, metrics)
+    set_status(run_dir, "finished")
+    print_table(metrics)
+    return metrics
+
+
+def build_requests(bench: Any, prompt: Any) -> list[dict[str, Any]]:
+    """Warm-up requests plus `num_requests` measured ones: chat `messages` or a `prompt`."""
+    from lmstack.prompts import render_messages, render_text
+
+    count = bench.warmup_requests + bench.num_requests
+    rows = builtin_rows(count, bench.seed) if bench.prompts == "builtin" else jsonl_rows(bench)
+    if not rows:
+        raise DataError(f"bench.prompts: {bench.prompts} holds no prompts")
+    rows = [rows[i % len(rows)] for i in range(count)]  # cycle a short file
+    requests = []
+    for row in rows:
+        # a row may set its own output length etc., as serving datasets do
+        request = {key: row[key] for key in ROW_REQUEST_FIELDS if key in row}
+        request.update(row.get("request") or {})  # any other body fields, sent as they are
+        if "messages" in row:
+            request["messages"] = row["messages"]
+        elif bench.endpoint == "chat":
+            request["messages"] = render_messages(prompt, {"question": row["prompt"]})
+        else:
+            request["prompt"] = render_text(prompt, {"question": row["prompt"]})
+        requests.append(request)
+    return requests
+
+
+def builtin_rows(count: int, seed: int) -> list[dict[str, Any]]:
+    from lmstack.data.arith import problems
+
+    return [{"prompt": p.question} for p in problems(count, seed, held_out=True)]
+
+
+def jsonl_rows(bench: Any) -> list[dict[str, Any]]:
+    """Rows of {"prompt": str} or {"messages": [...]}; a bad line is named by file:line."""
+    path = Path(bench.prompts)
+    if not path.is_file():
+        raise ConfigError(f"bench.prompts: '{path}' is not a file (or 'builtin')")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
+            raise DataError(f"{where}: a bench row needs a 'prompt' or a 'messages' field")
+        if "messages" in row and bench.endpoint == "completions":
+            raise DataError(f"{where}: 'messages' rows need bench.endpoint=chat")
+        rows.append(row)
+    return rows
+
+
+def load_settings(bench: Any, version: str) -> Any:
+    from lmstack.serving.client import LoadSettings
+
+    return LoadSettings(
+        max_tokens=bench.max_tokens,
+        temperature=bench.temperature,
+        max_concurrency=bench.max_concurrency,
+        request_rate=bench.request_rate,
+        endpoint=bench.endpoint,
+        ignore_eos=bench.ignore_eos,
+        timeout_s=bench.request_timeout_s,
+        seed=bench.seed,
+        prompt_version=version,
+    )
+
+
+def warm_up(requests: list[dict[str, Any]], endpoint: Any, settings: Any) -> None:
+    """Unmeasured requests first: the engine's first forward passes are slow (allocation,
+    kernel selection), and would otherwise land in the first measured requests."""
+    from lmstack.serving.client import run_load
+
+    if requests:
+        asyncio.run(run_load(requests, endpoint, settings))
+
+
+def bench_metrics(
+    results: list[Any], duration: float, bench: Any, endpoint: Any, version: str
+) -> dict[str, Any]:
+    from lmstack.serving.metrics import SLO, failure_reasons, summarize
+
+    slo = SLO(bench.slo_ttft_ms, bench.slo_tpot_ms, bench.slo_e2el_ms)
+    figures = summarize(results, duration, slo)
+    metrics: dict[str, Any] = {f"bench/{key}": value for key, value in figures.items()}
+    metrics["bench/failure_reasons"] = failure_reasons(results)
+    metrics["bench/engine"] = endpoint.engine
+    metrics["bench/model"] = endpoint.model
+    metrics["bench/served"] = endpoint.served
+    metrics["bench/prompt_version"] = version
+    key = f"bench/{bench.metric}"
+    if key not in metrics:
+        raise ConfigError(
+            f"bench.metric: '{bench.metric}' is not a bench figure "
+            f"(e.g. {', '.join(k.split('/', 1)[1] for k in list(metrics)[:6])})"
+        )
+    metrics["sweep/metric"] = metrics[key]
+    return metrics
+
+
+def write_requests(path: Path, results: list[Any]) -> None:
+    with open(path, "w") as handle:
+        for index, result in enumerate(results):
+            handle.write(json.dumps({"index": index, **result.record()}) + "\n")
+
+
+def log_bench(ctx: RunContext, metrics: dict[str, Any]) -> None:
+    from lmstack.tracking.loggers import log_results
+
+    row = {key: metrics.get(f"bench/{key}") for key in TABLE_KEYS}
+    log_results(ctx, metrics, tables={"bench/table": [row]})
+
+
+def print_table(metrics: dict[str, Any]) -> None:
+    width = max(len(key) for key in TABLE_KEYS)
+    print("lmstack: bench results")
+    for key in TABLE_KEYS:
+        value = metrics.get(f"bench/{key}")
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {text}")
+    if reasons := metrics.get("bench/failure_reasons"):
+        print("  failures:")
+        for reason, count in reasons.items():
+            print(f"    {count} x {reason}")

@@ -1,0 +1,50 @@
+"""phase=serve: a model, a run or an adapter behind an OpenAI-compatible URL until Ctrl-C.
+
+Reads top to bottom: resolve what to serve (a run directory becomes its merged
+model, with the run's tokenizer and chat template) → start the engine (and the
+tracing gateway) → print the URL and a curl example → wait → stop everything.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from typing import Any
+
+from lmstack.phases.context import RunContext
+from lmstack.tracking.run_dir import set_status, write_json
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    from lmstack.serving.engines import serve
+
+    with serve(ctx.config, ctx.cache_dir, ctx.run_dir) as endpoint:
+        write_json(ctx.run_dir / "endpoint.json", endpoint.__dict__)
+        print(usage(endpoint), flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("lmstack: stopping the server", flush=True)
+    set_status(ctx.run_dir, "stopped")
+    return {}
+
+
+def usage(endpoint: Any) -> str:
+    body = {
+        "model": endpoint.model,
+        "messages": [{"role": "user", "content": "Ann has 3 apples and gets 4 more. How many?"}],
+        "max_tokens": 32,
+    }
+    curl = (
+        f"curl {endpoint.base_url}/chat/completions -H 'Content-Type: application/json' "
+        f"-d {shlex.quote(json.dumps(body))}"
+    )
+    return (
+        f"lmstack: serving {endpoint.model}\n"
+        f"  URL:   {endpoint.base_url}   (OpenAI-compatible; model name below)\n"
+        f"  model: {endpoint.model}\n"
+        f"  try:   {curl}\n"
+        "  stop:  Ctrl-C"
+    )

@@ -1,0 +1,186 @@
+"""lmstack's load client: streamed OpenAI-compatible requests, timed chunk by chunk.
+
+Requests arrive all at once or with Poisson gaps (`request_rate`), at most
+`max_concurrency` in flight. Each request records the time of every streamed
+chunk that carried text, so TTFT, TPOT and inter-token latency come from what a
+user would see. A request the server rejects (4xx/5xx) or that breaks off is
+recorded as failed with its reason, and the benchmark goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lmstack.serving.engines import Endpoint
+from lmstack.serving.metrics import RequestResult
+
+
+@dataclass
+class LoadSettings:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    max_concurrency: int | None = None
+    request_rate: float = float("inf")
+    endpoint: str = "chat"  # chat | completions
+    ignore_eos: bool = False
+    timeout_s: float = 300.0
+    seed: int = 0
+    prompt_version: str | None = None
+
+
+def request_body(request: dict[str, Any], endpoint: Endpoint, settings: LoadSettings) -> dict:
+    """The JSON body: `request` holds `messages` (chat) or `prompt` (completions)."""
+    body: dict[str, Any] = {
+        "model": endpoint.model,
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **request,
+    }
+    if settings.ignore_eos:
+        body.update(ignore_eos_fields(endpoint.engine, settings))
+    return body
+
+
+def ignore_eos_fields(engine: str, settings: LoadSettings) -> dict[str, Any]:
+    """Fixed-length outputs: vLLM (and most servers) take `ignore_eos`; transformers serve
+    rejects it but takes a generation config, where min_new_tokens holds EOS back."""
+    if engine != "hf":
+        return {"ignore_eos": True}
+    generation = {
+        "max_new_tokens": settings.max_tokens,
+        "min_new_tokens": settings.max_tokens,
+        "do_sample": settings.temperature > 0,
+    }
+    return {"generation_config": json.dumps(generation)}
+
+
+def headers_for(endpoint: Endpoint, settings: LoadSettings) -> dict[str, str]:
+    from lmstack.prompts import PROMPT_VERSION_HEADER
+
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"}
+    if settings.prompt_version:
+        headers[PROMPT_VERSION_HEADER] = settings.prompt_version
+    return headers
+
+
+async def send_one(client: Any, url: str, body: dict, headers: dict[str, str]) -> RequestResult:
+    """One streamed request, timed from send to each text chunk to the end."""
+    import httpx
+
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    text: list[str] = []
+    usage: dict[str, Any] = {}
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code >= 400:
+                detail = (await response.aread()).decode(errors="replace")
+                return RequestResult(
+                    ok=False,
+                    error=f"HTTP {response.status_code}: {_error_detail(detail)}",
+                    status_code=response.status_code,
+                    e2el_s=time.perf_counter() - start,
+                )
+            async for line in response.aiter_lines():
+                chunk = _parse_event(line)
+                if chunk is None:
+                    continue
+                usage = chunk.get("usage") or usage
+                piece = _chunk_text(chunk)
+                if piece:
+                    chunk_times.append(time.perf_counter() - start)
+                    text.append(piece)
+    except (httpx.HTTPError, json.JSONDecodeError) as error:
+        return RequestResult(
+            ok=False,
+            error=f"{type(error).__name__}: {error}"[:300],
+            e2el_s=time.perf_counter() - start,
+        )
+    e2el = time.perf_counter() - start
+    if not chunk_times:
+        return RequestResult(ok=False, error="empty response: no text was streamed", e2el_s=e2el)
+    return RequestResult(
+        ok=True,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or len(chunk_times)),
+        ttft_s=chunk_times[0],
+        e2el_s=e2el,
+        chunk_times=chunk_times,
+        text="".join(text),
+        status_code=200,
+    )
+
+
+def _parse_event(line: str) -> dict[str, Any] | None:
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:") :].strip()
+    if not payload or payload == "[DONE]":
+        return None
+    return json.loads(payload)
+
+
+def _chunk_text(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    choice = choices[0]
+    return (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+
+
+def _error_detail(body: str) -> str:
+    """The server's message ({"detail": ...} from FastAPI, {"error": {"message": ...}} from
+    OpenAI-style servers), cut short."""
+    try:
+        parsed = json.loads(body)
+    except json.JSONDecodeError:
+        return body.strip()[:200]
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        message = error.get("message") if isinstance(error, dict) else error or parsed.get("detail")
+        return str(message)[:200]
+    return body.strip()[:200]
+
+
+async def run_load(
+    requests: list[dict[str, Any]],
+    endpoint: Endpoint,
+    settings: LoadSettings,
+    progress: Any = None,
+) -> tuple[list[RequestResult], float]:
+    """Send every request; return the results (in request order) and the wall time."""
+    import httpx
+
+    path = "chat/completions" if settings.endpoint == "chat" else "completions"
+    url = f"{endpoint.base_url.rstrip('/')}/{path}"
+    headers = headers_for(endpoint, settings)
+    limit = settings.max_concurrency or len(requests)
+    semaphore = asyncio.Semaphore(limit)
+    rng = random.Random(settings.seed)
+    timeout = httpx.Timeout(settings.timeout_s, connect=30.0)
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+
+    async def limited(body: dict) -> RequestResult:
+        async with semaphore:
+            result = await send_one(client, url, body, headers)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(limited(request_body(request, endpoint, settings))))
+            if settings.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(settings.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return list(results), duration
