@@ -22,13 +22,17 @@ REQUIRED = {
     ("phase", "pipeline"): ["phase.stages=[{name: a, overrides: ['objective=sft']}]"],
     ("objective", "ppo"): ["objective.reward_model=/tmp/reward-run"],
     ("serving", "external"): ["serving.base_url=http://127.0.0.1:9/v1"],
+    ("phase", "report"): ["report.source=/tmp/traces.sqlite"],
+    ("eval", "arena"): ["eval.arena.models=[base,/tmp/some-run]"],
 }
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
 
 
 def group_options() -> list[tuple[str, str]]:
     options = []
-    groups = [p for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "recipe")]
+    groups = [
+        p for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "recipe", "sweep")
+    ]
     for group_dir in sorted(groups):
         options += [(group_dir.name, f.stem) for f in sorted(group_dir.glob("*.yaml"))]
     return options

@@ -111,14 +111,17 @@ def test_openai_client_chats_with_a_served_run(sft_run, tmp_path):
     assert not engines_serving(str(sft_run)), "the engine outlived phase=serve"
 
 
-def test_bench_sweep_over_concurrency(sft_run, tmp_path):
+def test_bench_grid_over_quantization_and_concurrency(sft_run, tmp_path):
     run_cli(
         "-m", *BENCH, f"serving.model={sft_run}", "serving.gateway=false",
-        "bench.max_concurrency=1,4", output_dir=tmp_path,
+        "serving.quantization=none,nf4", "bench.max_concurrency=1,4", output_dir=tmp_path,
     )  # fmt: skip
     points = run_dirs(tmp_path)
-    assert len(points) == 2
+    assert len(points) == 4
+    assert sum("nf4" in point.name for point in points) == 2
     for point in points:
+        engine_log = (point / "engine-hf.log").read_text()
+        assert ("--quantization bnb-4bit" in engine_log) == ("nf4" in point.name)
         metrics = json.loads((point / "metrics.json").read_text())
         assert metrics["bench/completed"] == 6 and metrics["bench/failed"] == 0
         for figure in ("ttft", "tpot", "itl", "e2el"):
@@ -126,7 +129,6 @@ def test_bench_sweep_over_concurrency(sft_run, tmp_path):
                 assert metrics[f"bench/{figure}_ms_{stat}"] > 0
         # ignore_eos: every request generates bench.max_tokens tokens
         assert metrics["bench/output_tokens"] == 6 * 8
-        assert metrics["sweep/metric"] == metrics["bench/output_throughput"]
         assert len((point / "requests.jsonl").read_text().splitlines()) == 6
     assert not engines_serving(str(sft_run))
 
@@ -154,6 +156,11 @@ def test_unknown_model_path(tmp_path):
         *BENCH, f"serving.model={tmp_path / 'nowhere'}", output_dir=tmp_path, check=False
     )
     assert_rejected_early(result, "serving.model", "nowhere")
+
+
+def test_unknown_bench_metric(tmp_path):
+    result = run_cli(*BENCH, "bench.metric=speed", output_dir=tmp_path, check=False)
+    assert_rejected_early(result, "bench.metric: 'speed' is not one of", "output_throughput")
 
 
 def test_port_in_use(sft_run, tmp_path):

@@ -63,3 +63,9 @@ def test_no_completed_requests_gives_nan_latencies():
     figures = summarize([RequestResult(ok=False, error="timeout")], 1.0, SLO())
     assert figures["completed"] == 0 and figures["output_throughput"] == 0
     assert math.isnan(figures["ttft_ms_p50"])
+
+
+def test_the_schema_knows_every_figure_a_sweep_may_optimize():
+    from lmstack.config.schema import BENCH_FIGURES
+
+    assert set(summarize([], 1.0, SLO())) == set(BENCH_FIGURES)

@@ -34,6 +34,8 @@ QUIET_WARNINGS = (
     r".*`is_gradient_checkpointing` is deprecated.*",
     r".*does not have many workers which may be a bottleneck.*",
     r".*'set_vital' is deprecated.*",
+    # any run on a machine with Slurm installed; lmstack's Slurm launcher does use srun
+    r".*The `srun` command is available on your system but is not used.*",
 )
 
 
@@ -53,7 +55,7 @@ def run_task(cfg: DictConfig) -> float | None:
     try:
         ctx = build_context(cfg, run_dir, multirun)
         metrics = dispatch(ctx)
-        return sweep_metric(metrics)
+        return sweep_metric(metrics, ctx.config)
     except LmstackError as error:
         return _fail(run_dir, multirun, f"lmstack: error: {error}", exit_code=EXIT_BAD_INPUT)
     except KeyboardInterrupt:
@@ -92,7 +94,7 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
     resolved = resolved_config(cfg)
     if config.run.rerun or not finished_metrics(run_dir):
         write_run_records(cfg, run_dir, identity, data_fingerprint(resolved["data"]))
-        set_status(run_dir, "running", run_id=identity)
+        set_status(run_dir, "running", run_id=identity, **slurm_job())
     if report := os.environ.get(RUN_DIR_REPORT):
         # a pipeline stage tells the pipeline where it ran
         Path(report).write_text(str(run_dir.resolve()))
@@ -130,12 +132,54 @@ def dispatch(ctx: RunContext) -> dict[str, Any]:
     return importlib.import_module(PHASE_MODULES[phase]).run(ctx)
 
 
-def sweep_metric(metrics: dict[str, Any]) -> float | None:
-    """What a sweeper optimizes: the verifier score if there is one, else validation loss."""
-    for key in ("verify/score_after", "val/loss", "train/loss"):
-        if isinstance(metrics.get(key), int | float):
-            return float(metrics[key])
+DEFAULT_SWEEP_METRICS = ("verify/score_after", "val/loss", "train/loss", "eval/score")
+
+
+def wanted_metric(sweep_metric_name: str, phase: str, bench_metric: str) -> str:
+    """The metrics.json key asked for: `sweep.metric`, or bench/<bench.metric> for bench."""
+    if sweep_metric_name:
+        return sweep_metric_name
+    if phase == "bench" and bench_metric:
+        return bench_metric if bench_metric.startswith("bench/") else f"bench/{bench_metric}"
+    return ""
+
+
+def sweep_metric_key(metrics: dict[str, Any], wanted: str = "") -> str | None:
+    """Which metric a sweeper gets: the one asked for, else the verifier score, else a loss.
+
+    A pipeline's metrics carry stage prefixes (sft/val/loss, dpo/val/loss): its last
+    stage's figure counts.
+    """
+    if wanted:
+        return wanted if _is_number(metrics.get(wanted)) else None
+    for name in DEFAULT_SWEEP_METRICS:
+        if _is_number(metrics.get(name)):
+            return name
+        staged = [key for key in metrics if key.endswith(f"/{name}") and _is_number(metrics[key])]
+        if staged:
+            return staged[-1]
     return None
+
+
+def sweep_metric(metrics: dict[str, Any], config: Any = None) -> float | None:
+    """What a sweeper optimizes (None when absent, which Optuna records as a failed trial)."""
+    wanted = ""
+    if config is not None:
+        wanted = wanted_metric(config.sweep.metric, config.phase.name, config.bench.metric)
+    key = sweep_metric_key(metrics, wanted)
+    return float(metrics[key]) if key else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def slurm_job() -> dict[str, str]:
+    """Under Slurm, the job id: its stdout/stderr lie in the sweep dir's slurm/<job id>/."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if array_job := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return {"slurm_job": job} if job else {}
 
 
 def _record(run_dir: Path, status: str, detail: str) -> None:
@@ -146,10 +190,12 @@ def _record(run_dir: Path, status: str, detail: str) -> None:
         set_status(run_dir, status, error=detail.strip().splitlines()[-1] if detail else "")
 
 
-def _fail(run_dir: Path, multirun: bool, message: str, exit_code: int) -> float:
+def _fail(run_dir: Path, multirun: bool, message: str, exit_code: int) -> None:
     _record(run_dir, "failed", message)
     print(message, file=sys.stderr, flush=True)
     if not multirun:
         sys.exit(exit_code)
     log.error("sweep point %s failed; the other points go on", run_dir.name)
-    return math.nan
+    # None, not nan: Hydra's Optuna sweeper (Optuna 2.10) crashes the study on a nan value,
+    # while a value that is not a number marks the trial failed and the study goes on
+    return None

@@ -8,6 +8,7 @@ happens on the command line before Hydra parses it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -29,6 +30,28 @@ def find_recipe(value: str) -> Path | None:
     return None
 
 
+def search_path_for(path: Path) -> tuple[str, Path]:
+    """A folder holding `recipe/<name>.yaml` -> path, and the name to select it by.
+
+    The folder and name depend on the file's path only, so a sweep re-run with the same
+    command gets the same sweep id (it hashes the command line, search path included). The
+    name carries a hash of the path, so a file whose stem is also a repo recipe's name is
+    never shadowed by the repo recipe (Hydra looks in conf/ first).
+    """
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    name = f"{path.stem}-{key}"
+    folder = Path(tempfile.gettempdir()) / f"lmstack-recipe-{key}"
+    (folder / "recipe").mkdir(parents=True, exist_ok=True)
+    link = folder / "recipe" / f"{name}.yaml"
+    if not (link.is_symlink() and link.resolve() == path):
+        # atomic replace: concurrent runs of one sweep may create it at once
+        scratch = folder / "recipe" / f".{name}.{os.getpid()}"
+        scratch.unlink(missing_ok=True)
+        scratch.symlink_to(path)
+        os.replace(scratch, link)
+    return name, folder
+
+
 def rewrite_recipe_argument(argv: list[str]) -> list[str]:
     """Turn `recipe=<file or path name>` into `recipe=<stem>` plus a Hydra search path."""
     for index, arg in enumerate(argv):
@@ -40,13 +63,11 @@ def rewrite_recipe_argument(argv: list[str]) -> list[str]:
         if not path.is_file():
             print(f"lmstack: error: recipe: no such file: {path}", file=sys.stderr)
             sys.exit(2)
-        folder = Path(tempfile.mkdtemp(prefix="lmstack-recipe-"))
-        (folder / "recipe").mkdir()
-        (folder / "recipe" / path.name).symlink_to(path)
+        name, folder = search_path_for(path)
         os.environ[SOURCE_ENV] = str(path)  # pipeline stages pass the file on
         return [
             *argv[:index],
-            f"recipe={path.stem}",
+            f"recipe={name}",
             f"hydra.searchpath=[file://{folder}]",
             *argv[index + 1 :],
         ]

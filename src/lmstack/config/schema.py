@@ -473,6 +473,25 @@ class ServingConfig:
             _require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
 
 
+# what phase=bench reports (lmstack.serving.metrics.summarize), any of which a sweep can optimize
+BENCH_FIGURES = (
+    "completed",
+    "failed",
+    "duration_s",
+    "prompt_tokens",
+    "output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "goodput",
+    *(
+        f"{figure}_ms_{stat}"
+        for figure in ("ttft", "tpot", "itl", "e2el")
+        for stat in ("mean", "p50", "p90", "p99")
+    ),
+)
+
+
 @dataclass
 class BenchConfig:
     """A serving benchmark, measured the way `vllm bench serve` measures."""
@@ -508,6 +527,267 @@ class BenchConfig:
         _require(self.request_rate > 0, "bench.request_rate", "must be > 0 (inf: all at once)")
         _require(self.max_tokens >= 1, "bench.max_tokens", "must be >= 1")
         _require_choice(self.endpoint, ("chat", "completions"), "bench.endpoint")
+        _require_choice(self.metric.removeprefix("bench/"), BENCH_FIGURES, "bench.metric")
+
+
+# what phase=eval can measure; `eval=[lm_eval,judge]` turns several on (see conf/eval/)
+EVAL_SUITES = ("verifier", "format", "lm_eval", "judge", "calibration", "arena", "faithfulness")
+EVAL_TARGETS = ("in_process", "served")
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks: lmstack's own (offline) or any task the harness knows."""
+
+    tasks: list[str] = field(default_factory=lambda: ["lmstack_arith_gen", "lmstack_arith_mc"])
+    # extra folders of task YAMLs, searched before the harness's own tasks
+    include_paths: list[str] = field(default_factory=list)
+    # documents per task; null = all
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 16
+    max_gen_toks: int = 32
+    # prompts through the model's chat template (what SFT trained on); false: raw text
+    apply_chat_template: bool = True
+
+    def check(self) -> None:
+        _require(len(self.tasks) > 0, "eval.lm_eval.tasks", "is empty")
+        _require(self.batch_size >= 1, "eval.lm_eval.batch_size", "must be >= 1")
+        if self.limit is not None:
+            _require(self.limit >= 1, "eval.lm_eval.limit", "must be >= 1 or null")
+
+
+@dataclass
+class JudgeConfig:
+    """LLM-as-judge through any OpenAI-compatible endpoint."""
+
+    # the judge's base URL (…/v1); empty = the model under test, served by the `serving` group
+    base_url: str = ""
+    # the model name the judge endpoint expects; empty = its first /v1/models entry
+    model: str = ""
+    # name of the environment variable holding the judge's API key (keys never go in configs)
+    api_key_env: str = ""
+    # rubric and template files in conf/prompt/; their content hash goes with every score
+    single_prompt: str = "judge_single"
+    pairwise_prompt: str = "judge_pairwise"
+    max_tokens: int = 24
+    timeout_s: float = 60.0
+    max_retries: int = 1
+    concurrency: int = 4
+    # labelled pairs for calibration: "builtin" (generated for the arithmetic task) or a jsonl
+    calibration_set: str = "builtin"
+    calibration_size: int = 24
+
+    def check(self) -> None:
+        _require(self.max_tokens >= 1, "eval.judge.max_tokens", "must be >= 1")
+        _require(self.concurrency >= 1, "eval.judge.concurrency", "must be >= 1")
+        _require(self.calibration_size >= 2, "eval.judge.calibration_size", "must be >= 2")
+        if self.base_url:
+            _require(
+                self.base_url.startswith(("http://", "https://")),
+                "eval.judge.base_url",
+                f"'{self.base_url}' is not an http(s) URL",
+            )
+
+
+@dataclass
+class ArenaConfig:
+    """Pairwise battles between models, rated by a Bradley-Terry fit (Elo scale)."""
+
+    # run directories, sweep directories (each finished run in them), HF folders, or "base"
+    # (the `model` group's model)
+    models: list[str] = field(default_factory=list)
+    # verifier: the task's checker decides each battle; judge: the LLM judge, both orders
+    judge: str = "verifier"
+    num_prompts: int = 40
+    bootstrap_rounds: int = 1000
+    # the model whose rating is pinned at 1000; empty = the first
+    anchor: str = ""
+
+    def check(self, enabled: bool) -> None:
+        _require_choice(self.judge, ("verifier", "judge"), "eval.arena.judge")
+        _require(self.bootstrap_rounds >= 10, "eval.arena.bootstrap_rounds", "must be >= 10")
+        if enabled:
+            _require(
+                len(self.models) >= 2,
+                "eval.arena.models",
+                "the arena needs at least two models (run dirs, sweep dirs, HF folders, base)",
+            )
+
+
+@dataclass
+class FaithfulnessConfig:
+    """Context-grounded answers: is each answer supported by its given context?"""
+
+    num_items: int = 40
+    # support: every number the answer states is a context fact or follows from two of them
+    # by + or -; judge: the LLM judge reads context and answer
+    method: str = "support"
+
+    def check(self) -> None:
+        _require_choice(self.method, ("support", "judge"), "eval.faithfulness.method")
+        _require(self.num_items >= 1, "eval.faithfulness.num_items", "must be >= 1")
+
+
+@dataclass
+class FormatConfig:
+    """Output format checks on the answers: a regex and/or a JSON schema."""
+
+    # a regex every answer must match (re.search); empty = no regex check
+    regex: str = r"The answer is -?\d+\.?\s*$"
+    # a JSON schema (inline JSON or a file path) the answer, parsed as JSON, must satisfy
+    json_schema: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """phase=eval: what is measured, on which model (in process or served), how sampled."""
+
+    # suite name -> on; options of the `eval` group each turn one on: eval=[lm_eval,judge]
+    suites: dict[str, bool] = field(default_factory=dict)
+    # in_process: the model group's model (+ adapter, any quantization) in this process;
+    # served: that model behind the `serving` group's engine, as users would get it
+    target: str = "in_process"
+    num_prompts: int = 100
+    max_new_tokens: int = 32
+    # 0: greedy (deterministic); > 0 with num_samples > 1: mean and confidence interval
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    confidence: float = 0.95
+    batch_size: int = 32
+    # requests in flight to a served target (and lm-eval's API backends)
+    concurrency: int = 4
+    # render prompts with the model's chat template; false: plain text (prompt.text_*)
+    chat: bool = True
+    seed: int = 0
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    arena: ArenaConfig = field(default_factory=ArenaConfig)
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
+    format: FormatConfig = field(default_factory=FormatConfig)
+
+    def __post_init__(self) -> None:
+        for name in self.suites:
+            _require_choice(name, EVAL_SUITES, f"eval.suites.{name}")
+        _require(
+            any(self.suites.values()),
+            "eval.suites",
+            f"no suite is on; pick some, e.g. eval=[verifier,lm_eval] ({', '.join(EVAL_SUITES)})",
+        )
+        _require_choice(self.target, EVAL_TARGETS, "eval.target")
+        _require(self.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _require(self.temperature >= 0, "eval.temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
+        _require(self.concurrency >= 1, "eval.concurrency", "must be >= 1")
+        _require(
+            self.num_samples == 1 or self.temperature > 0,
+            "eval.num_samples",
+            "greedy decoding (eval.temperature=0) gives the same answer every time; "
+            "set eval.temperature > 0 to sample several",
+        )
+        _require(0 < self.confidence < 1, "eval.confidence", "must be in (0, 1)")
+        self.lm_eval.check()
+        self.judge.check()
+        self.arena.check(self.suites.get("arena", False))
+        self.faithfulness.check()
+
+
+TRACE_REDACTIONS = ("none", "prompts", "all")
+COST_MODES = ("hourly", "per_token")
+MONITOR_FORMATS = ("none", "json", "regex")
+REFUSAL_PATTERNS = (
+    r"\bI (?:can(?:no|')t|am unable to|won't)\b",
+    r"\bI'm (?:sorry|unable)\b",
+    r"\bas an AI\b",
+)
+REPORT_FORMATS = ("md", "csv")
+
+
+@dataclass
+class TraceConfig:
+    """What the tracing gateway records and where (conf/trace/)."""
+
+    name: str = "sqlite"
+    # the SQLite trace store; empty = traces.sqlite in the serve or bench run's directory
+    path: str = ""
+    # none: keep prompts and answers; prompts: leave prompts out; all: leave both out
+    redaction: str = "none"
+    # seconds between retries while the store cannot be written (traces stay buffered)
+    retry_s: float = 2.0
+    # also export OpenTelemetry spans (GenAI conventions) to this OTLP/HTTP URL (…/v1/traces)
+    otlp_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.redaction, TRACE_REDACTIONS, "trace.redaction")
+        _require(self.retry_s > 0, "trace.retry_s", f"must be > 0, got {self.retry_s}")
+
+
+@dataclass
+class CostConfig:
+    """What serving costs (conf/cost/): API prices per token, or an hourly machine price."""
+
+    name: str = "cpu_hour"
+    # hourly: usd_per_hour x measured busy time (self-hosted); per_token: API prices
+    mode: str = "hourly"
+    usd_per_hour: float = 0.0
+    # per_token: USD per million prompt (input) and generated (output) tokens
+    input_usd_per_1m: float = 0.0
+    output_usd_per_1m: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require_choice(self.mode, COST_MODES, "cost.mode")
+        for key in ("usd_per_hour", "input_usd_per_1m", "output_usd_per_1m"):
+            _require(getattr(self, key) >= 0, f"cost.{key}", "must be >= 0")
+
+
+@dataclass
+class MonitorConfig:
+    """Quality checks computed from traces (conf/monitor/)."""
+
+    name: str = "default"
+    # the answer format required: none, json (optionally matching json_schema) or regex
+    format: str = "none"
+    format_regex: str = ""
+    json_schema: dict[str, Any] = field(default_factory=dict)
+    # an answer matching any of these (case-insensitive regexes) counts as a refusal
+    refusal_patterns: list[str] = field(default_factory=lambda: list(REFUSAL_PATTERNS))
+    # latency service-level objectives in milliseconds; null = not checked
+    slo_latency_ms: float | None = None
+    slo_ttft_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        import re
+
+        _require_choice(self.format, MONITOR_FORMATS, "monitor.format")
+        if self.format == "regex":
+            _require(bool(self.format_regex), "monitor.format_regex", "format=regex needs one")
+        for key, pattern in [("format_regex", self.format_regex)] + [
+            (f"refusal_patterns[{i}]", p) for i, p in enumerate(self.refusal_patterns)
+        ]:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ConfigError(f"monitor.{key}: '{pattern}' is not a regex ({error})") from None
+
+
+@dataclass
+class ReportConfig:
+    """phase=report: a summary of a trace store, a run directory or a sweep directory."""
+
+    name: str = "default"
+    # a traces.sqlite file, or a run or sweep directory holding them (required for the phase)
+    source: str = ""
+    # count bench warm-up requests too
+    include_warmup: bool = False
+    formats: list[str] = field(default_factory=lambda: ["md", "csv"])
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for index, fmt in enumerate(self.formats):
+            _require_choice(fmt, REPORT_FORMATS, f"report.formats[{index}]")
 
 
 @dataclass
@@ -534,6 +814,21 @@ class RunConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What `run.py` returns to a sweeper (Optuna optimizes it; the sweep summary ranks by it)."""
+
+    # a metrics.json key, e.g. verify/score_after or dpo/verify/score_after (a pipeline stage's);
+    # "" = the phase's own: bench/<bench.metric> for bench, else the first of
+    # verify/score_after, val/loss, train/loss, eval/score (a pipeline: its last stage's)
+    metric: str = ""
+    # maximize | minimize | auto (by the name: loss, latency, memory, time -> minimize)
+    direction: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require_choice(self.direction, ("auto", "maximize", "minimize"), "sweep.direction")
+
+
+@dataclass
 class Config:
     phase: Any = MISSING
     model: Any = MISSING
@@ -547,12 +842,26 @@ class Config:
     serving: Any = MISSING
     bench: Any = MISSING
     prompt: Any = MISSING
+    eval: Any = MISSING
+    trace: Any = MISSING
+    cost: Any = MISSING
+    monitor: Any = MISSING
+    report: Any = MISSING
     seed: int = 1234
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    # a lock file's provenance (run id, packages, data fingerprint, code version); not read
+    lock: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.phase.name == "report":
+            _require(
+                bool(self.report.source),
+                "report.source",
+                "phase=report needs a trace store, run or sweep directory (report.source=PATH)",
+            )
         if self.adapter.name == "none" and self.quantization.name != "none":
             raise ConfigError(
                 f"quantization={self.quantization.name} with adapter=none: a quantized base "
@@ -572,7 +881,12 @@ GROUP_SCHEMAS: dict[str, type] = {
     "paths": PathsConfig,
     "serving": ServingConfig,
     "bench": BenchConfig,
+    "eval": EvalConfig,
     "prompt": PromptConfig,
+    "trace": TraceConfig,
+    "cost": CostConfig,
+    "monitor": MonitorConfig,
+    "report": ReportConfig,
 }
 OBJECTIVE_SCHEMAS: dict[str, type] = {
     "pretrain": PretrainObjectiveConfig,
@@ -589,6 +903,9 @@ PHASE_GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("phase", "model", "adapter", "quantization", "objective", "data", "trainer"),
     "serve": ("phase", "model", "serving"),
     "bench": ("phase", "model", "serving", "bench", "prompt"),
+    "eval": ("phase", "model", "quantization", "serving", "prompt", "eval"),
+    # the report always re-reads its source (see phases/report.py)
+    "report": ("phase", "report", "cost", "monitor"),
 }
 
 # Keys that do not change what a run computes: left out of the run identity.
@@ -596,6 +913,8 @@ COSMETIC_KEYS = (
     "logger",
     "paths",
     "run",
+    "sweep",
+    "lock",
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.checkpoint_every_n_steps",

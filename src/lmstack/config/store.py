@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -22,6 +24,11 @@ def register_configs() -> None:
     for name, schema in OBJECTIVE_SCHEMAS.items():
         store.store(group="objective", name=f"{name}_schema", node=schema)
     _register_resolvers()
+    # conf/hydra/launcher/joblib.yaml shares the joblib plugin's name on purpose (it is what
+    # hydra/launcher=joblib picks); Hydra then validates it against the plugin's schema, and warns
+    warnings.filterwarnings(
+        "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema"
+    )
     _registered = True
 
 
@@ -29,4 +36,6 @@ def _register_resolvers() -> None:
     from lmstack.tracking.identity import run_id_resolver, sweep_id_resolver
 
     OmegaConf.register_new_resolver("run_id", run_id_resolver, replace=True)
-    OmegaConf.register_new_resolver("sweep_id", sweep_id_resolver, replace=True)
+    # cached: Hydra copies the launching process's resolver cache into every point's config,
+    # so a point run in another process (joblib, Slurm) lands in the same sweep dir
+    OmegaConf.register_new_resolver("sweep_id", sweep_id_resolver, replace=True, use_cache=True)

@@ -57,6 +57,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 run_load(requests[bench.warmup_requests :], endpoint, settings, progress=bar)
             )
         metrics = bench_metrics(results, duration, bench, endpoint, settings.prompt_version)
+    metrics |= bench_costs(config, run_dir, metrics)  # after serve(): the traces are written
     write_requests(run_dir / "requests.jsonl", results)
     write_json(run_dir / "metrics.json", metrics)
     log_bench(ctx, metrics)
@@ -136,10 +137,13 @@ def load_settings(bench: Any, version: str) -> Any:
 def warm_up(requests: list[dict[str, Any]], endpoint: Any, settings: Any) -> None:
     """Unmeasured requests first: the engine's first forward passes are slow (allocation,
     kernel selection), and would otherwise land in the first measured requests."""
+    from dataclasses import replace
+
     from lmstack.serving.client import run_load
+    from lmstack.serving.traces import WARMUP_TAG
 
     if requests:
-        asyncio.run(run_load(requests, endpoint, settings))
+        asyncio.run(run_load(requests, endpoint, replace(settings, tag=WARMUP_TAG)))
 
 
 def bench_metrics(
@@ -155,14 +159,21 @@ def bench_metrics(
     metrics["bench/model"] = endpoint.model
     metrics["bench/served"] = endpoint.served
     metrics["bench/prompt_version"] = version
-    key = f"bench/{bench.metric}"
-    if key not in metrics:
-        raise ConfigError(
-            f"bench.metric: '{bench.metric}' is not a bench figure "
-            f"(e.g. {', '.join(k.split('/', 1)[1] for k in list(metrics)[:6])})"
-        )
-    metrics["sweep/metric"] = metrics[key]
     return metrics
+
+
+def bench_costs(config: Any, run_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
+    """cost/usd_total, cost/usd_per_request, ... from the gateway's traces (or the counts)."""
+    from lmstack.serving.costs import phase_costs
+
+    return phase_costs(
+        config,
+        run_dir,
+        seconds=metrics["bench/duration_s"],
+        requests=metrics["bench/completed"],
+        prompt_tokens=metrics["bench/prompt_tokens"],
+        output_tokens=metrics["bench/output_tokens"],
+    )
 
 
 def write_requests(path: Path, results: list[Any]) -> None:

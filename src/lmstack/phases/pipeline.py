@@ -37,7 +37,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
             f"lmstack: pipeline stage {index}/{len(stages)}: {stage.name} ({' '.join(overrides)})",
             flush=True,
         )
-        run_dir = run_stage(stage.name, [*common, *overrides])
+        inherited = for_stage(common, overrides, ctx.config.objective.name)
+        run_dir = run_stage(stage.name, [*inherited, *overrides])
         stage_dirs[stage.name] = run_dir
         stage_metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
         metrics |= {
@@ -60,6 +61,27 @@ def inherited_overrides() -> list[str]:
     if source := os.environ.get(SOURCE_ENV):  # a recipe file outside recipes/
         kept = [f"recipe={source}" if o.startswith("recipe=") else o for o in kept]
     return ["phase=train", *kept]
+
+
+def for_stage(common: list[str], stage_overrides: list[str], objective: str) -> list[str]:
+    """The command's overrides a stage takes: `objective.KEY=...` only where the stage's
+    objective has KEY, so `objective.beta=0.1` reaches a pipeline's DPO stage, not its SFT stage.
+    """
+    from dataclasses import fields
+
+    from lmstack.config.schema import OBJECTIVE_SCHEMAS
+
+    for override in [*common, *stage_overrides]:
+        if match := re.match(r"^objective=(\w+)$", override):
+            objective = match.group(1)
+    if objective not in OBJECTIVE_SCHEMAS:
+        return common
+    known = {f.name for f in fields(OBJECTIVE_SCHEMAS[objective])}
+    return [
+        o
+        for o in common
+        if not (match := re.match(r"^[+~]*objective\.(\w+)", o)) or match.group(1) in known
+    ]
 
 
 def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -258,6 +259,8 @@ def _start(command: list[str], log_path: Path) -> subprocess.Popen:
     """The engine in its own session (a terminal's Ctrl-C reaches lmstack, which stops it),
     and told by the kernel to exit if lmstack dies without stopping it."""
     log = open(log_path, "ab")  # noqa: SIM115 - the child writes it for its whole life
+    log.write(f"$ {shlex.join(command)}\n".encode())
+    log.flush()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
         return subprocess.Popen(

@@ -88,8 +88,13 @@ def _drop(tree: dict[str, Any], parts: list[str]) -> None:
 def run_name(cfg: DictConfig) -> str:
     """Readable prefix: objective-adapter[-quantization], e.g. sft-lora; or pipeline."""
     phase = cfg.get("phase", {}).get("name")
-    if phase == "pipeline":
-        return "pipeline"
+    if phase in ("pipeline", "report"):
+        return phase
+    if phase == "eval":
+        # eval-in_process, eval-served-hf: what was evaluated, and through what
+        target = cfg.get("eval", {}).get("target", "in_process")
+        served = cfg.get("serving", {}).get("name") if target == "served" else None
+        return "-".join(p for p in ("eval", target, served) if p)
     if phase in ("serve", "bench"):
         serving = cfg.get("serving", {})
         quant = serving.get("quantization")

@@ -63,3 +63,63 @@ def finish_logger(logger: Any) -> None:
 
         if wandb.run is not None:
             wandb.finish()
+
+
+def log_results(
+    ctx: Any,
+    metrics: dict[str, Any],
+    tables: dict[str, list[dict[str, Any]]] | None = None,
+    images: dict[str, Path] | None = None,
+) -> None:
+    """A non-training phase's results (bench, eval, report) to the configured tracker:
+    scalars, tables (lists of row dicts) and images, in the run's W&B group."""
+    logger_cfg = ctx.config.logger
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    if logger_cfg.name == "csv":
+        _append_csv(ctx.run_dir / "csv" / "metrics.csv", scalars)
+        return
+    if logger_cfg.name != "wandb":
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        project=logger_cfg.project,
+        entity=logger_cfg.entity,
+        name=ctx.run_id,
+        id=_wandb_id(ctx.run_dir),
+        resume="allow",
+        group=ctx.group,
+        job_type=ctx.config.phase.name,
+        tags=list(logger_cfg.tags),
+        dir=str(ctx.run_dir),
+        mode=wandb_mode(logger_cfg.mode),
+        config=ctx.resolved,
+        reinit="finish_previous",
+    )
+    try:
+        payload: dict[str, Any] = dict(scalars)
+        for name, rows in (tables or {}).items():
+            if rows:
+                columns = list(rows[0])
+                payload[name] = wandb.Table(
+                    columns=columns, data=[[row.get(c) for c in columns] for row in rows]
+                )
+        for name, path in (images or {}).items():
+            payload[name] = wandb.Image(str(path))
+        run.log(payload)
+        run.summary.update(scalars)
+    finally:
+        run.finish()
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

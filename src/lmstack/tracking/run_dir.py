@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+# whole name parts: `hf_token` and `api_key` are secrets, `max_tokens` is not
+SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 LOCK_PACKAGES = (
     "lmstack",
     "torch",
@@ -84,16 +86,101 @@ def write_run_records(cfg: DictConfig, run_dir: Path, identity: str, data_finger
     """config.yaml (resolved) and recipe.lock.yaml (reproduces the run elsewhere)."""
     config = resolved_config(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    lock = {
-        "# lmstack lock": f"python run.py recipe={run_dir}/recipe.lock.yaml",
+    lock = lock_text(config, run_dir, identity, data_fingerprint)
+    (run_dir / "recipe.lock.yaml").write_text(lock)
+    for line in lock_drift(config.get("lock") or {}, data_fingerprint):
+        print(f"lmstack: warning: {line}", file=sys.stderr, flush=True)
+
+
+def lock_drift(lock: dict[str, Any], data_fingerprint: str) -> list[str]:
+    """What differs from the lock file a run was started from (packages, data, code)."""
+    if not lock:
+        return []
+    drift = [
+        f"the lock has {name} {version}, this machine {current.get(name, 'none')}"
+        for current in [package_versions()]
+        for name, version in (lock.get("packages") or {}).items()
+        if current.get(name) != version
+    ]
+    if lock.get("data_fingerprint") not in (None, data_fingerprint):
+        drift.append(f"the lock's data was {lock['data_fingerprint']}, now {data_fingerprint}")
+    if lock.get("code_version") and _git_commit() and lock["code_version"] != _git_commit():
+        drift.append(f"the lock's code version is {lock['code_version']}, this one {_git_commit()}")
+    return drift
+
+
+# left out of a lock: where things live on this machine, and how to re-run (not what)
+LOCK_LEFT_OUT = ("paths", "run", "lock")
+
+
+def lock_text(config: dict[str, Any], run_dir: Path, identity: str, data_fingerprint: str) -> str:
+    """A recipe that reproduces the run: the group options it used (a defaults list), its
+    resolved config, and its provenance under `lock` (which the run identity ignores)."""
+    command = f"python run.py recipe={run_dir.resolve()}/recipe.lock.yaml"
+    header = (
+        "# @package _global_\n"
+        f"# Lock file of run {identity}: its group options and resolved config, with the\n"
+        "# package versions, data fingerprint and code version it ran with. Reproduces the run\n"
+        "# (here or on another machine) in a fresh output directory:\n"
+        f"#   {command} paths.output_dir=<fresh dir>\n"
+    )
+    body: dict[str, Any] = {"defaults": [{f"override /{g}": c} for g, c in group_choices().items()]}
+    body |= lock_body(config)
+    body["lock"] = {
         "run_id": identity,
         "data_fingerprint": data_fingerprint,
         "packages": package_versions(),
         "python": platform.python_version(),
         "code_version": _git_commit(),
-        "config": config,
     }
-    (run_dir / "recipe.lock.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(lock)))
+    return header + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+def group_choices() -> dict[str, Any]:
+    """The config group options this run was composed from (recipe and sweep files resolved)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    left_out = ("recipe", "sweep")  # their keys are in the lock's resolved config
+    return {
+        group: choice
+        for group, choice in choices.items()
+        if choice is not None and not group.startswith("hydra/") and group not in left_out
+    }
+
+
+def lock_body(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys a lock sets. A pipeline's stages are composed afresh (with the lock as their
+    recipe), so its lock bakes the command's overrides into each stage and sets no group keys,
+    which would otherwise land on stages of other objectives."""
+    body = {k: v for k, v in config.items() if k not in LOCK_LEFT_OUT}
+    if (config.get("phase") or {}).get("name") != "pipeline":
+        return body
+    from lmstack.phases.pipeline import for_stage, inherited_overrides
+
+    # a repo recipe's name is kept (the code version has it); a recipe file's path is not,
+    # nor where this machine keeps things (LOCK_LEFT_OUT)
+    command = [o for o in inherited_overrides() if not _left_out_of_lock(o)]
+    objective = config["objective"]["name"]
+    stages = [
+        {
+            "name": stage["name"],
+            "overrides": [*for_stage(command, stage["overrides"], objective), *stage["overrides"]],
+        }
+        for stage in config["phase"]["stages"]
+    ]
+    body = {k: v for k, v in body.items() if not isinstance(v, dict) or k in ("verify", "export")}
+    body["phase"] = {"stages": stages}
+    return body
+
+
+def _left_out_of_lock(override: str) -> bool:
+    key = re.split(r"[.=]", override.lstrip("+~"), maxsplit=1)[0]
+    if key == "recipe":  # a file's path is left out; a repo recipe's name is kept
+        return "/" in override or override.endswith((".yaml", ".yml"))
+    return key == "phase" or key in LOCK_LEFT_OUT
 
 
 def _git_commit() -> str | None:
