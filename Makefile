@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[serve,dev]"
+	$(BIN)/pip install --quiet -e ".[serve,slurm,optuna,joblib,dev]"
 	touch $@
 
 run: install

@@ -5,12 +5,16 @@ error answers in about a second; each phase imports its heavy stack itself.
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 
+from lmstack.config.help import render_help, wants_help
 from lmstack.config.recipes import rewrite_recipe_argument
 from lmstack.config.store import register_configs
 
+if wants_help(sys.argv):  # answered from conf/ in well under a second (see config/help.py)
+    sys.exit(print(render_help(Path(__file__).parent / "conf"), end=""))
 register_configs()
 sys.argv = rewrite_recipe_argument(sys.argv)
 

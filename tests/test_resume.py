@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from conftest import REPO, run_cli, run_dirs
 
 ARGS = [
-    "trainer.max_steps=60",
-    "trainer.checkpoint_every_n_steps=10",
+    "trainer.max_steps=30",
+    "trainer.checkpoint_every_n_steps=5",
     "trainer.enable_progress_bar=false",
-    "data.train_size=160",
-    "data.batch_size=8",  # 20 batches an epoch: the kill lands mid-epoch, the run spans 3
+    "trainer.num_threads=1",
+    "data.train_size=80",
+    "data.batch_size=8",  # 10 batches an epoch: the kill lands mid-epoch, the run spans 3
     "verify.enabled=false",
     "logger=csv",
 ]

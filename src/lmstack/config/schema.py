@@ -379,6 +379,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     # 0 = torch's default
     num_threads: int = 0
+    # recompute activations in the backward pass: much less memory, ~30-50% more compute
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -457,6 +459,11 @@ class ServingConfig:
     served_model_name: str = ""
     # hf: transformers' continuous batching (paged attention); vllm always batches
     continuous_batching: bool = True
+    # hf: KV-cache blocks (256 tokens each) and tokens per batch of continuous batching;
+    # null = sized from free memory, which on a CPU means most of RAM (~14 GB for the tiny
+    # model) and every step ~20x slower; set null on GPUs to use their memory
+    cb_num_blocks: int | None = 64
+    cb_max_batch_tokens: int | None = 512
     # vllm: serve base + LoRA adapter (--enable-lora) instead of the merged model
     enable_lora: bool = False
     # extra command-line arguments appended to the engine's command
@@ -919,6 +926,7 @@ COSMETIC_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.checkpoint_every_n_steps",
     "trainer.num_threads",
+    "trainer.gradient_checkpointing",
     "data.num_workers",
     "verify.batch_size",
     "serving.host",

@@ -92,15 +92,16 @@ def collate_padded(
 
 
 def collate_preference(
-    examples: list[dict[str, dict[str, list[int]]]], pad_token_id: int
+    examples: list[dict[str, dict[str, list[int]]]], pad_token_id: int, packing: bool = False
 ) -> dict[str, torch.Tensor]:
-    """One padded batch of 2P rows: the P chosen sequences, then the P rejected ones.
+    """One batch of 2P sequences: the P chosen ones, then the P rejected ones.
 
-    Row ``i`` and row ``P + i`` are a pair, so one forward pass scores both sides.
+    Sequence ``i`` and sequence ``P + i`` are a pair, so one forward pass scores both
+    sides; as 2P padded rows, or with ``packing`` side by side in one row (padding-free).
     """
     rows = [example["chosen"] for example in examples]
     rows += [example["rejected"] for example in examples]
-    batch = collate_padded(rows, pad_token_id)
+    batch = collate_packed(rows) if packing else collate_padded(rows, pad_token_id)
     if "ref_logps" in examples[0]:  # precomputed reference log-probs travel with their pair
         batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
     return batch
@@ -116,7 +117,7 @@ class _Collator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.preference:
-            return collate_preference(examples, self.pad_token_id)
+            return collate_preference(examples, self.pad_token_id, self.packing)
         if self.packing:
             return collate_packed(examples)
         return collate_padded(examples, self.pad_token_id)
@@ -131,7 +132,7 @@ def build_train_loader(
     num_workers: int = 0,
     preference: bool = False,
 ) -> StatefulDataLoader:
-    """Resumable shuffled batches; ``preference=True`` takes pairs (packing is then ignored)."""
+    """Resumable shuffled batches; ``preference=True`` takes pairs."""
     sampler = ResumableBatchSampler(len(examples), min(batch_size, len(examples)), seed)
     return StatefulDataLoader(
         examples,

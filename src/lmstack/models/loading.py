@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +136,24 @@ def load_base(
 
     hf_logging.disable_progress_bar()  # a bar per tiny shard is noise; Lightning shows training
 
+    from lmstack.models import attention
+
     quant = quantization_config(quant_cfg)
     dtype = compute_dtype(quant_cfg) if quant is not None else DTYPES[model_cfg.dtype]
-    model = (auto_class or AutoModelForCausalLM).from_pretrained(
+    load = partial(
+        (auto_class or AutoModelForCausalLM).from_pretrained,
         path,
         revision=model_cfg.revision,
         dtype=dtype,
         quantization_config=quant,
         trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation="sdpa",
         **model_kwargs,
     )
-    return model
+    try:
+        # SDPA per sequence on packed rows (models/attention.py), SDPA itself otherwise
+        return load(attn_implementation=attention.register())
+    except ValueError:  # an architecture that takes no custom attention function
+        return load(attn_implementation="sdpa")
 
 
 def attach_adapter(
@@ -198,6 +205,9 @@ def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     tokenizer = load_tokenizer(path, cfg.model)
     base = load_base(path, cfg.model, cfg.quantization)
     model = attach_adapter(base, cfg.adapter, quantized=cfg.quantization.name != "none")
+    if getattr(getattr(cfg, "trainer", None), "gradient_checkpointing", False):
+        # non-reentrant: works with frozen inputs (LoRA) without forcing input gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
     trainable, total = count_parameters(model)
     return LoadedModel(model, tokenizer, path, trainable, total)

@@ -1,7 +1,8 @@
 """Direct Preference Optimisation (Rafailov et al. 2023) as a LightningModule.
 
-Each batch holds P pairs as 2P padded rows (chosen rows, then rejected rows; see
-`collate_preference`), scored in one forward pass by the policy and one by the
+Each batch holds P pairs as 2P sequences (chosen ones, then rejected ones; see
+`collate_preference`), packed into one padding-free row by default (`data.packing`)
+or padded, and scored in one forward pass by the policy and one by the
 reference. The reference is the policy with its adapter switched off when there is
 one (no second copy of the base weights), else a frozen copy taken at the start.
 """
@@ -14,7 +15,7 @@ import torch
 
 from lmstack.objectives import ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
-from lmstack.objectives.losses import dpo_loss, sequence_logprobs
+from lmstack.objectives.losses import dpo_loss, packed_sequence_logprobs, sequence_logprobs
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 
 
@@ -29,7 +30,7 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
             return {}
         return precompute_reference(module, pairs, loaded, config)
 
-    return preference_setup(config, loaded, rows, module, prepare)
+    return preference_setup(config, loaded, rows, module, prepare, packing=config.data.packing)
 
 
 def reference_cache_key(examples: list[dict], loaded: Any, config: Any) -> str:
@@ -80,7 +81,9 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
             print(
                 f"lmstack: reference log-probs {start}/{len(examples)} pairs", end="\r", flush=True
             )
-            batch = collate_preference(examples[start : start + batch_size], pad)
+            batch = collate_preference(
+                examples[start : start + batch_size], pad, packing=config.data.packing
+            )
             parts.append(torch.stack(module.reference_logps(batch), dim=1))
         logps = torch.cat(parts)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -106,15 +109,22 @@ class DPOModule(TrainedModelModule):
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         """``(chosen, rejected)`` log-probs of the completions, each ``(P,)``.
 
-        Summed over completion tokens, or averaged over them for ``loss=ipo``.
+        Summed over completion tokens, or averaged over them for ``loss=ipo``; from 2P padded
+        rows, or from one packed row (``position_ids`` in the batch, padding-free).
         """
         logits = model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
             use_cache=False,
         ).logits
         average = self.objective.loss == "ipo"
-        logps = sequence_logprobs(logits, batch["labels"], average=average)
+        if "position_ids" in batch:
+            logps = packed_sequence_logprobs(
+                logits, batch["labels"], batch["position_ids"], average=average
+            )
+        else:
+            logps = sequence_logprobs(logits, batch["labels"], average=average)
         return logps.chunk(2)
 
     @torch.no_grad()

@@ -112,6 +112,34 @@ def sequence_logprobs(
     return total / mask.sum(-1).clamp(min=1.0)
 
 
+def packed_sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    position_ids: Tensor,
+    average: bool = False,
+    ignore_index: int = -100,
+) -> Tensor:
+    """:func:`sequence_logprobs` of the sequences packed side by side in one row.
+
+    ``logits``, ``labels`` and ``position_ids`` are ``(1, T)`` rows (``logits`` with a vocab
+    axis) holding N sequences; each sequence starts where ``position_ids`` is 0, and its first
+    label must be ``ignore_index`` (as `collate_packed` makes it), so no token is scored from
+    the previous sequence. ``out[n]`` sums (or averages) the log-probs of sequence n's tokens.
+
+    Returns:
+        ``(N,)`` tensor, in packing order.
+    """
+    logps, mask = token_logprobs(logits, labels, ignore_index)
+    # sequence index of each shifted label position t + 1
+    sequence = ((position_ids[0] == 0).cumsum(0) - 1)[1:]
+    count = int((position_ids[0] == 0).sum())
+    total = logps.new_zeros(count).index_add(0, sequence, logps[0])
+    if not average:
+        return total
+    tokens = mask.new_zeros(count).index_add(0, sequence, mask[0])
+    return total / tokens.clamp(min=1.0)
+
+
 def dpo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,

@@ -18,9 +18,15 @@ def encode_pairs(items: list[dict], tokenizer: Any, max_length: int) -> list[dic
 
 
 def preference_setup(
-    config: Any, loaded: Any, rows: Any, module: Any, prepare: Callable | None = None
+    config: Any,
+    loaded: Any,
+    rows: Any,
+    module: Any,
+    prepare: Callable | None = None,
+    packing: bool = False,
 ) -> ObjectiveSetup:
-    """Loaders of preference pairs, batched as all chosen rows then all rejected rows.
+    """Loaders of preference pairs, batched as all chosen rows then all rejected rows
+    (``packing``: all in one padding-free row).
 
     ``prepare(pairs) -> metrics`` may annotate the encoded pairs first (DPO attaches
     precomputed reference log-probs)."""
@@ -35,9 +41,9 @@ def preference_setup(
     return ObjectiveSetup(
         module=module,
         train_loader=build_train_loader(
-            train, data.batch_size, False, config.seed, pad, data.num_workers, preference=True
+            train, data.batch_size, packing, config.seed, pad, data.num_workers, preference=True
         ),
-        eval_loader=build_eval_loader(held_out, data.batch_size, False, pad, preference=True)
+        eval_loader=build_eval_loader(held_out, data.batch_size, packing, pad, preference=True)
         if held_out
         else None,
         train_examples=len(train),

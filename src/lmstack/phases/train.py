@@ -93,6 +93,7 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lmstack.slurm import trainer_callbacks, trainer_plugins
     from lmstack.tracking.loggers import build_logger
 
     trainer_cfg = ctx.config.trainer
@@ -117,7 +118,9 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         enable_model_summary=False,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[checkpoint],
+        # under Slurm: save last.ckpt and requeue on the requeue signal (lmstack/slurm.py)
+        callbacks=[checkpoint, *trainer_callbacks(ctx.run_dir)],
+        plugins=trainer_plugins(),
         default_root_dir=str(ctx.run_dir),
     )
     return trainer, logger

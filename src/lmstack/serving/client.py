@@ -31,6 +31,9 @@ class LoadSettings:
     timeout_s: float = 300.0
     seed: int = 0
     prompt_version: str | None = None
+    # sent as X-Lmstack-Request-Tag: the tracing gateway records it ("warmup" is left
+    # out of reports)
+    tag: str | None = None
 
 
 def request_body(request: dict[str, Any], endpoint: Endpoint, settings: LoadSettings) -> dict:
@@ -67,6 +70,10 @@ def headers_for(endpoint: Endpoint, settings: LoadSettings) -> dict[str, str]:
     headers = {"Authorization": f"Bearer {endpoint.api_key}"}
     if settings.prompt_version:
         headers[PROMPT_VERSION_HEADER] = settings.prompt_version
+    if settings.tag:
+        from lmstack.serving.gateway import REQUEST_TAG_HEADER
+
+        headers[REQUEST_TAG_HEADER] = settings.tag
     return headers
 
 

@@ -134,6 +134,10 @@ def engine_command(serving: Any, model_path: str, port: int) -> list[str]:
         command.append(
             "--continuous-batching" if serving.continuous_batching else "--no-continuous-batching"
         )
+        if serving.continuous_batching and serving.cb_num_blocks:
+            command += ["--cb-num-blocks", str(serving.cb_num_blocks)]
+        if serving.continuous_batching and serving.cb_max_batch_tokens:
+            command += ["--cb-max-batch-tokens", str(serving.cb_max_batch_tokens)]
         if serving.quantization != "none":
             command += [
                 "--quantization",
@@ -184,7 +188,7 @@ def _engine(
         command = engine_command(serving, base, port) + lora_flags
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"engine-{serving.name}.log"
-    process = _start(command, log_path)
+    process = start_process(command, log_path)
     base_url = f"http://{serving.host}:{port}"
     try:
         print(
@@ -255,13 +259,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _start(command: list[str], log_path: Path) -> subprocess.Popen:
-    """The engine in its own session (a terminal's Ctrl-C reaches lmstack, which stops it),
-    and told by the kernel to exit if lmstack dies without stopping it."""
+def start_process(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """A server (engine or gateway) in its own session, so a terminal's Ctrl-C reaches lmstack,
+    which stops it; and told by the kernel to exit if lmstack dies without stopping it."""
     log = open(log_path, "ab")  # noqa: SIM115 - the child writes it for its whole life
     log.write(f"$ {shlex.join(command)}\n".encode())
     log.flush()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
     try:
         return subprocess.Popen(
             command,
@@ -273,7 +284,7 @@ def _start(command: list[str], log_path: Path) -> subprocess.Popen:
             preexec_fn=_exit_with_parent,
         )
     except FileNotFoundError as error:
-        raise EngineError(f"serving: cannot start the engine ({error})") from None
+        raise EngineError(f"serving: cannot start {command[0]} ({error})") from None
     finally:
         log.close()
 
@@ -287,7 +298,11 @@ def _exit_with_parent() -> None:
 
 
 def wait_until_healthy(
-    process: subprocess.Popen, health_url: str, timeout_s: float, log_path: Path
+    process: subprocess.Popen,
+    health_url: str,
+    timeout_s: float,
+    log_path: Path,
+    what: str = "the engine",
 ) -> None:
     import httpx
 
@@ -295,7 +310,7 @@ def wait_until_healthy(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise EngineError(
-                f"serving: the engine exited with code {process.returncode} before it was "
+                f"serving: {what} exited with code {process.returncode} before it was "
                 f"healthy; its last log lines ({log_path}):\n{log_tail(log_path)}"
             )
         with contextlib.suppress(httpx.HTTPError):
@@ -303,7 +318,7 @@ def wait_until_healthy(
                 return
         time.sleep(HEALTH_POLL_S)
     raise EngineError(
-        f"serving.startup_timeout_s: the engine was not healthy at {health_url} after "
+        f"serving.startup_timeout_s: {what} was not healthy at {health_url} after "
         f"{timeout_s:g} s; its last log lines ({log_path}):\n{log_tail(log_path)}"
     )
 

@@ -1,0 +1,197 @@
+"""SFT + LoRA: lmstack (`python run.py ...`, as users run it) against TRL's SFTTrainer.
+
+Same model (a ~21M-parameter random Llama with lmstack's tokenizer), same rows,
+batch size, max sequence length, LoRA settings and precision (float32, CPU),
+one epoch each; everything else on each side's defaults. TRL also runs with its
+documented speed options (padding_free, packing). Figures: real (non-pad)
+tokens per second of the training loop, peak RSS of the process, and model-FLOPs
+utilisation against this machine's measured matmul rate.
+
+    .venv/bin/python benchmarks/sft.py                       # ~10 min on 2 busy cores
+    .venv/bin/python benchmarks/sft.py --rows 64 --repeats 1 # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+TRL_VARIANTS = {
+    "default": {},
+    # TRL refuses padding_free with max_length unless it packs; the rows fit max_length anyway
+    "padding_free": {"padding_free": True, "max_length": None},
+    "packing": {"packing": True},
+}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lmstack_side(
+    model: Path, data: Path, args, case: common.DataCase, tokens: int, checkpointing: bool
+):
+    """lmstack's own command line; train/seconds is its Lightning fit time."""
+    overrides = [
+        f"trainer.gradient_checkpointing={str(checkpointing).lower()}",
+        "model=hf",
+        f"model.name_or_path={model}",
+        "data=jsonl",
+        f"data.path={data}",
+        "data.eval_fraction=0",
+        f"data.batch_size={args.batch_size}",
+        f"data.max_length={case.max_length}",
+        f"trainer.max_steps={args.rows // args.batch_size}",
+        f"adapter.r={LORA['r']}",
+        f"adapter.alpha={LORA['alpha']}",
+        f"adapter.dropout={LORA['dropout']}",
+        "verify.enabled=false",
+    ]
+
+    def run() -> dict[str, float]:
+        metrics, child = common.run_lmstack(overrides, args.threads)
+        seconds = metrics["train/seconds"]
+        return {
+            "tokens": tokens,
+            "train_s": seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_rss_mb": child.peak_rss_mb,
+        }
+
+    return run
+
+
+def trl_side(model: Path, data: Path, args, case: common.DataCase, variant: str):
+    options = ["--model", str(model), "--data", str(data), "--batch-size", str(args.batch_size)]
+    options += ["--max-length", str(case.max_length)]
+    return common.child_side(__file__, variant, options, args.threads)
+
+
+def trl_child(args) -> None:
+    """One TRL SFTTrainer run, on its defaults but for the shared settings."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = common.conversational(common.read_rows(Path(args.data)))
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            num_train_epochs=1,
+            bf16=False,  # float32 on both sides
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+            save_strategy="no",
+            **{"max_length": args.max_length, **TRL_VARIANTS[args.child]},
+        )
+        peft_config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        trainer = SFTTrainer(
+            model=args.model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(args.model),
+            peft_config=peft_config,
+        )
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        result = trainer.train()
+    figures = {"tokens": tokens, "train_s": result.metrics["train_runtime"]}
+    print("BENCH_RESULT " + json.dumps(figures), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=128, help="training rows (one epoch)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cases", default="chat,mixed", help=f"of {', '.join(common.DATA_CASES)}")
+    parser.add_argument("--trl", default="default,padding_free", help="TRL variants to run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run lmstack with trainer.gradient_checkpointing=true",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, on every side")
+    parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure it")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return trl_child(args)
+    compare(args)
+
+
+def compare(args) -> None:
+    from hardware import matmul_gflops
+    from transformers import AutoTokenizer
+
+    model = common.build_model()
+    params = common.parameter_count(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    peak = args.peak_gflops or matmul_gflops(args.threads)
+    print(f"model: {params / 1e6:.1f}M parameters ({model.name}); matmul peak {peak:.1f} GFLOP/s")
+    results, rows_out = {}, []
+    for name in args.cases.split(","):
+        case = common.DATA_CASES[name]
+        data = common.write_rows(case, args.rows, "sft", tokenizer)
+        tokens = common.lmstack_token_count(common.read_rows(data), tokenizer, case.max_length)
+        print(f"\ncase {name}: {args.rows} rows, {tokens} tokens, batch {args.batch_size}")
+        sides = [common.Side("lmstack", lmstack_side(model, data, args, case, tokens, False))]
+        if args.checkpointing:  # TRL's default has it on; lmstack's has it off
+            side = lmstack_side(model, data, args, case, tokens, True)
+            sides.append(common.Side("lmstack +ckpt", side))
+        sides += [
+            common.Side(f"trl {v}", trl_side(model, data, args, case, v))
+            for v in args.trl.split(",")
+        ]
+        common.interleaved(sides, args.repeats)
+        medians = {side.name: common.medians(side) for side in sides}
+        rows_out += common.comparison_rows(name, medians, params, peak)
+        results[name] = {
+            "rows": args.rows,
+            "tokens": tokens,
+            "max_length": case.max_length,
+            "medians": medians,
+            "samples": {side.name: side.samples for side in sides},
+        }
+    common.print_table(
+        f"SFT + LoRA, median of {args.repeats} (threads={args.threads})",
+        rows_out,
+        common.TABLE_COLUMNS,
+    )
+    common.write_results(
+        "sft",
+        {
+            "params": params,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "peak_gflops": peak,
+            "lora": LORA,
+            "versions": common.versions("torch", "transformers", "trl", "peft", "lightning"),
+            "table": rows_out,
+            "cases": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

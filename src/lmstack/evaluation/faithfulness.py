@@ -1,0 +1,116 @@
+"""Faithfulness of context-grounded answers, on a small context-QA set of the built-in task.
+
+Each item gives a context passage (the problem's facts plus a distractor fact about someone
+else) and a question about it. An answer is *supported* by its context when
+
+- it states a final answer ("The answer is N"),
+- every equation "a op b = c" in it uses numbers that appear in the context, computed right,
+- and N is the result of one of those equations (or a number of the context itself).
+
+So an answer that invents a number, miscalculates, or states a result it never derived is
+unsupported; one that uses the distractor's numbers is supported but wrong, which is why
+correctness is reported beside the support rate. With method=judge the LLM judge reads
+context and answer instead (conf/prompt/judge_faithfulness.yaml).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from lmstack.data import arith
+
+EQUATION = re.compile(r"(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)")
+NUMBER = re.compile(r"-?\d+")
+SUPPORTED = re.compile(r"\[\[\s*(yes|no)\s*\]\]", re.IGNORECASE)
+
+
+def context_qa_set(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Items {context, question, answer}: the problem's own sentence and a distractor."""
+    rng = random.Random(f"faithfulness-{seed}")
+    items = []
+    for problem in arith.problems(count, seed + 11, held_out=True):
+        other = rng.choice([n for n in arith.NAMES if n != problem.name])
+        item = rng.choice([i for i in arith.ITEMS if i != problem.item])
+        verb = "gets" if problem.op == "+" else "gives away"
+        facts = [
+            f"{problem.name} has {problem.a} {problem.item} and {verb} {problem.b}"
+            + (" more." if problem.op == "+" else "."),
+            f"{other} has {rng.randint(0, arith.MAX_OPERAND)} {item}.",
+        ]
+        rng.shuffle(facts)
+        ask = "now" if problem.op == "+" else "left"
+        question = f"How many {problem.item} does {problem.name} have {ask}?"
+        items.append({"context": " ".join(facts), "question": question, "answer": problem.answer})
+    return items
+
+
+def prompt_fields(item: dict[str, Any]) -> dict[str, Any]:
+    """What the prompt template's {question} becomes: the context, then the question."""
+    return {"question": f"{item['context']} {item['question']}"}
+
+
+def supported(answer: str, context: str) -> bool:
+    """The deterministic support check (see the module docstring)."""
+    stated = arith.extract_answer(answer)
+    if stated is None:
+        return False
+    facts = {int(n) for n in NUMBER.findall(context)}
+    results = set()
+    for a, op, b, c in EQUATION.findall(answer):
+        a, b, c = int(a), int(b), int(c)
+        if a not in facts or b not in facts or c != (a + b if op == "+" else a - b):
+            return False
+        results.add(c)
+    return stated in results or stated in facts
+
+
+def report(items: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
+    support = [supported(answer, item["context"]) for item, answer in zip(items, answers)]
+    correct = [arith.verify(answer, item["answer"]) for item, answer in zip(items, answers)]
+    n = max(1, len(items))
+    return {
+        "support_rate": sum(support) / n,
+        "correct_rate": sum(correct) / n,
+        "supported_but_wrong": sum(s and not c for s, c in zip(support, correct)) / n,
+        "n": len(items),
+        "examples": [
+            {**item, "response": answer, "supported": s}
+            for item, answer, s in list(zip(items, answers, support))[:3]
+        ],
+    }
+
+
+def judge_report(
+    items: list[dict[str, Any]], answers: list[str], endpoint: Any, judge_cfg: Any
+) -> dict[str, Any]:
+    """Support decided by the LLM judge ([[yes]] / [[no]]); unparseable replies counted."""
+    from lmstack.evaluation.judge import ask
+    from lmstack.evaluation.target import run_concurrently
+    from lmstack.prompts import load_prompt, prompt_version, render_messages
+
+    rubric = load_prompt("judge_faithfulness")
+    version = prompt_version(rubric)
+    replies = run_concurrently(
+        [
+            lambda i=item, a=answer: ask(
+                endpoint,
+                render_messages(rubric, {**i, "response": a}),
+                version,
+                judge_cfg.max_tokens,
+            )
+            for item, answer in zip(items, answers)
+        ],
+        judge_cfg.concurrency,
+    )
+    verdicts = [SUPPORTED.search(reply) for reply in replies]
+    parsed = [v.group(1).lower() == "yes" for v in verdicts if v]
+    return {
+        "support_rate": sum(parsed) / len(parsed) if parsed else None,
+        "correct_rate": sum(arith.verify(a, i["answer"]) for i, a in zip(items, answers))
+        / max(1, len(items)),
+        "n": len(items),
+        "parse_failures": len(items) - len(parsed),
+        "prompt_version": version,
+    }

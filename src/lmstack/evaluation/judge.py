@@ -1,0 +1,368 @@
+"""LLM-as-judge through any OpenAI-compatible endpoint: grading, pairwise verdicts, calibration.
+
+- Single-answer grading: the rubric (conf/prompt/judge_single.yaml) asks for "Rating: [[N]]",
+  N in 1..10, reported as N/10.
+- Pairwise: conf/prompt/judge_pairwise.yaml asks for [[A]], [[B]] or [[C]] (tie). Every pair is
+  judged in both orders; a verdict that flips with the order counts as a tie (Zheng et al. 2023).
+- Answers that cannot be parsed are counted and reported, never dropped: a pair with an
+  unparseable verdict is "unparsed", which agrees with no label.
+- Calibration on a labelled set reports agreement, Cohen's kappa, the position-bias rate (share
+  of order-inconsistent pairs among those judged in both orders) and the length bias (how much
+  more often the judge's verdicts, each order on its own, pick the longer answer than the
+  labels do).
+
+An endpoint that cannot be reached fails the whole evaluation with an LmstackError: no partial
+set of verdicts is passed off as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmstack.data import arith
+from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.prompts import PROMPT_VERSION_HEADER, load_prompt, prompt_version, render_messages
+
+RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]|Rating:\s*(\d+(?:\.\d+)?)")
+VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# what a pairwise verdict means for the pair (x, y) asked as (A, B) or as (B, A)
+UNPARSED = "unparsed"
+
+
+@dataclass
+class JudgeEndpoint:
+    base_url: str
+    model: str
+    api_key: str = "EMPTY"
+    timeout_s: float = 60.0
+    max_retries: int = 1
+
+
+def connect(judge_cfg: Any, served: Any = None) -> JudgeEndpoint:
+    """The judge's endpoint: eval.judge.base_url, or the served model under test."""
+    if judge_cfg.base_url:
+        base_url = judge_cfg.base_url.rstrip("/")
+        api_key = os.environ.get(judge_cfg.api_key_env, "") if judge_cfg.api_key_env else ""
+        if judge_cfg.api_key_env and not api_key:
+            raise ConfigError(
+                f"eval.judge.api_key_env: the environment variable {judge_cfg.api_key_env} "
+                "is not set"
+            )
+        model = judge_cfg.model or first_model(base_url, api_key or "EMPTY", judge_cfg.timeout_s)
+        return JudgeEndpoint(
+            base_url, model, api_key or "EMPTY", judge_cfg.timeout_s, judge_cfg.max_retries
+        )
+    if served is None:
+        raise ConfigError(
+            "eval.judge.base_url: no judge endpoint; give one (…/v1) or let the served model "
+            "judge (leave it empty with a `serving` group that starts one)"
+        )
+    return JudgeEndpoint(
+        served.base_url.rstrip("/"),
+        judge_cfg.model or served.model,
+        served.api_key,
+        judge_cfg.timeout_s,
+        judge_cfg.max_retries,
+    )
+
+
+def first_model(base_url: str, api_key: str, timeout_s: float) -> str:
+    import httpx
+
+    url = f"{base_url}/models"
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise LmstackError(
+            f"eval.judge.base_url: the judge at {url} cannot be reached ({error}); "
+            "no judge results were written"
+        ) from None
+    models = response.json().get("data", []) if response.status_code == 200 else []
+    if not models:
+        raise LmstackError(
+            f"eval.judge.model: {url} lists no model (HTTP {response.status_code}); "
+            "name one with eval.judge.model"
+        )
+    return models[0]["id"]
+
+
+def ask(endpoint: JudgeEndpoint, messages: list[dict[str, str]], version: str, max_tokens: int):
+    """The judge's reply text (greedy). Unreachable or failing after retries: LmstackError."""
+    import httpx
+
+    url = f"{endpoint.base_url}/chat/completions"
+    body = {
+        "model": endpoint.model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
+    headers = {"Authorization": f"Bearer {endpoint.api_key}", PROMPT_VERSION_HEADER: version}
+    problem = ""
+    for _ in range(endpoint.max_retries + 1):
+        try:
+            response = httpx.post(url, json=body, headers=headers, timeout=endpoint.timeout_s)
+        except httpx.HTTPError as error:
+            problem = f"cannot be reached ({type(error).__name__}: {error})"
+            continue
+        if response.status_code < 400:
+            try:
+                return response.json()["choices"][0]["message"]["content"] or ""
+            except (ValueError, KeyError, IndexError, TypeError):
+                problem = f"answered something that is not a chat completion: {response.text[:200]}"
+                continue
+        problem = f"answered HTTP {response.status_code}: {response.text[:200]}"
+        if response.status_code < 500:
+            break
+    raise LmstackError(
+        f"eval.judge.base_url: the judge at {url} {problem}; no judge results were written"
+    )
+
+
+def parse_rating(text: str) -> float | None:
+    """N/10 for "Rating: [[N]]" with N in 1..10; None when there is no such rating."""
+    match = RATING.search(text)
+    if not match:
+        return None
+    value = float(match.group(1) or match.group(2))
+    return value / 10 if 1 <= value <= 10 else None
+
+
+def parse_verdict(text: str) -> str | None:
+    """ "A", "B" or "C" (tie); None when the reply holds no verdict or contradicts itself."""
+    found = set(VERDICT.findall(text))
+    return found.pop() if len(found) == 1 else None
+
+
+def grade(
+    endpoint: JudgeEndpoint,
+    rubric: Any,
+    items: list[dict[str, Any]],
+    max_tokens: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """Single-answer grades of items {question, answer, reference}."""
+    from lmstack.evaluation.target import run_concurrently
+
+    version = prompt_version(rubric)
+    replies = run_concurrently(
+        [
+            lambda item=item: ask(endpoint, render_messages(rubric, item), version, max_tokens)
+            for item in items
+        ],
+        concurrency,
+    )
+    ratings = [parse_rating(reply) for reply in replies]
+    parsed = [r for r in ratings if r is not None]
+    return {
+        "ratings": ratings,
+        "replies": replies,
+        "score": sum(parsed) / len(parsed) if parsed else None,
+        "n": len(items),
+        "parse_failures": len(items) - len(parsed),
+        "prompt_version": version,
+    }
+
+
+def compare(
+    endpoint: JudgeEndpoint,
+    template: Any,
+    pairs: list[dict[str, Any]],
+    max_tokens: int,
+    concurrency: int,
+) -> list[dict[str, Any]]:
+    """Each pair {question, x, y} judged as (A=x, B=y) and as (A=y, B=x).
+
+    `winner` is "x", "y", "tie" or "unparsed"; `consistent` is whether both orders agreed
+    (None when either verdict could not be parsed)."""
+    from lmstack.evaluation.target import run_concurrently
+
+    version = prompt_version(template)
+    calls = []
+    for pair in pairs:
+        for first, second in (("x", "y"), ("y", "x")):
+            fields = {
+                "question": pair["question"],
+                "answer_a": pair[first],
+                "answer_b": pair[second],
+            }
+            messages = render_messages(template, fields)
+            calls.append(lambda m=messages: ask(endpoint, m, version, max_tokens))
+    replies = run_concurrently(calls, concurrency)
+    results = []
+    for index, pair in enumerate(pairs):
+        forward, backward = replies[2 * index], replies[2 * index + 1]
+        first = _as_xy(parse_verdict(forward), ("x", "y"))
+        second = _as_xy(parse_verdict(backward), ("y", "x"))
+        results.append(
+            {
+                **pair,
+                "verdicts": [first, second],
+                "replies": [forward, backward],
+                "winner": _combine(first, second),
+                "consistent": None if UNPARSED in (first, second) else first == second,
+                "prompt_version": version,
+            }
+        )
+    return results
+
+
+def _as_xy(verdict: str | None, order: tuple[str, str]) -> str:
+    if verdict is None:
+        return UNPARSED
+    return {"A": order[0], "B": order[1], "C": "tie"}[verdict]
+
+
+def _combine(first: str, second: str) -> str:
+    if UNPARSED in (first, second):
+        return UNPARSED
+    return first if first == second else "tie"
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def verbose(solution: str) -> str:
+    """The same solution in more words: length without substance."""
+    return f"Let me work this out step by step. {solution} I checked the sum twice."
+
+
+def builtin_calibration_set(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Labelled pairs for the arithmetic task: the right solution against a wrong one
+    (arith.wrong_solution), in random order; one side, drawn at random, made verbose, so
+    length says nothing about the label and a judge that follows length shows it.
+    A "wrong" solution that still states the right number (3 + 0 for "gives away 0") is
+    drawn again: its label would be arguable."""
+    rng = random.Random(f"judge-calibration-{seed}")
+    rows = []
+    for problem in arith.problems(count, seed + 7, held_out=True):
+        right, wrong = problem.solution(), arith.wrong_solution(problem, rng)
+        while arith.extract_answer(wrong) == problem.answer:
+            wrong = arith.wrong_solution(problem, rng)
+        if rng.random() < 0.5:
+            right = verbose(right)
+        else:
+            wrong = verbose(wrong)
+        right_first = rng.random() < 0.5
+        rows.append(
+            {
+                "question": problem.question,
+                "x": right if right_first else wrong,
+                "y": wrong if right_first else right,
+                "label": "x" if right_first else "y",
+            }
+        )
+    return rows
+
+
+def load_calibration_set(spec: str, count: int) -> list[dict[str, Any]]:
+    """ "builtin", or a jsonl of {question, answer_a, answer_b, label: A|B|tie}."""
+    if spec == "builtin":
+        return builtin_calibration_set(count)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"eval.judge.calibration_set: no file '{spec}' (or use 'builtin')")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = {"A": "x", "B": "y", "tie": "tie"}[row["label"]]
+            rows.append(
+                {
+                    "question": row["question"],
+                    "x": row["answer_a"],
+                    "y": row["answer_b"],
+                    "label": label,
+                }
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(
+                f"{path}:{number}: a calibration row needs question, answer_a, answer_b and "
+                f"label (A, B or tie) ({type(error).__name__}: {error})"
+            ) from None
+    if not rows:
+        raise DataError(f"{path}: no calibration rows")
+    return rows[:count]
+
+
+def cohen_kappa(labels: list[str], predictions: list[str]) -> float | None:
+    """(p_o - p_e) / (1 - p_e) over the categories either side uses."""
+    n = len(labels)
+    if n == 0:
+        return None
+    p_o = sum(a == b for a, b in zip(labels, predictions)) / n
+    categories = set(labels) | set(predictions)
+    p_e = sum((labels.count(c) / n) * (predictions.count(c) / n) for c in categories)
+    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def _longer(pair: dict[str, Any], side: str) -> bool | None:
+    """Whether `side` holds the longer answer (None for equal lengths or no side)."""
+    if side not in ("x", "y") or len(pair["x"]) == len(pair["y"]):
+        return None
+    other = "y" if side == "x" else "x"
+    return len(pair[side]) > len(pair[other])
+
+
+def _rate(flags: list[bool | None]) -> float | None:
+    known = [f for f in flags if f is not None]
+    return sum(known) / len(known) if known else None
+
+
+def calibration_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Agreement, Cohen's kappa, position-bias rate and length bias of judged labelled pairs."""
+    labels = [r["label"] for r in results]
+    winners = [r["winner"] for r in results]
+    both_parsed = [r for r in results if r["consistent"] is not None]
+    single_verdicts = [v for r in results for v in r["verdicts"]]
+    # length bias from the single-order verdicts: an order-inconsistent judge's final
+    # verdicts are ties, which would hide how its raw picks follow length
+    judge_longer = _rate([_longer(r, v) for r in results for v in r["verdicts"]])
+    label_longer = _rate([_longer(r, r["label"]) for r in results])
+    # first position: verdict 0 asked x first, verdict 1 asked y first
+    first_picks = [
+        (r["verdicts"][0] == "x", r["verdicts"][1] == "y")
+        for r in results
+        if UNPARSED not in r["verdicts"]
+    ]
+    return {
+        "n": len(results),
+        "agreement": sum(w == label for w, label in zip(winners, labels)) / len(results),
+        "kappa": cohen_kappa(labels, winners),
+        "position_bias_rate": (
+            sum(not r["consistent"] for r in both_parsed) / len(both_parsed)
+            if both_parsed
+            else None
+        ),
+        "first_position_rate": (
+            sum(a + b for a, b in first_picks) / (2 * len(first_picks)) if first_picks else None
+        ),
+        "length_bias": (
+            judge_longer - label_longer
+            if judge_longer is not None and label_longer is not None
+            else None
+        ),
+        "longer_picked_rate": judge_longer,
+        "longer_labelled_rate": label_longer,
+        "ties": winners.count("tie"),
+        "parse_failures": single_verdicts.count(UNPARSED),
+        "pairs_unparsed": winners.count(UNPARSED),
+    }
+
+
+def calibrate(endpoint: JudgeEndpoint, judge_cfg: Any) -> tuple[dict[str, Any], list[dict]]:
+    """The judge on the labelled set: the four figures (plus counts) and every verdict."""
+    template = load_prompt(judge_cfg.pairwise_prompt)
+    pairs = load_calibration_set(judge_cfg.calibration_set, judge_cfg.calibration_size)
+    results = compare(endpoint, template, pairs, judge_cfg.max_tokens, judge_cfg.concurrency)
+    figures = calibration_figures(results)
+    figures["prompt_version"] = prompt_version(template)
+    return figures, results

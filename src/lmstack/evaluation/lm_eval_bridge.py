@@ -1,0 +1,223 @@
+"""lm-evaluation-harness through its Python API, in process or against a served endpoint.
+
+lmstack's own tasks (`lmstack_arith_gen`, `lmstack_arith_mc`) ship as task YAMLs in
+`lm_eval_tasks/`; their data is generated locally from the built-in task and written, with a
+task file that includes the shipped one, to `<cache_dir>/lm_eval_tasks/v<N>/`, so they load
+offline (`dataset_path: json` + `data_files`). Any other harness task works where its data is
+reachable. In process the harness gets the loaded model object (HFLM); a served model goes
+through the harness's own OpenAI-compatible backends (local-chat-completions for chat
+prompts, local-completions for raw text).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from lmstack.data import arith
+from lmstack.errors import ConfigError, LmstackError
+
+log = logging.getLogger(__name__)
+
+SHIPPED_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
+# bump when the generated data changes: results of two versions are never mixed
+DATA_VERSION = 1
+TASK_SIZE = 200
+TASK_SEED = 12345
+
+
+def task_rows(count: int = TASK_SIZE, seed: int = TASK_SEED) -> list[dict[str, Any]]:
+    """Held-out problems with the right solution among three distinct wrong ones."""
+    rng = random.Random(f"lm-eval-{seed}")
+    rows = []
+    for problem in arith.problems(count, seed, held_out=True):
+        right = problem.solution()
+        choices = {right}
+        while len(choices) < 4:
+            choices.add(arith.wrong_solution(problem, rng))
+        ordered = sorted(choices - {right})
+        ordered.insert(rng.randrange(4), right)
+        rows.append(
+            {
+                "question": problem.question,
+                "answer": str(problem.answer),
+                "solution": right,
+                "choices": ordered,
+                "label": ordered.index(right),
+            }
+        )
+    return rows
+
+
+def local_task_dir(cache_dir: str) -> Path:
+    """The folder of lmstack's task files with absolute data paths (written once)."""
+    target = Path(cache_dir) / "lm_eval_tasks" / f"v{DATA_VERSION}"
+    data = target / "arith_test.jsonl"
+    if not data.is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        staging = data.with_suffix(".partial")
+        staging.write_text("".join(json.dumps(row) + "\n" for row in task_rows()))
+        staging.replace(data)
+    for shipped in sorted(SHIPPED_TASKS.glob("*.yaml")):
+        task_file = target / shipped.name
+        text = (
+            f"# written by lmstack: {shipped.name} with its local data file\n"
+            f"include: {shipped}\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        )
+        if not task_file.is_file() or task_file.read_text() != text:
+            task_file.write_text(text)
+    return target
+
+
+def task_manager(tasks: list[str], include_paths: list[str], cache_dir: str):
+    """A TaskManager that knows every requested task, or a ConfigError listing where the
+    tasks were looked for. The harness's own (thousands of) tasks are indexed only when a
+    requested task is not among lmstack's and the include paths'."""
+    from lm_eval.tasks import TaskManager
+
+    for path in include_paths:
+        if not Path(path).is_dir():
+            raise ConfigError(f"eval.lm_eval.include_paths: '{path}' is not a folder")
+    paths = [str(local_task_dir(cache_dir)), *include_paths]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if all(task in manager.all_tasks for task in tasks):
+        return manager
+    manager = TaskManager(include_path=paths, include_defaults=True)
+    missing = [task for task in tasks if task not in manager.all_tasks]
+    if missing:
+        import lm_eval.tasks
+
+        searched = [*paths, f"{Path(lm_eval.tasks.__file__).parent} (the harness's own tasks)"]
+        hints = []
+        for task in missing:
+            close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+            hints.append(f"'{task}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(
+            f"eval.lm_eval.tasks: unknown task {'; '.join(hints)}. Looked in: "
+            + "; ".join(searched)
+            + ". Add a folder of task YAMLs with eval.lm_eval.include_paths=[...]"
+        )
+    return manager
+
+
+def output_types(manager: Any, tasks: list[str]) -> dict[str, str]:
+    """task name -> output_type (generate_until, multiple_choice, ...), for leaf tasks."""
+    loaded = manager.load(tasks)
+    return {name: task.OUTPUT_TYPE for name, task in loaded["tasks"].items()}
+
+
+def evaluate_in_process(local: Any, lm_cfg: Any, cache_dir: str, seed: int) -> dict[str, Any]:
+    """The harness on the loaded model object (base + adapter, any quantization)."""
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(list(lm_cfg.tasks), list(lm_cfg.include_paths), cache_dir)
+    model = HFLM(
+        pretrained=local.model,
+        tokenizer=local.tokenizer,
+        batch_size=lm_cfg.batch_size,
+        max_length=local.model.config.max_position_embeddings,
+    )
+    return _evaluate(model, manager, lm_cfg, seed)
+
+
+def evaluate_served(
+    endpoint: Any, tokenizer_path: str, lm_cfg: Any, cache_dir: str, seed: int, concurrency: int
+) -> dict[str, Any]:
+    """The harness's OpenAI-compatible backends against a served model.
+
+    Chat prompts (`apply_chat_template`) go to /chat/completions, which cannot score
+    log-likelihoods: multiple-choice tasks are refused with a clear message, not skipped.
+    """
+    from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
+
+    manager = task_manager(list(lm_cfg.tasks), list(lm_cfg.include_paths), cache_dir)
+    types = output_types(manager, list(lm_cfg.tasks))
+    scored = sorted(name for name, kind in types.items() if kind != "generate_until")
+    if scored and lm_cfg.apply_chat_template:
+        raise ConfigError(
+            f"eval.lm_eval.tasks: {', '.join(scored)} need prompt log-probabilities, which a "
+            "chat endpoint does not return; evaluate them with eval.target=in_process "
+            "(or eval.lm_eval.apply_chat_template=false on an engine whose /v1/completions "
+            "echoes logprobs)"
+        )
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"}
+    if lm_cfg.apply_chat_template:
+        model = LocalChatCompletion(
+            base_url=f"{endpoint.base_url}/chat/completions",
+            model=endpoint.model,
+            max_gen_toks=lm_cfg.max_gen_toks,
+            num_concurrent=concurrency,
+            max_retries=1,
+            header=headers,
+        )
+    else:
+        model = LocalCompletionsAPI(
+            base_url=f"{endpoint.base_url}/completions",
+            model=endpoint.model,
+            tokenizer=tokenizer_path,
+            tokenizer_backend="huggingface",
+            max_gen_toks=lm_cfg.max_gen_toks,
+            num_concurrent=concurrency,
+            max_retries=1,
+            header=headers,
+        )
+    return _evaluate(model, manager, lm_cfg, seed)
+
+
+def _evaluate(model: Any, manager: Any, lm_cfg: Any, seed: int) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
+    try:
+        results = simple_evaluate(
+            model=model,
+            tasks=list(lm_cfg.tasks),
+            task_manager=manager,
+            num_fewshot=lm_cfg.num_fewshot,
+            limit=lm_cfg.limit,
+            apply_chat_template=lm_cfg.apply_chat_template,
+            gen_kwargs={"max_gen_toks": lm_cfg.max_gen_toks},
+            bootstrap_iters=1000,
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except (ConnectionError, OSError) as error:
+        raise LmstackError(f"lm-eval could not reach the model: {error}") from None
+    return results
+
+
+def flatten(results: dict[str, Any]) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>[,<filter>]` -> value, for metrics.json and W&B."""
+    flat: dict[str, float] = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and key != "alias":
+                metric, _, filter_name = key.partition(",")
+                name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
+                flat[f"lm_eval/{task}/{name}"] = float(value)
+    return flat
+
+
+def samples_table(results: dict[str, Any], limit: int = 20) -> list[dict[str, Any]]:
+    """A few logged samples per task: prompt, target, response, score (for W&B and review)."""
+    rows = []
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples[:limit]:
+            responses = sample.get("filtered_resps") or sample.get("resps") or []
+            rows.append(
+                {
+                    "task": task,
+                    "question": sample.get("doc", {}).get("question", ""),
+                    "target": str(sample.get("target")),
+                    "response": str(responses[0] if responses else ""),
+                    "score": sample.get("exact_match", sample.get("acc")),
+                }
+            )
+    return rows

@@ -1,0 +1,232 @@
+"""The model under test: in this process (base + adapter, any quantization) or served.
+
+Both kinds answer the same request, `answers(rows, n)`: prompts rendered with the `prompt`
+group's template (chat: the model's own chat template; text: `Question: ... Answer:`),
+`n` samples each (greedy when the temperature is 0). What the user gets from a served model
+is what is measured: the served target goes through the HTTP endpoint, the prompt version in
+the `X-Lmstack-Prompt-Version` header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmstack.errors import ConfigError, LmstackError
+from lmstack.prompts import PROMPT_VERSION_HEADER, prompt_version, render_messages, render_text
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class LocalModel:
+    """A model loaded for evaluation, and what it is (for the records)."""
+
+    model: Any
+    tokenizer: Any
+    described: dict[str, Any] = field(default_factory=dict)
+
+
+def load_local_model(model_cfg: Any, quant_cfg: Any, cache_dir: str) -> LocalModel:
+    """The model group's model: a run directory's adapter on its base (quantized as the
+    `quantization` group says), a run's full or merged model, or a base folder."""
+    from lmstack.models.loading import load_base, load_tokenizer, resolve_base_path
+
+    init_from = model_cfg.init_from
+    adapter = Path(init_from) / "adapter" if init_from else None
+    if adapter is not None and (adapter / "adapter_config.json").is_file():
+        _require_finished(Path(init_from))
+        from peft import PeftModel
+
+        base_path = json.loads((adapter / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+        tokenizer = load_tokenizer(str(adapter), model_cfg)
+        base = load_base(base_path, model_cfg, quant_cfg)
+        model = PeftModel.from_pretrained(base, str(adapter))
+        described = {"path": str(init_from), "base": base_path, "adapter": str(adapter)}
+    else:
+        path = resolve_base_path(model_cfg, cache_dir)
+        tokenizer = load_tokenizer(path, model_cfg)
+        model = load_base(path, model_cfg, quant_cfg)
+        described = {"path": str(init_from or path)}
+    described["quantization"] = quant_cfg.name
+    model = _to_device(model, quant_cfg.name).eval()
+    return LocalModel(model, tokenizer, described)
+
+
+def _require_finished(run_dir: Path) -> None:
+    from lmstack.tracking.run_dir import read_json
+
+    status = (read_json(run_dir / "status.json") or {}).get("status")
+    if status != "finished":
+        raise ConfigError(f"model.init_from: the run in '{run_dir}' has not finished ({status})")
+
+
+def _to_device(model: Any, quantization: str) -> Any:
+    import torch
+
+    # bitsandbytes places quantized weights itself
+    if torch.cuda.is_available() and quantization == "none":
+        return model.to("cuda")
+    return model
+
+
+class InProcessTarget:
+    """Generation with `model.generate`, left-padded batches; seeded sampling per sample index."""
+
+    kind = "in_process"
+
+    def __init__(self, local: LocalModel, prompt: Any, chat: bool, sampling: Sampling) -> None:
+        self.local, self.prompt, self.chat, self.sampling = local, prompt, chat, sampling
+        self.described = {**local.described, "target": self.kind}
+
+    def render(self, fields: dict[str, Any]) -> str:
+        if self.chat:
+            messages = render_messages(self.prompt, fields)
+            return self.local.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return render_text(self.prompt, fields)
+
+    def answers(self, rows: list[dict[str, Any]], num_samples: int = 1) -> list[list[str]]:
+        """`num_samples` answers per row (sample k drawn with seed + k)."""
+        texts = [self.render(row) for row in rows]
+        per_sample = [self._generate(texts, self.sampling.seed + k) for k in range(num_samples)]
+        return [list(answers) for answers in zip(*per_sample)]
+
+    def _generate(self, texts: list[str], seed: int) -> list[str]:
+        import torch
+
+        model, tokenizer, sampling = self.local.model, self.local.tokenizer, self.sampling
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        sample = sampling.temperature > 0
+        extra = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sample else {}
+        answers: list[str] = []
+        try:
+            torch.manual_seed(seed)
+            for start in range(0, len(texts), sampling.batch_size):
+                batch = tokenizer(
+                    texts[start : start + sampling.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    # chat templates bring their own bos; plain text needs the tokenizer's
+                    add_special_tokens=not self.chat,
+                ).to(model.device)
+                with torch.no_grad():
+                    output = model.generate(
+                        **batch,
+                        max_new_tokens=sampling.max_new_tokens,
+                        do_sample=sample,
+                        pad_token_id=tokenizer.pad_token_id,
+                        **extra,
+                    )
+                new = output[:, batch["input_ids"].shape[1] :]
+                answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side = side
+        return [cut_at_stop(a, self.chat) for a in answers]
+
+
+def cut_at_stop(answer: str, chat: bool) -> str:
+    """Plain-text prompts run on past the answer into the next "Question:"; keep its line."""
+    return answer.strip() if chat else answer.split("\n", 1)[0].strip()
+
+
+class ServedTarget:
+    """An OpenAI-compatible endpoint: /chat/completions (chat) or /completions (text)."""
+
+    kind = "served"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        prompt: Any,
+        chat: bool,
+        sampling: Sampling,
+        api_key: str = "EMPTY",
+        described: dict[str, Any] | None = None,
+        concurrency: int = 8,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.base_url, self.model, self.prompt, self.chat = (
+            base_url.rstrip("/"),
+            model,
+            prompt,
+            chat,
+        )
+        self.sampling, self.api_key, self.concurrency = sampling, api_key, concurrency
+        self.timeout_s = timeout_s
+        self.described = {**(described or {}), "target": self.kind, "base_url": self.base_url}
+
+    def answers(self, rows: list[dict[str, Any]], num_samples: int = 1) -> list[list[str]]:
+        jobs = [(i, k) for i in range(len(rows)) for k in range(num_samples)]
+        results = run_concurrently(
+            [lambda i=i, k=k: self._one(rows[i], self.sampling.seed + k) for i, k in jobs],
+            self.concurrency,
+        )
+        out: list[list[str]] = [[] for _ in rows]
+        for (i, _), text in zip(jobs, results):
+            out[i].append(text)
+        return out
+
+    def _one(self, fields: dict[str, Any], seed: int) -> str:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.sampling.max_new_tokens,
+            "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "seed": seed,
+        }
+        if self.chat:
+            body["messages"] = render_messages(self.prompt, fields)
+            reply = post_json(f"{self.base_url}/chat/completions", body, self._headers())
+            text = reply["choices"][0]["message"]["content"] or ""
+        else:
+            body |= {"prompt": render_text(self.prompt, fields), "stop": ["\n"]}
+            reply = post_json(f"{self.base_url}/completions", body, self._headers())
+            text = reply["choices"][0]["text"] or ""
+        return cut_at_stop(text, self.chat)
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.api_key}",
+            PROMPT_VERSION_HEADER: prompt_version(self.prompt),
+        }
+
+
+def post_json(url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float = 300):
+    """One POST; an unreachable server or an error answer is an LmstackError naming the URL."""
+    import httpx
+
+    try:
+        response = httpx.post(url, json=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise LmstackError(f"{url}: the server cannot be reached ({error})") from None
+    if response.status_code >= 400:
+        raise LmstackError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def run_concurrently(calls: list[Any], concurrency: int) -> list[Any]:
+    """Results in call order; the first failure is raised (no partial results returned)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

@@ -1,0 +1,208 @@
+"""phase=report: what was served, how fast, at what cost and quality, from traces.
+
+Reads top to bottom: find the trace stores under `report.source` (one traces.sqlite,
+a run directory, or a sweep directory with one store per point) → group the traces
+per sweep point, model (run identity or artifact hash) and prompt version → per group:
+requests, errors, p50/p99 latency and TTFT, tokens, cost, format compliance,
+refusals, empty and truncated answers, SLO breaches → report.md / report.csv, PNG
+plots, metrics.json and W&B.
+
+    python run.py phase=report report.source=outputs/sweeps/<sweep> monitor=json
+
+The report always re-reads its source: traces keep arriving while a store is in use.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lmstack.errors import ConfigError, DataError
+from lmstack.phases.context import RunContext
+from lmstack.tracking.run_dir import set_status, write_json
+
+GROUP_KEYS = ("point", "model", "prompt_version")
+PERCENTILES = (50, 90, 99)
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    config, run_dir = ctx.config, ctx.run_dir
+    rows = collect_rows(Path(config.report.source), config.report.include_warmup)
+    table = summary_table(rows, config.cost, config.monitor)
+    metrics = totals(rows, config.cost, config.monitor) | {"report/groups": len(table)}
+    written = write_tables(table, run_dir, config.report.formats)
+    images = plot_table(table, rows, run_dir) if config.report.plots else {}
+    metrics["report/files"] = [str(p) for p in [*written, *images.values()]]
+    from lmstack.tracking.loggers import log_results
+
+    log_results(ctx, metrics, tables={"report/table": table}, images=images)
+    write_json(run_dir / "metrics.json", metrics)
+    set_status(run_dir, "finished")
+    print(markdown(table))
+    return metrics
+
+
+# ---- reading ----
+
+
+def collect_rows(source: Path, include_warmup: bool) -> list[dict[str, Any]]:
+    """Every trace under `source`, each tagged with its sweep point (the store's folder)."""
+    from lmstack.serving.traces import find_trace_dbs, read_traces
+
+    if not source.exists():
+        raise ConfigError(f"report.source: {source} does not exist")
+    dbs = find_trace_dbs(source)
+    if not dbs:
+        raise DataError(f"report.source: no traces.sqlite under {source}")
+    rows = []
+    for db in dbs:
+        point = "" if source.is_file() else str(db.parent.relative_to(source))
+        for row in read_traces(db, include_warmup=include_warmup):
+            rows.append({**row, "point": "" if point == "." else point, "model": model_label(row)})
+    if not rows:
+        raise DataError(f"report.source: the trace stores under {source} hold no requests")
+    return rows
+
+
+def model_label(row: dict[str, Any]) -> str:
+    """The run identity of what was served, else its folder name and artifact hash."""
+    if row.get("run_id"):
+        return row["run_id"]
+    served = row.get("served_path") or row["model"]
+    name = Path(served).name or served
+    return f"{name}@{row['artifact_hash'][:8]}" if row.get("artifact_hash") else name
+
+
+# ---- summarizing ----
+
+
+def summary_table(rows: list[dict[str, Any]], cost: Any, monitor: Any) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[key] for key in GROUP_KEYS)].append(row)
+    return [
+        dict(zip(GROUP_KEYS, key)) | group_figures(members, cost, monitor)
+        for key, members in sorted(groups.items())
+    ]
+
+
+def group_figures(rows: list[dict[str, Any]], cost: Any, monitor: Any) -> dict[str, Any]:
+    from lmstack.serving import costs, monitors
+
+    done = [row for row in rows if monitors.succeeded(row)]
+    spent = costs.summarize(rows, cost)
+    figures: dict[str, Any] = {
+        "requests": len(rows),
+        "completed": len(done),
+        "errors": len(rows) - len(done),
+        "prompt_tokens": sum(row["prompt_tokens"] or 0 for row in done),
+        "completion_tokens": sum(row["completion_tokens"] or 0 for row in done),
+    }
+    figures |= percentiles("latency_ms", [row["latency_ms"] for row in done])
+    ttfts = [row["ttft_ms"] for row in done if row["ttft_ms"] is not None]
+    figures |= percentiles("ttft_ms", ttfts)
+    figures |= {
+        "cost_usd": spent["cost/usd_total"],
+        "cost_usd_per_request": spent["cost/usd_per_request"],
+    }
+    figures |= monitors.summarize(rows, monitor)
+    return figures
+
+
+def percentiles(name: str, values: list[float]) -> dict[str, float | None]:
+    import numpy as np
+
+    if not values:
+        return {f"{name}_p{q}": None for q in PERCENTILES}
+    return {f"{name}_p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
+
+
+def totals(rows: list[dict[str, Any]], cost: Any, monitor: Any) -> dict[str, Any]:
+    """The whole source as one group: report/... and cost/... figures."""
+    from lmstack.serving import costs
+
+    figures = group_figures(rows, cost, monitor)
+    metrics = {f"report/{key}": value for key, value in figures.items()}
+    metrics |= costs.summarize(rows, cost)
+    metrics["report/prompt_versions"] = sorted({row["prompt_version"] for row in rows})
+    metrics["report/models"] = sorted({row["model"] for row in rows})
+    return metrics
+
+
+# ---- writing ----
+
+
+def write_tables(table: list[dict[str, Any]], run_dir: Path, formats: list[str]) -> list[Path]:
+    written = []
+    if "md" in formats:
+        path = run_dir / "report.md"
+        path.write_text(markdown(table) + "\n")
+        written.append(path)
+    if "csv" in formats:
+        path = run_dir / "report.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        written.append(path)
+    return written
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    columns = list(table[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+    return str(value) or "-"
+
+
+def plot_table(
+    table: list[dict[str, Any]], rows: list[dict[str, Any]], run_dir: Path
+) -> dict[str, Path]:
+    """Latency per group (p50 bar, p99 whisker), cost per request, and latency over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [" / ".join(str(row[k]) for k in GROUP_KEYS if row[k]) or "all" for row in table]
+    images = {}
+    figure, (latency, cost) = plt.subplots(1, 2, figsize=(12, 0.6 * len(table) + 2.5))
+    p50 = [row["latency_ms_p50"] or 0 for row in table]
+    p99 = [row["latency_ms_p99"] or 0 for row in table]
+    latency.barh(labels, p50, xerr=[[0] * len(p50), [b - a for a, b in zip(p50, p99)]])
+    latency.set_xlabel("latency ms (bar p50, whisker p99)")
+    cost.barh(labels, [row["cost_usd_per_request"] for row in table])
+    cost.set_xlabel("USD per request")
+    cost.set_yticks([])
+    figure.tight_layout()
+    images["report/latency_cost"] = _save(figure, run_dir / "report_latency_cost.png")
+    figure, axis = plt.subplots(figsize=(8, 4))
+    start = min(row["time"] for row in rows)
+    for label, key in zip(labels, table):
+        members = [r for r in rows if all(r[k] == key[k] for k in GROUP_KEYS)]
+        axis.plot([r["time"] - start for r in members], [r["latency_ms"] for r in members], ".")
+        axis.lines[-1].set_label(label)
+    axis.set_xlabel("seconds since the first request")
+    axis.set_ylabel("latency ms")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    images["report/latency_over_time"] = _save(figure, run_dir / "report_latency_over_time.png")
+    return images
+
+
+def _save(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

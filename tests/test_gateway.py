@@ -1,0 +1,206 @@
+"""The tracing gateway in front of a real `transformers serve` engine on the tiny model.
+
+Requests go through the real gateway process with the `openai` client; traces are
+read back from the real SQLite store. The trace store is broken on purpose (locked,
+corrupt) to show that serving goes on and the traces are written later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lmstack.config.store import register_configs
+from lmstack.launch import validate
+from lmstack.prompts import PROMPT_VERSION_HEADER
+from lmstack.serving.gateway import gateway, is_usage_only, parse_event, split_events
+from lmstack.serving.traces import TRACE_DB_NAME, TraceStore, read_traces
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+QUESTION = "Ann has 3 apples and gets 4 more. How many apples does Ann have?"
+
+
+def make_config(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return validate(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base, tmp_path_factory):
+    """One real engine for the module (no gateway): tests put their own gateways in front."""
+    from lmstack.serving.engines import serve
+
+    # a small KV cache: on CPU the engine otherwise sizes it from free RAM (GBs)
+    small_cache = "serving.extra_args=[--cb-num-blocks,64]"
+    config = make_config(f"serving.model={tiny_base}", "logger=none", small_cache)
+    log_dir = tmp_path_factory.mktemp("engine")
+    with serve(config, str(tiny_base.parent), log_dir, gateway=False) as upstream:
+        yield upstream
+
+
+def chat(endpoint, stream: bool, **extra):
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0)
+    return client.chat.completions.create(
+        model=endpoint.model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=6,
+        temperature=0.0,
+        stream=stream,
+        **extra,
+    )
+
+
+def streamed(endpoint, **extra) -> tuple[str, str, object]:
+    """Text, finish reason and usage of one streamed answer."""
+    text, finish, usage = [], "", None
+    for chunk in chat(endpoint, stream=True, **extra):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(text), finish, usage
+
+
+def health(endpoint) -> dict:
+    return httpx.get(endpoint.base_url.removesuffix("/v1") + "/health").json()
+
+
+def wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_every_request_is_traced_and_answers_pass_through_unchanged(engine, tmp_path):
+    config = make_config("logger=none")
+    served = {**engine.served, "run_id": "sft-lora-0123456789"}
+    upstream = dataclasses.replace(engine, served=served)
+    direct_text, direct_finish, direct_usage = streamed(engine)
+    with gateway(upstream, config, tmp_path) as proxied:
+        assert proxied.base_url != engine.base_url and proxied.model == engine.model
+        headers = {PROMPT_VERSION_HEADER: "p-0123456789"}
+        text, finish, usage = streamed(proxied, extra_headers=headers)
+        whole = chat(proxied, stream=False, extra_headers=headers)
+    # greedy decoding: through the gateway, the same stream as from the engine itself
+    assert (text, finish) == (direct_text, direct_finish)
+    assert usage.completion_tokens == direct_usage.completion_tokens
+    rows = read_traces(tmp_path / TRACE_DB_NAME)
+    assert len(rows) == 2
+    stream_row, whole_row = rows
+    for row in rows:
+        assert row["prompt_version"] == "p-0123456789"
+        assert row["run_id"] == "sft-lora-0123456789"
+        assert row["artifact_hash"] == engine.served["artifact_hash"]
+        assert row["status"] == 200 and row["error"] == ""
+        assert QUESTION in json.loads(row["prompt"])[0]["content"]
+        assert row["latency_ms"] > 0 and row["prompt_tokens"] > 0
+    assert stream_row["stream"] == 1 and 0 < stream_row["ttft_ms"] <= stream_row["latency_ms"]
+    assert stream_row["response"] == text and stream_row["finish_reason"] == finish
+    assert stream_row["completion_tokens"] == usage.completion_tokens
+    assert stream_row["usage_source"] == "upstream"
+    assert whole_row["response"] == whole.choices[0].message.content
+    assert whole_row["prompt_tokens"] == whole.usage.prompt_tokens
+    assert whole_row["completion_tokens"] == whole.usage.completion_tokens
+    assert json.loads(whole_row["params"])["max_tokens"] == 6
+
+
+def test_upstream_errors_pass_through_with_their_body(engine, tmp_path):
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+    direct = httpx.post(f"{engine.base_url}/chat/completions", json=body)
+    with gateway(engine, make_config("logger=none"), tmp_path) as proxied:
+        answer = httpx.post(f"{proxied.base_url}/chat/completions", json=body)
+        assert health(proxied)["status"] == "ok"  # and it keeps serving
+    assert direct.status_code == answer.status_code == 400
+    assert answer.json() == direct.json()
+    (row,) = read_traces(tmp_path / TRACE_DB_NAME)
+    assert row["status"] == 400 and "Server is pinned" in row["error"]
+
+
+def test_client_that_hangs_up_mid_stream_is_recorded(engine, tmp_path):
+    body = {
+        "model": engine.model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 200,
+        "stream": True,
+    }
+    with gateway(engine, make_config("logger=none"), tmp_path) as proxied:
+        with httpx.stream("POST", f"{proxied.base_url}/chat/completions", json=body) as answer:
+            next(answer.iter_raw())  # the first event, then hang up
+        assert chat(proxied, stream=False).choices  # the gateway serves on
+    rows = read_traces(tmp_path / TRACE_DB_NAME)
+    assert sorted(row["error"] for row in rows) == ["", "client disconnected mid-stream"]
+
+
+def test_redaction_keeps_prompts_out_of_the_store(engine, tmp_path):
+    secret = "Zork has 11 secret marbles and gets 2 more."
+    config = make_config("logger=none", "trace.redaction=prompts")
+    with gateway(engine, config, tmp_path) as proxied:
+        client = openai.OpenAI(base_url=proxied.base_url, api_key="EMPTY", max_retries=0)
+        answer = client.chat.completions.create(
+            model=proxied.model, messages=[{"role": "user", "content": secret}], max_tokens=4
+        )
+    (row,) = read_traces(tmp_path / TRACE_DB_NAME)
+    assert row["prompt"] == "[redacted]" and row["response"] == answer.choices[0].message.content
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob(f"{TRACE_DB_NAME}*"))
+    assert b"Zork" not in stored and b"marbles" not in stored
+
+
+def test_locked_store_buffers_traces_and_writes_them_when_free(engine, tmp_path):
+    db = tmp_path / TRACE_DB_NAME
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another process holds the store
+    config = make_config("logger=none", "trace.retry_s=0.2")
+    with gateway(engine, config, tmp_path) as proxied:
+        for _ in range(3):
+            assert streamed(proxied)[0]  # serving goes on
+        wait_for(lambda: "locked" in health(proxied)["traces"]["error"])
+        assert health(proxied)["traces"]["buffered"] == 3
+        lock.execute("ROLLBACK")
+        lock.close()
+        wait_for(lambda: health(proxied)["traces"]["written"] == 3)
+        assert health(proxied)["traces"]["error"] == ""
+    assert len(read_traces(db)) == 3
+    log = (tmp_path / "gateway.log").read_text()
+    assert f"trace store {db}: locked by another process" in log
+    assert re.search(r"serving goes on, \d+ traces are buffered and will be written again", log)
+
+
+def test_corrupt_store_keeps_traces_and_writes_them_again(engine, tmp_path):
+    db = tmp_path / TRACE_DB_NAME
+    db.write_bytes(b"this is not a database " * 100)
+    config = make_config("logger=none", "trace.retry_s=0.2")
+    with gateway(engine, config, tmp_path) as proxied:
+        for _ in range(2):
+            assert chat(proxied, stream=False).choices[0].message.content is not None
+        wait_for(lambda: "corrupt" in health(proxied)["traces"]["error"])
+    log = (tmp_path / "gateway.log").read_text()
+    assert "not a valid SQLite database (corrupt file?)" in log
+    pending = tmp_path / f"{TRACE_DB_NAME}.pending.jsonl"
+    assert len(pending.read_text().splitlines()) == 2  # saved on shutdown, nothing lost
+    shutil.move(db, tmp_path / "corrupt.sqlite")  # the user moves the bad file away
+    TraceStore(db).close()  # the next store on that path writes the pending traces
+    assert len(read_traces(db)) == 2 and not pending.exists()
+
+
+def test_usage_event_added_by_the_gateway_is_removed_again():
+    stream = (
+        b'data: {"choices": [{"delta": {"content": "4"}, "index": 0}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}\r\n\r\n'
+        b"data: [DONE]\n\npartial"
+    )
+    events, rest = split_events(stream)
+    assert rest == b"partial" and b"".join(e + s for e, s in events) + rest == stream
+    payloads = [parse_event(event) for event, _ in events]
+    assert [p is not None and is_usage_only(p) for p in payloads] == [False, True, False]
