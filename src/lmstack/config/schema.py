@@ -909,8 +909,9 @@ OBJECTIVE_SCHEMAS: dict[str, type] = {
 PHASE_GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("phase", "model", "adapter", "quantization", "objective", "data", "trainer"),
     "serve": ("phase", "model", "serving"),
-    "bench": ("phase", "model", "serving", "bench", "prompt"),
-    "eval": ("phase", "model", "quantization", "serving", "prompt", "eval"),
+    # cost: its figures are part of bench and eval results
+    "bench": ("phase", "model", "serving", "bench", "prompt", "cost"),
+    "eval": ("phase", "model", "quantization", "serving", "prompt", "eval", "cost"),
     # the report always re-reads its source (see phases/report.py)
     "report": ("phase", "report", "cost", "monitor"),
 }

@@ -62,6 +62,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             print(f"lmstack: eval suite {suite}", flush=True)
             metrics |= SUITES[suite](session)
     metrics["eval/score"] = headline(metrics)
+    metrics |= served_costs(config, run_dir / "serving")  # after the engine stopped: traces written
 
     from lmstack.tracking.loggers import log_results
 
@@ -154,6 +155,23 @@ def model_under_test(ctx: RunContext, suites: list[str]):
             local = load_local_model(config.model, config.quantization, ctx.cache_dir)
             target = InProcessTarget(local, config.prompt, eval_cfg.chat, sampling)
         yield target, endpoint
+
+
+def served_costs(config: Any, serving_dir: Path) -> dict[str, float]:
+    """What the served model's answers cost (cost/*), priced from its gateway's traces; {} when
+    nothing was served or traced."""
+    from lmstack.errors import DataError
+    from lmstack.serving.costs import cost_metrics
+    from lmstack.serving.traces import TRACE_DB_NAME
+
+    db = serving_dir / TRACE_DB_NAME
+    if not db.is_file():
+        return {}
+    try:
+        return cost_metrics(db, config.cost)
+    except DataError as error:
+        print(f"lmstack: warning: no cost figures ({error})", flush=True)
+        return {}
 
 
 class Records:
