@@ -230,10 +230,13 @@ class Side:
     samples: list[dict[str, float]] = field(default_factory=list)
 
 
-def interleaved(sides: list[Side], repeats: int, verbose: bool = True) -> None:
-    """A, B, A, B, ...: drift in the machine's load hits every side alike."""
+def interleaved(
+    sides: list[Side], repeats: int, verbose: bool = True, alternate: bool = False
+) -> None:
+    """A, B, A, B, ...: drift in the machine's load hits every side alike (``alternate``:
+    A, B, B, A, ..., for a drift that is steady within a repeat)."""
     for repeat in range(repeats):
-        for side in sides:
+        for side in sides[::-1] if alternate and repeat % 2 else sides:
             load = load_average()
             figures = side.run()
             figures["load_1min"] = load

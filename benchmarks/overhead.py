@@ -156,7 +156,9 @@ def error_seconds(arguments: list[str], repeats: int) -> tuple[float, int, str]:
     for _ in range(repeats):
         seconds, last = timed([common.PYTHON, "run.py", *arguments])
         times.append(seconds)
-    message = (last.stderr.strip().splitlines() or [""])[-1][:90]
+    # the first line that says something (Hydra ends with a HYDRA_FULL_ERROR hint)
+    lines = [line for line in last.stderr.splitlines() if line.strip()]
+    message = next((line for line in lines if "HYDRA_FULL_ERROR" not in line), "")[:90]
     return statistics.median(times), last.returncode, message
 
 

@@ -119,12 +119,14 @@ def openai_client(requests, endpoint, settings):
 
 
 def client_comparison(args) -> tuple[list[dict], dict]:
+    import os
     from dataclasses import replace
 
     from lmstack.phases.bench import build_requests, load_settings
     from lmstack.prompts import prompt_version
     from lmstack.serving.engines import serve
 
+    os.environ.update(common.thread_env(args.threads))  # the engine inherits the thread pin
     config = compose_config(args)
     requests = build_requests(config.bench, config.prompt)[: args.requests]
     settings = replace(
@@ -140,7 +142,8 @@ def client_comparison(args) -> tuple[list[dict], dict]:
             common.Side("lmstack client", lmstack_client(requests, endpoint, settings)),
             common.Side("openai client", openai_client(requests, endpoint, settings)),
         ]
-        common.interleaved(sides, args.repeats)
+        # the engine slows down over successive loads: alternate which client goes first
+        common.interleaved(sides, args.repeats, alternate=True)
     medians = {s.name: common.medians(s) for s in sides}
     rows = [
         {

@@ -138,3 +138,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base):
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_gradient_checkpointing_defaults_to_on_for_dpo_only():
+    from types import SimpleNamespace
+
+    from lmstack.config.schema import TrainerConfig
+    from lmstack.models.loading import wants_gradient_checkpointing
+
+    def wants(objective: str, choice: bool | None) -> bool:
+        config = SimpleNamespace(
+            trainer=TrainerConfig(gradient_checkpointing=choice),
+            objective=SimpleNamespace(name=objective),
+        )
+        return wants_gradient_checkpointing(config)
+
+    assert wants("dpo", None) and not wants("sft", None) and not wants("grpo", None)
+    assert not wants("dpo", False) and wants("sft", True)

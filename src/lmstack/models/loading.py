@@ -200,12 +200,23 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+# objectives whose activations (chosen and rejected per example) make memory the limit
+CHECKPOINTED_BY_DEFAULT = ("dpo",)
+
+
+def wants_gradient_checkpointing(cfg: Any) -> bool:
+    choice = getattr(getattr(cfg, "trainer", None), "gradient_checkpointing", None)
+    if choice is None:
+        return getattr(getattr(cfg, "objective", None), "name", "") in CHECKPOINTED_BY_DEFAULT
+    return bool(choice)
+
+
 def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     path = resolve_base_path(cfg.model, cache_dir)
     tokenizer = load_tokenizer(path, cfg.model)
     base = load_base(path, cfg.model, cfg.quantization)
     model = attach_adapter(base, cfg.adapter, quantized=cfg.quantization.name != "none")
-    if getattr(getattr(cfg, "trainer", None), "gradient_checkpointing", False):
+    if wants_gradient_checkpointing(cfg):
         # non-reentrant: works with frozen inputs (LoRA) without forcing input gradients
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
