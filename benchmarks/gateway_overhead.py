@@ -141,8 +141,7 @@ def main() -> None:
     parser.add_argument(
         "overrides",
         nargs="*",
-        # on CPU, transformers' paged cache is otherwise sized from free RAM (GBs)
-        default=["serving.extra_args=[--cb-num-blocks,64]"],
+        default=[],
         help="more run.py overrides, e.g. serving.model=<run dir>",
     )
     parser.add_argument("--interleaved", action="store_true", help="one engine, alternate")

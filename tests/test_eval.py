@@ -123,6 +123,7 @@ def test_arena_over_a_sweep_writes_ratings_intervals_and_a_plot(tmp_path, sft_sw
     assert "| rank | model | rating | ci_low | ci_high |" in (run_dir / "arena.md").read_text()
 
 
+@pytest.mark.slow  # keeps the default suite under its 15-minute budget
 def test_sampling_gives_mean_and_ci_and_greedy_reproduces(tmp_path, sft_sweep):
     model = f"model.init_from={sft_sweep[30]}"
     sampled = ("eval=verifier", "eval.temperature=1.0", "eval.num_samples=4")

@@ -41,9 +41,7 @@ def engine(tiny_base, tmp_path_factory):
     """One real engine for the module (no gateway): tests put their own gateways in front."""
     from lmstack.serving.engines import serve
 
-    # a small KV cache: on CPU the engine otherwise sizes it from free RAM (GBs)
-    small_cache = "serving.extra_args=[--cb-num-blocks,64]"
-    config = make_config(f"serving.model={tiny_base}", "logger=none", small_cache)
+    config = make_config(f"serving.model={tiny_base}", "logger=none")
     log_dir = tmp_path_factory.mktemp("engine")
     with serve(config, str(tiny_base.parent), log_dir, gateway=False) as upstream:
         yield upstream

@@ -36,8 +36,6 @@ BENCH = [
     "bench.max_tokens=8",
     "bench.warmup_requests=2",
     "prompt=mine",
-    # a small KV cache: on CPU the engine otherwise sizes it from free RAM (GBs)
-    "serving.extra_args=[--cb-num-blocks,64]",
 ]
 
 

@@ -262,6 +262,7 @@ def test_optuna_sweep_of_six_trials_writes_the_best_parameters(tmp_path):
     assert "optimization_results.yaml" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow  # keeps the default suite under its 15-minute budget
 def test_interrupted_sweep_point_resumes_when_the_sweep_is_run_again(tmp_path):
     args = [
         "-m",

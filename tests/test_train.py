@@ -80,14 +80,11 @@ def wandb_group(run_dir: Path) -> str:
     raise AssertionError(f"no run record in {run_file}")
 
 
-def test_adapter_sweep_writes_three_points_in_one_wandb_group(tmp_path):
-    result = run_cli("-m", "objective=sft", "adapter=lora,dora,qlora", *FAST, output_dir=tmp_path)
+def test_adapter_sweep_writes_its_points_in_one_wandb_group(tmp_path):
+    # qlora as a sweep point is covered by the serving grid and test_qlora_base_is_4bit...
+    result = run_cli("-m", "objective=sft", "adapter=lora,dora", *FAST, output_dir=tmp_path)
     dirs = run_dirs(tmp_path)
-    assert sorted(d.name.rsplit("-", 1)[0] for d in dirs) == [
-        "sft-dora",
-        "sft-lora",
-        "sft-qlora-nf4",
-    ]
+    assert sorted(d.name.rsplit("-", 1)[0] for d in dirs) == ["sft-dora", "sft-lora"]
     for run_dir in dirs:
         assert metrics_of(run_dir)["verify/score_after"] >= 0, result.stdout
         assert (run_dir / "adapter" / "adapter_config.json").exists()
