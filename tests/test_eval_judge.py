@@ -187,6 +187,7 @@ def test_calibration_file_errors_name_file_and_line(tmp_path):
     assert not seen  # rejected before any request
 
 
+@pytest.mark.slow  # the pairwise unparseable-verdict test covers the counting
 def test_single_answer_grading_counts_parse_failures(tmp_path):
     """The untuned base answers 8 problems; an oracle grader rates them, a prose one fails."""
     args = (
