@@ -87,3 +87,29 @@ def assert_rejected_early(result: subprocess.CompletedProcess, *fragments: str) 
 def run_dirs(output_dir: Path) -> list[Path]:
     """Every run directory under an output dir (single runs and sweep points)."""
     return sorted(path.parent for path in output_dir.rglob("status.json"))
+
+
+def kill_at_first_checkpoint(*args: str, watch: Path) -> None:
+    """`python run.py ARGS`, SIGKILLed (with its children) once a checkpoint appears under
+    `watch`: a run killed mid-training, as a crash or an OOM kill would leave it."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if list(watch.rglob("checkpoints/last.ckpt")):
+                break
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, run_dirs
+from conftest import kill_at_first_checkpoint, run_cli, run_dirs
 
 ARGS = [
     "trainer.max_steps=30",
@@ -26,29 +21,6 @@ ARGS = [
 ]
 
 
-def kill_after_first_checkpoint(output_dir: Path) -> None:
-    command = [sys.executable, str(REPO / "run.py"), *ARGS, f"paths.output_dir={output_dir}"]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if list(output_dir.rglob("checkpoints/last.ckpt")):
-                os.killpg(process.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-
-
 def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     (run_dir,) = run_dirs(output_dir)
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
@@ -56,7 +28,7 @@ def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_base):
     killed = tmp_path / "killed"
-    kill_after_first_checkpoint(killed)
+    kill_at_first_checkpoint(*ARGS, f"paths.output_dir={killed}", watch=killed)
     (run_dir,) = run_dirs(killed)
     assert not (run_dir / "metrics.json").exists()
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from lmstack.launch import sweep_metric_key, validate, wanted_metric
 from lmstack.tracking.run_dir import write_json
 from lmstack.tracking.summary import pareto_front, summarize
 
-from conftest import REPO, run_cli, run_dirs
+from conftest import REPO, kill_at_first_checkpoint, run_cli, run_dirs
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
 # one training step costs about a second here; verify off: the sweep metric is val/loss
@@ -272,24 +269,7 @@ def test_interrupted_sweep_point_resumes_when_the_sweep_is_run_again(tmp_path):
         "logger=none",
         f"paths.output_dir={tmp_path}",
     ]
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            if list(tmp_path.rglob("checkpoints/last.ckpt")):
-                break
-            time.sleep(0.05)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    kill_at_first_checkpoint(*args, watch=tmp_path)
     (killed,) = run_dirs(tmp_path)
     assert status_of(killed) == "running"
 
