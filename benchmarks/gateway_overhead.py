@@ -66,7 +66,11 @@ def interleaved(args: argparse.Namespace) -> list[float]:
         config = validate(compose(config_name="config", overrides=["logger=none", *args.overrides]))
     config.bench.num_requests, config.bench.warmup_requests = args.num_requests, 0
     requests = build_requests(config.bench, config.prompt)
-    settings = LoadSettings(max_tokens=args.max_tokens, max_concurrency=args.max_concurrency)
+    settings = LoadSettings(
+        max_tokens=args.max_tokens,
+        max_concurrency=args.max_concurrency,
+        ignore_eos=config.bench.ignore_eos,  # as the bench does: fixed-length answers
+    )
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(config.paths.cache_dir).resolve())

@@ -13,23 +13,32 @@ For streams whose client did not ask for usage, the gateway asks upstream for it
 (`stream_options.include_usage`) and removes the extra usage-only event again, so
 token counts come from the engine yet the client sees what the engine would send.
 
-It runs as its own process (uvicorn + httpx.AsyncClient) so that it never competes
-with a benchmark client, or the caller's Python, for the GIL. `gateway()` starts it.
+It runs as its own process, so that it never competes with a benchmark client, or the
+caller's Python, for the GIL; `gateway()` starts it. The relay is asyncio protocols with
+httptools' HTTP parser (on uvloop when installed): it writes each piece of an answer to
+the client as it arrives and parses the events only when the answer has ended, so the
+gateway costs little CPU per streamed token (see `benchmarks/gateway_overhead.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
+import http
 import json
 import logging
 import os
 import re
+import signal
+import ssl
 import sys
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,9 +50,6 @@ log = logging.getLogger("lmstack.gateway")
 
 REQUEST_TAG_HEADER = "X-Lmstack-Request-Tag"
 UPSTREAM_KEY_ENV = "LMSTACK_GATEWAY_UPSTREAM_KEY"
-# request headers not forwarded: hop-by-hop, or recomputed by httpx for the new body
-DROP_REQUEST_HEADERS = {"host", "content-length", "connection", "authorization", "accept-encoding"}
-DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 ENDPOINTS = {"/chat/completions": "chat", "/completions": "completions"}
 
@@ -139,6 +145,25 @@ class Exchange:
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
 
+    def take_stream(self, pieces: list[tuple[float, bytes]]) -> None:
+        """Fold a streamed answer, as (arrival time, bytes) pieces, into the exchange."""
+        pending, arrived = b"", self.started_perf
+        for arrived, piece in pieces:
+            events, pending = split_events(pending + piece)
+            for event, _ in events:
+                if (payload := parse_event(event)) is not None:
+                    self.take_chunk(payload, arrived)
+        if pending.strip() and (payload := parse_event(pending)) is not None:
+            self.take_chunk(payload, arrived)
+
+    def take_whole(self, content: bytes) -> None:
+        """Fold a whole answer (not streamed, or an error) into the exchange."""
+        if self.status >= 400:
+            detail = content[:500].decode(errors="replace")
+            self.error = self.error or f"upstream {self.status}: {detail}"
+        elif isinstance(payload := _json_or_none(content), dict):
+            self.take_response(payload)
+
     def take_response(self, payload: dict[str, Any]) -> None:
         """Fold a whole (non-streamed) answer into the exchange."""
         self.usage = payload.get("usage") or None
@@ -206,6 +231,13 @@ def is_usage_only(chunk: dict[str, Any]) -> bool:
     return bool(chunk.get("usage")) and not chunk.get("choices")
 
 
+def _json_or_none(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
 def split_events(buffer: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Complete SSE events with their exact separators, and the incomplete rest."""
     events, start = [], 0
@@ -229,170 +261,503 @@ def parse_event(event: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-# ---------------------------------------------------------------- the proxy app
+# ---------------------------------------------------------------- HTTP/1.1 plumbing
+#
+# The relay path is plain asyncio protocols with httptools' C parser: an upstream body
+# piece is written to the client from the parser's callback, and only appended, with its
+# arrival time, to the exchange; events are parsed once, when the answer has ended. On a
+# CPU box the engine, the client and the gateway share the same cores, so every
+# microsecond per streamed token the gateway spends is taken from the engine (an
+# ASGI stack with an HTTP client library cost ~80 us per token here; this path ~10 us).
+
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"expect",
+}
+# authorization is replaced by the upstream key when the gateway has one; accept-encoding is
+# dropped so that answers come back uncompressed and can be traced
+DROP_REQUEST_HEADERS = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+DROP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
+CONNECT_TIMEOUT_S = 10.0
+SHUTDOWN_GRACE_S = 5.0  # streams still open on SIGTERM get this long before the store closes
 
 
-def build_app(
-    upstream: str,
-    store: Any,
-    engine: str = "",
-    served: dict[str, Any] | None = None,
-    api_key: str = "",
-) -> Any:
-    """The Starlette app: /health, and /v1/* forwarded to `upstream` (a …/v1 URL)."""
-    import httpx
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
+def reason_phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
-    upstream = upstream.rstrip("/")
-    served = served or {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits)
 
-    def finish(exchange: Exchange) -> None:
+def response_head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status))]
+    lines += [name + b": " + value for name, value in headers]
+    if not keep_alive:
+        lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def json_answer(status: int, payload: Any, keep_alive: bool) -> bytes:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    return response_head(status, headers, keep_alive) + body
+
+
+def error_payload(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": f"lmstack gateway: {message}", "type": kind}}
+
+
+@dataclass
+class Incoming:
+    """One request as the client sent it."""
+
+    method: bytes = b""
+    url: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: list[bytes] = field(default_factory=list)
+    keep_alive: bool = True
+
+    def header(self, name: bytes) -> str:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return ""
+
+
+class Upstream:
+    """The engine's …/v1 URL, and a pool of idle keep-alive connections to it."""
+
+    def __init__(self, base_url: str, api_key: str = "") -> None:
+        url = urllib.parse.urlsplit(base_url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"--upstream: '{base_url}' is not an http(s) URL")
+        self.base_url = base_url.rstrip("/")
+        self.host = url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.prefix = url.path.encode()  # "/v1": the gateway's /v1/x goes to <prefix>/x
+        self.host_header = url.netloc.rsplit("@", 1)[-1].encode()
+        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self.api_key = api_key
+        self.idle: list[UpstreamConnection] = []
+
+    async def connection(self) -> tuple[UpstreamConnection, bool]:
+        """An idle connection (reused=True) or a new one."""
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.closed:
+                return connection, True
+        loop = asyncio.get_running_loop()
+        opening = loop.create_connection(UpstreamConnection, self.host, self.port, ssl=self.ssl)
+        _, connection = await asyncio.wait_for(opening, CONNECT_TIMEOUT_S)
+        return connection, False
+
+    def release(self, connection: UpstreamConnection) -> None:
+        if not connection.closed:
+            self.idle.append(connection)
+
+    def request_bytes(self, incoming: Incoming, path: bytes, body: bytes) -> bytes:
+        lines = [incoming.method + b" " + self.prefix + path + b" HTTP/1.1"]
+        lines.append(b"host: " + self.host_header)
+        for name, value in incoming.headers:
+            if name in DROP_REQUEST_HEADERS or (name == b"authorization" and self.api_key):
+                continue
+            lines.append(name + b": " + value)
+        if self.api_key:
+            lines.append(b"authorization: Bearer " + self.api_key.encode())
+        lines.append(b"content-length: %d" % len(body))
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    def close(self) -> None:
+        for connection in self.idle:
+            connection.transport.close()
+        self.idle.clear()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the engine: parses its answers and hands them to the waiting Relay."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpResponseParser(self)
+        self.parse_error = httptools.HttpParserError
+        self.transport: Any = None
+        self.relay: Relay | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def send(self, relay: Relay, request: bytes) -> None:
+        self.relay, self.headers = relay, []
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay is None:  # bytes nobody asked for: this connection is not reusable
+            self.transport.close()
+            return
         try:
-            store.add(exchange.record(served, engine, time.perf_counter()))
-        except Exception:  # a request never fails because tracing failed
-            log.exception("gateway: could not record request %s", exchange.request_id)
+            self.parser.feed_data(data)
+        except self.parse_error as error:
+            relay, self.relay = self.relay, None
+            self.transport.close()
+            if relay is not None:
+                relay.upstream_broken(f"invalid HTTP from upstream: {error}")
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "upstream": upstream, "traces": store.state()})
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.upstream_lost(exc)
 
-    async def proxy(request: Request) -> Response:
-        path = "/" + request.path_params["path"]
-        raw = await request.body()
-        headers = forward_headers(request.headers, api_key)
-        url = upstream + path + (f"?{request.url.query}" if request.url.query else "")
-        if request.method != "POST" or path not in ENDPOINTS:
-            return await relay_plain(request.method, url, raw, headers)
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self.relay is not None:
+            self.relay.upstream_head(self.parser.get_status_code(), self.headers)
+
+    def on_body(self, body: bytes) -> None:
+        if self.relay is not None:
+            self.relay.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.upstream_done(self, self.parser.should_keep_alive())
+
+
+class UsageStripper:
+    """Removes the usage-only event the gateway asked for and the client did not."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        events, self.pending = split_events(self.pending + piece)
+        return b"".join(e + s for e, s in events if not _is_usage_event(e))
+
+    def finish(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return b"" if not rest.strip() or _is_usage_event(rest) else rest
+
+
+def _is_usage_event(event: bytes) -> bool:
+    if b'"usage"' not in event:  # cheap test first: most events are tokens
+        return False
+    payload = parse_event(event)
+    return payload is not None and is_usage_only(payload)
+
+
+class Relay:
+    """One client request: forwarded upstream, its answer written back piece by piece as it
+    arrives and, for completions, traced when it has ended."""
+
+    def __init__(self, gateway: Gateway, client: ClientConnection, incoming: Incoming) -> None:
+        self.gateway, self.client, self.incoming = gateway, client, incoming
+        self.exchange: Exchange | None = None
+        self.stripper: UsageStripper | None = None
+        self.connection: UpstreamConnection | None = None
+        self.request = b""
+        self.reused = self.retried = self.head_sent = self.chunked = self.done = False
+        self.framed = True  # upstream marks the body's end (length or chunks), not by closing
+        self.whole = True  # trace the body as one JSON answer, not as a stream of events
+        self.pieces: list[tuple[float, bytes]] = []
+
+    # ---- the request
+
+    def start(self) -> None:
+        path = self.incoming.url
+        route = path.split(b"?", 1)[0]
+        if route == b"/health":
+            self.answer(200, self.gateway.health())
+        elif not route.startswith(b"/v1/"):
+            self.answer(404, error_payload(f"no route {route.decode()!r}", "not_found"))
+        else:
+            body = b"".join(self.incoming.body)
+            if self.incoming.method == b"POST" and route[3:].decode() in ENDPOINTS:
+                body = self.begin_exchange(route[3:].decode(), body)
+            self.request = self.gateway.upstream.request_bytes(self.incoming, path[3:], body)
+            self.gateway.track(asyncio.ensure_future(self.send()))
+
+    def begin_exchange(self, route: str, raw: bytes) -> bytes:
+        """Start the trace of a completion request; the body to send upstream."""
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
             body = {}
         body = body if isinstance(body, dict) else {}
-        exchange = Exchange(
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        self.exchange = Exchange(
+            request_id=self.incoming.header(b"x-request-id") or uuid.uuid4().hex,
             started=time.time(),
             started_perf=time.perf_counter(),
-            endpoint=ENDPOINTS[path],
+            endpoint=ENDPOINTS[route],
             body=body,
-            prompt_version=request.headers.get(PROMPT_VERSION_HEADER, ""),
-            tag=request.headers.get(REQUEST_TAG_HEADER, ""),
+            prompt_version=self.incoming.header(PROMPT_VERSION_HEADER.lower().encode()),
+            tag=self.incoming.header(REQUEST_TAG_HEADER.lower().encode()),
             stream=bool(body.get("stream")),
         )
-        strip_usage = exchange.stream and not wants_usage(body)
-        if strip_usage:
-            raw = json.dumps(with_usage_requested(body)).encode()
+        if not (self.exchange.stream and not wants_usage(body)):
+            return raw
+        self.stripper = UsageStripper()
+        return json.dumps(with_usage_requested(body)).encode()
+
+    async def send(self) -> None:
+        upstream = self.gateway.upstream
         try:
-            response = await client.send(
-                client.build_request("POST", url, content=raw, headers=headers), stream=True
-            )
-        except httpx.HTTPError as error:
-            exchange.status, exchange.error = 502, f"upstream unreachable: {error!r}"
-            finish(exchange)
-            message = f"lmstack gateway: upstream {upstream} unreachable: {error!r}"
-            return JSONResponse({"error": {"message": message, "type": "bad_gateway"}}, 502)
-        exchange.status = response.status_code
-        media = response.headers.get("content-type", "")
-        if not exchange.stream or response.status_code >= 400 or "event-stream" not in media:
-            return await answer_whole(response, exchange)
-        return StreamingResponse(
-            relay_stream(response, exchange, strip_usage),
-            status_code=response.status_code,
-            headers=response_headers(response),
-        )
+            connection, self.reused = await upstream.connection()
+        except OSError as error:  # TimeoutError included
+            message = f"upstream {upstream.base_url} unreachable: {error!r}"
+            self.fail(502, message, "bad_gateway")
+            return
+        if self.done:  # the client went away while we connected
+            upstream.release(connection)
+            return
+        self.connection = connection
+        connection.send(self, self.request)
 
-    async def answer_whole(response: Any, exchange: Exchange) -> Response:
+    # ---- the answer (called by UpstreamConnection)
+
+    def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        values = dict(headers)
+        event_stream = b"event-stream" in values.get(b"content-type", b"")
+        if self.exchange is not None:
+            self.exchange.status = status
+            self.whole = not self.exchange.stream or status >= 400 or not event_stream
+        if self.stripper is not None and self.whole:
+            self.stripper = None
+        length = values.get(b"content-length")
+        self.framed = length is not None or b"chunked" in values.get(b"transfer-encoding", b"")
+        has_body = status >= 200 and status not in (204, 304) and self.incoming.method != b"HEAD"
+        kept = [(name, value) for name, value in headers if name not in DROP_RESPONSE_HEADERS]
+        if has_body and length is not None and self.stripper is None:
+            kept.append((b"content-length", length))
+        elif has_body:
+            self.chunked = True
+            kept.append((b"transfer-encoding", b"chunked"))
+        self.client.write(response_head(status, kept, self.incoming.keep_alive))
+        self.head_sent = True
+
+    def upstream_body(self, piece: bytes) -> None:
+        if self.exchange is not None:
+            self.pieces.append((time.perf_counter(), piece))
+        if self.stripper is not None:
+            piece = self.stripper.feed(piece)
+            if not piece:
+                return
+        self.client.write(b"%x\r\n%b\r\n" % (len(piece), piece) if self.chunked else piece)
+
+    def upstream_done(self, connection: UpstreamConnection | None, keep_alive: bool) -> None:
+        if self.stripper is not None and (rest := self.stripper.finish()):
+            self.client.write(b"%x\r\n%b\r\n" % (len(rest), rest))
+        if self.chunked:
+            self.client.write(b"0\r\n\r\n")
+        self.connection = None
+        if connection is not None and keep_alive:
+            self.gateway.upstream.release(connection)
+        elif connection is not None:
+            connection.transport.close()
+        self.finish()
+        self.client.response_done(self.incoming.keep_alive)
+
+    def upstream_lost(self, error: Exception | None) -> None:
+        if self.done:
+            return
+        if not self.head_sent and self.reused and not self.retried:
+            # an idle keep-alive connection the engine had closed: send again on a fresh one
+            self.retried, self.connection = True, None
+            self.gateway.track(asyncio.ensure_future(self.send()))
+        elif self.head_sent and not self.framed and error is None:
+            self.upstream_done(None, keep_alive=False)  # a body that ends when upstream closes
+        else:
+            self.upstream_broken(f"upstream closed the connection: {error!r}")
+
+    def upstream_broken(self, message: str) -> None:
+        if self.done:
+            return
+        if not self.head_sent:
+            self.fail(502, message, "bad_gateway")
+            return
+        if self.exchange is not None:  # mid-stream: the client sees the connection end
+            self.exchange.error = self.exchange.error or f"stream broken: {message}"
+        self.finish()
+        self.client.abort()
+
+    # ---- endings
+
+    def client_gone(self) -> None:
+        if self.done:
+            return
+        if self.exchange is not None:
+            self.exchange.error = self.exchange.error or "client disconnected mid-stream"
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.relay = None
+            connection.transport.close()  # stops the engine's generation for this request
+        self.finish()
+
+    def answer(self, status: int, payload: Any) -> None:
+        self.client.write(json_answer(status, payload, self.incoming.keep_alive))
+        self.finish()
+        self.client.response_done(self.incoming.keep_alive)
+
+    def fail(self, status: int, message: str, kind: str) -> None:
+        if self.done:
+            return
+        if self.exchange is not None:
+            self.exchange.status, self.exchange.error = status, message
+        self.answer(status, error_payload(message, kind))
+
+    def finish(self) -> None:
+        """Trace the exchange, once, whatever way the request ended."""
+        if self.done:
+            return
+        self.done = True
+        if self.exchange is None:
+            return
         try:
-            content = await response.aread()
-        finally:
-            await response.aclose()
-        payload = _json_or_none(content)
-        if response.status_code >= 400:
-            detail = content[:500].decode(errors="replace")
-            exchange.error = f"upstream {response.status_code}: {detail}"
-        elif isinstance(payload, dict):
-            exchange.take_response(payload)
-        finish(exchange)
-        return Response(content, response.status_code, headers=response_headers(response))
+            if self.whole:
+                self.exchange.take_whole(b"".join(piece for _, piece in self.pieces))
+            else:
+                self.exchange.take_stream(self.pieces)
+            self.gateway.record(self.exchange)
+        except Exception:  # a request never fails because tracing failed
+            log.exception("gateway: could not record request %s", self.exchange.request_id)
 
-    async def relay_stream(
-        response: Any, exchange: Exchange, strip_usage: bool
-    ) -> AsyncIterator[bytes]:
-        pending = b""
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: HTTP/1.1 keep-alive, requests answered one after another."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        import httptools
+
+        self.gateway = gateway
+        self.parser = httptools.HttpRequestParser(self)
+        self.parse_error = httptools.HttpParserError
+        self.transport: Any = None
+        self.incoming = Incoming()
+        self.waiting: deque[Incoming] = deque()
+        self.relay: Relay | None = None
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.gateway.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
         try:
-            async for chunk in response.aiter_raw():
-                now = time.perf_counter()
-                events, pending = split_events(pending + chunk)
-                out = bytearray()
-                for event, separator in events:
-                    payload = parse_event(event)
-                    if payload is not None:
-                        exchange.take_chunk(payload, now)
-                        if strip_usage and is_usage_only(payload):
-                            continue
-                    out += event + separator
-                if not strip_usage:
-                    yield chunk  # exactly what upstream sent, when it was sent
-                elif out:
-                    yield bytes(out)
-            payload = parse_event(pending) if pending.strip() else None
-            if payload is not None:
-                exchange.take_chunk(payload, time.perf_counter())
-            if strip_usage and pending and not (payload is not None and is_usage_only(payload)):
-                yield pending
-        except Exception as error:  # upstream broke off mid-stream: recorded, then re-raised
-            exchange.error = exchange.error or f"stream broken: {error!r}"
-            raise
-        except BaseException:  # the client went away (cancelled); upstream is closed below
-            exchange.error = exchange.error or "client disconnected mid-stream"
-            raise
-        finally:
-            finish(exchange)
-            with contextlib.suppress(Exception):
-                await response.aclose()
+            self.parser.feed_data(data)
+        except self.parse_error as error:
+            payload = error_payload(f"invalid HTTP request: {error}", "bad_request")
+            self.write(json_answer(400, payload, keep_alive=False))
+            self.transport.close()
 
-    async def relay_plain(method: str, url: str, raw: bytes, headers: dict[str, str]) -> Response:
-        try:
-            response = await client.request(method, url, content=raw, headers=headers)
-        except httpx.HTTPError as error:
-            message = f"lmstack gateway: upstream unreachable: {error!r}"
-            return JSONResponse({"error": {"message": message, "type": "bad_gateway"}}, 502)
-        return Response(response.content, response.status_code, headers=response_headers(response))
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gateway.clients.discard(self)
+        if self.relay is not None:
+            self.relay.client_gone()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        yield
-        await client.aclose()
-        store.close()
+    def pause_writing(self) -> None:  # a slow client: stop reading the engine for it
+        if self.relay is not None and self.relay.connection is not None:
+            self.relay.connection.transport.pause_reading()
 
-    routes = [
-        Route("/health", health),
-        Route("/v1/{path:path}", proxy, methods=["GET", "POST", "DELETE"]),
-    ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    def resume_writing(self) -> None:
+        if self.relay is not None and self.relay.connection is not None:
+            self.relay.connection.transport.resume_reading()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.incoming = Incoming()
+
+    def on_url(self, url: bytes) -> None:
+        self.incoming.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.incoming.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.incoming.method = self.parser.get_method()
+        self.incoming.keep_alive = self.parser.should_keep_alive()
+        if self.incoming.header(b"expect").lower() == "100-continue":
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before the body
+
+    def on_body(self, body: bytes) -> None:
+        self.incoming.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.waiting.append(self.incoming)
+        if self.relay is None:
+            self.next_request()
+
+    # used by Relay
+    def next_request(self) -> None:
+        if self.waiting and not self.closed:
+            self.relay = Relay(self.gateway, self, self.waiting.popleft())
+            self.relay.start()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def response_done(self, keep_alive: bool) -> None:
+        self.relay = None
+        if not keep_alive:
+            self.transport.close()
+        else:
+            self.next_request()
+
+    def abort(self) -> None:
+        self.relay = None
+        self.transport.close()
 
 
-def forward_headers(headers: Any, api_key: str) -> dict[str, str]:
-    forwarded = {k: v for k, v in headers.items() if k.lower() not in DROP_REQUEST_HEADERS}
-    if api_key:
-        forwarded["authorization"] = f"Bearer {api_key}"
-    elif "authorization" in headers:
-        forwarded["authorization"] = headers["authorization"]
-    return forwarded
+class Gateway:
+    """The gateway's shared state: upstream, trace store, what is served, open connections."""
 
+    def __init__(self, upstream: Upstream, store: Any, engine: str, served: dict) -> None:
+        self.upstream, self.store, self.engine, self.served = upstream, store, engine, served
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Future] = set()
 
-def response_headers(response: Any) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "upstream": self.upstream.base_url, "traces": self.store.state()}
 
+    def record(self, exchange: Exchange) -> None:
+        self.store.add(exchange.record(self.served, self.engine, time.perf_counter()))
 
-def _json_or_none(content: bytes) -> Any:
-    try:
-        return json.loads(content)
-    except ValueError:
-        return None
+    def track(self, task: asyncio.Future) -> None:
+        self.tasks.add(task)  # held, so the loop does not drop it half way
+        task.add_done_callback(self.tasks.discard)
+
+    def busy(self) -> bool:
+        return any(client.relay is not None for client in self.clients)
+
+    async def serve(self, host: str, port: int) -> None:
+        """Serve until SIGTERM or SIGINT; then let open requests finish, briefly."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: ClientConnection(self), host, port)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("gateway on http://%s:%d/v1 -> %s", host, port, self.upstream.base_url)
+        await stop.wait()
+        server.close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while self.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.transport.close()
+        self.upstream.close()
+        await asyncio.sleep(0)  # let connection_lost callbacks record what they cut off
 
 
 # ---------------------------------------------------------------- the process
@@ -413,31 +778,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     from lmstack.serving.traces import TraceStore, otlp_exporter
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request: noise
     exporter = otlp_exporter(args.otlp_endpoint) if args.otlp_endpoint else None
     store = TraceStore(args.trace_db, args.redaction, args.retry_s, span_exporter=exporter)
-    app = build_app(
-        args.upstream,
-        store,
-        engine=args.engine,
-        served=json.loads(args.served),
-        api_key=os.environ.get(UPSTREAM_KEY_ENV, ""),
-    )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        access_log=False,
-        # on SIGTERM, streams still open get this long before the store is closed
-        timeout_graceful_shutdown=5,
-    )
+    upstream = Upstream(args.upstream, os.environ.get(UPSTREAM_KEY_ENV, ""))
+    app = Gateway(upstream, store, engine=args.engine, served=json.loads(args.served))
+    try:
+        event_loop_runner()(app.serve(args.host, args.port))
+    finally:
+        store.close()
+
+
+def event_loop_runner() -> Any:
+    """uvloop's run when installed (the `serve` extra): a cheaper loop per streamed token."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 if __name__ == "__main__":
