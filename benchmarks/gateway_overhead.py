@@ -25,8 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("output_throughput", "ttft_ms_p50", "e2el_ms_p50", "e2el_ms_p99")
-CPU_FIGURES = ("engine_cpu_ms_per_request", "gateway_cpu_ms_per_request")
+CPU_FIGURES = tuple(f"{name}_cpu_ms_per_request" for name in ("engine", "gateway", "client"))
 CPU_SHARES: list[float] = []  # gateway CPU time / engine CPU time, per interleaved round
+THROUGHPUTS: dict[bool, list[float]] = {False: [], True: []}  # per round, without/with gateway
 
 
 def bench(gateway: bool, args: argparse.Namespace, output_dir: Path) -> dict:
@@ -50,6 +51,7 @@ def bench(gateway: bool, args: argparse.Namespace, output_dir: Path) -> dict:
 def interleaved(args: argparse.Namespace) -> list[float]:
     """Alternate batches to the engine and through the gateway, on one warm engine."""
     import asyncio
+    import os
 
     from hydra import compose, initialize_config_dir
 
@@ -79,7 +81,11 @@ def interleaved(args: argparse.Namespace) -> list[float]:
             gateway(engine, config, Path(tmp)) as proxied,
         ):
             asyncio.run(run_load(requests[:4], engine, settings))  # warm up
-            pids = {"engine": child_pid("transformers"), "gateway": child_pid("serving.gateway")}
+            pids = {
+                "engine": child_pid("transformers"),
+                "gateway": child_pid("serving.gateway"),
+                "client": os.getpid(),  # this process: the bench's load client
+            }
             for index in range(args.rounds):
                 row = {}
                 order = (engine, proxied) if index % 2 == 0 else (proxied, engine)
@@ -126,6 +132,8 @@ def cpu_seconds(pid: int) -> float:
 def report_round(index: int, row: dict[bool, dict[str, float]]) -> float:
     ratio = row[True]["output_throughput"] / row[False]["output_throughput"]
     for gateway in (False, True):
+        THROUGHPUTS[gateway].append(row[gateway]["output_throughput"])
+    for gateway in (False, True):
         figures = "  ".join(f"{k}={v:.1f}" for k, v in row[gateway].items())
         print(f"round {index} gateway={gateway!s:<5} {figures}", flush=True)
     print(f"round {index} throughput gateway/engine = {ratio:.3f}", flush=True)
@@ -153,6 +161,9 @@ def main() -> None:
     if args.interleaved:
         ratios = interleaved(args)
         print(f"median throughput ratio gateway/engine: {statistics.median(ratios):.3f}")
+        means = {side: statistics.mean(values) for side, values in THROUGHPUTS.items()}
+        print(f"mean throughput engine {means[False]:.1f}, gateway {means[True]:.1f} tok/s")
+        print(f"ratio of mean throughputs gateway/engine: {means[True] / means[False]:.3f}")
         print(f"median gateway CPU / engine CPU: {statistics.median(CPU_SHARES):.3f}")
         return
     ratios = []
@@ -166,6 +177,8 @@ def main() -> None:
                 row[gateway] = {key: metrics[f"bench/{key}"] for key in FIGURES}
             ratios.append(report_round(index, row))
     print(f"median throughput ratio gateway/engine: {statistics.median(ratios):.3f}")
+    means = {side: statistics.mean(values) for side, values in THROUGHPUTS.items()}
+    print(f"ratio of mean throughputs gateway/engine: {means[True] / means[False]:.3f}")
 
 
 if __name__ == "__main__":

@@ -465,6 +465,11 @@ class ServingConfig:
     # model) and every step ~20x slower; set null on GPUs to use their memory
     cb_num_blocks: int | None = 64
     cb_max_batch_tokens: int | None = 512
+    # hf: the engine's torch threads. -1 = all cores but one, left to the engine's own HTTP
+    # front end, the gateway and a local bench client: OpenMP threads that share their cores
+    # with those processes spin at every step (on 2 cores: 2 threads 2,400 tok/s, 1 thread
+    # 2,700 tok/s, half the CPU per request). 0 = torch's default (one per core); n = n.
+    num_threads: int = -1
     # vllm: serve base + LoRA adapter (--enable-lora) instead of the merged model
     enable_lora: bool = False
     # extra command-line arguments appended to the engine's command
@@ -477,6 +482,7 @@ class ServingConfig:
         _require_choice(self.quantization, ENGINE_QUANTIZATIONS[self.name], "serving.quantization")
         _require(0 <= self.port < 65536, "serving.port", f"{self.port} is not a port number")
         _require(self.startup_timeout_s > 0, "serving.startup_timeout_s", "must be > 0")
+        _require(self.num_threads >= -1, "serving.num_threads", "must be -1, 0 or a count")
         if self.name == "external":
             _require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
 

@@ -129,7 +129,9 @@ def artifact_hash(path: str) -> str | None:
 def engine_command(serving: Any, model_path: str, port: int) -> list[str]:
     """The engine's command line, as a user would type it."""
     if serving.name == "hf":
-        command = [*_transformers_cli(), "serve", model_path, "--host", serving.host]
+        threads = engine_threads(serving.num_threads)
+        command = ["env", f"OMP_NUM_THREADS={threads}"] if threads else []
+        command += [*_transformers_cli(), "serve", model_path, "--host", serving.host]
         command += ["--port", str(port), "--device", "auto"]
         command.append(
             "--continuous-batching" if serving.continuous_batching else "--no-continuous-batching"
@@ -152,6 +154,13 @@ def engine_command(serving: Any, model_path: str, port: int) -> list[str]:
     else:
         raise ConfigError(f"serving.name: '{serving.name}' starts no engine")
     return command + list(serving.extra_args)
+
+
+def engine_threads(num_threads: int) -> int | None:
+    """serving.num_threads as a count; None leaves torch's default."""
+    if num_threads >= 0:
+        return num_threads or None
+    return max(1, len(os.sched_getaffinity(0)) - 1)  # the cores this job may use, but one
 
 
 def served_name(serving: Any, model_path: str) -> str:

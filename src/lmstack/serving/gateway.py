@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import http
+import itertools
 import json
 import logging
 import os
@@ -146,15 +148,23 @@ class Exchange:
                 self.finish_reason = choice["finish_reason"]
 
     def take_stream(self, pieces: list[tuple[float, bytes]]) -> None:
-        """Fold a streamed answer, as (arrival time, bytes) pieces, into the exchange."""
-        pending, arrived = b"", self.started_perf
-        for arrived, piece in pieces:
-            events, pending = split_events(pending + piece)
-            for event, _ in events:
-                if (payload := parse_event(event)) is not None:
-                    self.take_chunk(payload, arrived)
-        if pending.strip() and (payload := parse_event(pending)) is not None:
-            self.take_chunk(payload, arrived)
+        """Fold a streamed answer, as (arrival time, bytes) pieces, into the exchange.
+
+        Runs once, after the answer has been relayed: the events' JSON is decoded in
+        one call, and each event gets the arrival time of the piece that completed it.
+        """
+        body = b"".join(piece for _, piece in pieces)
+        piece_ends = list(itertools.accumulate(len(piece) for _, piece in pieces))
+        spans = event_spans(body)
+        rest = spans[-1][2] if spans else 0  # an unterminated last event counts too
+        event_ends, datas = [], []
+        for start, stop, end in [*spans, (rest, len(body), len(body))]:
+            if data := event_data(body[start:stop]):
+                event_ends.append(end)
+                datas.append(data)
+        for end, payload in zip(event_ends, decode_all(datas)):
+            if isinstance(payload, dict):
+                self.take_chunk(payload, pieces[bisect.bisect_left(piece_ends, end)][0])
 
     def take_whole(self, content: bytes) -> None:
         """Fold a whole answer (not streamed, or an error) into the exchange."""
@@ -238,27 +248,52 @@ def _json_or_none(content: bytes) -> Any:
         return None
 
 
+def event_spans(buffer: bytes) -> list[tuple[int, int, int]]:
+    """(start, stop, end) of each complete SSE event: its text is buffer[start:stop] and its
+    separator ends at `end`. A plain find when the stream has no CR (engines send bare
+    newlines): the CR-or-not regex costs ~4 us per event, a tenth of the gateway's budget."""
+    spans, start = [], 0
+    if b"\r" in buffer:
+        for match in EVENT_END.finditer(buffer):
+            spans.append((start, match.start(), match.end()))
+            start = match.end()
+        return spans
+    while (stop := buffer.find(b"\n\n", start)) >= 0:
+        spans.append((start, stop, stop + 2))
+        start = stop + 2
+    return spans
+
+
 def split_events(buffer: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Complete SSE events with their exact separators, and the incomplete rest."""
-    events, start = [], 0
-    for match in EVENT_END.finditer(buffer):
-        events.append((buffer[start : match.start()], match.group()))
-        start = match.end()
-    return events, buffer[start:]
+    spans = event_spans(buffer)
+    events = [(buffer[start:stop], buffer[stop:end]) for start, stop, end in spans]
+    return events, buffer[spans[-1][2] :] if spans else buffer
+
+
+def event_data(event: bytes) -> bytes:
+    """The `data:` payload of one SSE event; b"" for `[DONE]` and comment-only events."""
+    if event.startswith(b"data: ") and b"\n" not in event:  # one data line: the usual event
+        data = event[6:].strip()
+    else:
+        data = b"".join(
+            line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
+        ).strip()
+    return b"" if data == b"[DONE]" else data
 
 
 def parse_event(event: bytes) -> dict[str, Any] | None:
     """The JSON payload of one SSE event (None for `[DONE]`, comments, non-JSON)."""
-    data = b"".join(
-        line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
-    ).strip()
-    if not data or data == b"[DONE]":
-        return None
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return None
+    payload = _json_or_none(event_data(event) or b"null")
     return payload if isinstance(payload, dict) else None
+
+
+def decode_all(datas: list[bytes]) -> list[Any]:
+    """JSON-decode many event payloads: one call for all, one each if any is not JSON."""
+    try:
+        return json.loads(b"[" + b",".join(datas) + b"]")
+    except ValueError:
+        return [_json_or_none(data) for data in datas]
 
 
 # ---------------------------------------------------------------- HTTP/1.1 plumbing
