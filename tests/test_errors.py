@@ -74,7 +74,9 @@ def test_unrecognised_row_format(tmp_path):
     assert_rejected(result, "cannot tell the row format", "question")
 
 
-@pytest.mark.parametrize("bad", ["adapter.r=0", "adapter=none quantization=nf4"])
+@pytest.mark.parametrize(
+    "bad", ["adapter.r=0", "adapter=none quantization=nf4", "phase=bench serving.num_threads=-2"]
+)
 def test_cross_field_rule_at_start_up(tmp_path, bad):
     result = run_cli(*bad.split(), output_dir=tmp_path, check=False)
     assert_rejected(result, "lmstack: error:")

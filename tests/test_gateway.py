@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 import shutil
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -139,6 +140,49 @@ def test_client_that_hangs_up_mid_stream_is_recorded(engine, tmp_path):
         assert chat(proxied, stream=False).choices  # the gateway serves on
     rows = read_traces(tmp_path / TRACE_DB_NAME)
     assert sorted(row["error"] for row in rows) == ["", "client disconnected mid-stream"]
+
+
+def test_plain_http_edge_cases_are_answered(engine, tmp_path):
+    """What curl and other plain HTTP clients send: Expect: 100-continue with a large body,
+    other /v1 routes, unknown routes, bytes that are not HTTP."""
+    messages = [{"role": "user", "content": "x" * 2000}]
+    body = json.dumps({"model": engine.model, "messages": messages, "max_tokens": 2}).encode()
+    with gateway(engine, make_config("logger=none"), tmp_path) as proxied:
+        address = ("127.0.0.1", int(proxied.base_url.rsplit(":", 1)[1].split("/")[0]))
+        with socket.create_connection(address, timeout=30) as connection:
+            head = (
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                "expect: 100-continue\r\n\r\n"
+            )
+            connection.sendall(head.encode())
+            assert connection.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            connection.sendall(body)
+            answer = connection.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b'"chat.completion"' in answer
+        models = httpx.get(f"{proxied.base_url}/models")
+        assert models.json() == httpx.get(f"{engine.base_url}/models").json()
+        missing = httpx.get(proxied.base_url.removesuffix("/v1") + "/v2/models")
+        assert missing.status_code == 404 and "no route '/v2/models'" in missing.text
+        with socket.create_connection(address, timeout=30) as connection:
+            connection.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert connection.recv(4096).startswith(b"HTTP/1.1 400 Bad Request")
+    (row,) = read_traces(tmp_path / TRACE_DB_NAME)  # only the completion is traced
+    assert row["status"] == 200 and row["prompt_tokens"] > 2000
+
+
+def test_unreachable_upstream_is_a_502_with_a_trace(engine, tmp_path):
+    from lmstack.serving.engines import free_port
+
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    dead = dataclasses.replace(engine, base_url=dead_url)
+    with gateway(dead, make_config("logger=none"), tmp_path) as proxied:
+        body = {"model": engine.model, "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(f"{proxied.base_url}/chat/completions", json=body)
+    assert answer.status_code == 502
+    assert f"upstream {dead_url} unreachable" in answer.json()["error"]["message"]
+    (row,) = read_traces(tmp_path / TRACE_DB_NAME)
+    assert row["status"] == 502 and "unreachable" in row["error"]
 
 
 def test_redaction_keeps_prompts_out_of_the_store(engine, tmp_path):

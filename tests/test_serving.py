@@ -122,6 +122,9 @@ def test_bench_grid_over_quantization_and_concurrency(sft_run, tmp_path):
     for point in points:
         engine_log = (point / "engine-hf.log").read_text()
         assert ("--quantization bnb-4bit" in engine_log) == ("nf4" in point.name)
+        # serving.num_threads=-1 (default): the engine leaves a core to the client and server
+        threads = max(1, len(os.sched_getaffinity(0)) - 1)
+        assert engine_log.startswith(f"$ env OMP_NUM_THREADS={threads} ")
         metrics = json.loads((point / "metrics.json").read_text())
         assert metrics["bench/completed"] == 6 and metrics["bench/failed"] == 0
         for figure in ("ttft", "tpot", "itl", "e2el"):

@@ -482,7 +482,11 @@ class ServingConfig:
         _require_choice(self.quantization, ENGINE_QUANTIZATIONS[self.name], "serving.quantization")
         _require(0 <= self.port < 65536, "serving.port", f"{self.port} is not a port number")
         _require(self.startup_timeout_s > 0, "serving.startup_timeout_s", "must be > 0")
-        _require(self.num_threads >= -1, "serving.num_threads", "must be -1, 0 or a count")
+        _require(
+            self.num_threads >= -1,
+            "serving.num_threads",
+            f"{self.num_threads}: use -1 (all cores but one), 0 (torch's default) or a count",
+        )
         if self.name == "external":
             _require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
 
