@@ -130,10 +130,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def report_round(index: int, row: dict[bool, dict[str, float]]) -> float:
+    """Print one round's figures; its throughput ratio gateway/engine."""
     ratio = row[True]["output_throughput"] / row[False]["output_throughput"]
     for gateway in (False, True):
         THROUGHPUTS[gateway].append(row[gateway]["output_throughput"])
-    for gateway in (False, True):
         figures = "  ".join(f"{k}={v:.1f}" for k, v in row[gateway].items())
         print(f"round {index} gateway={gateway!s:<5} {figures}", flush=True)
     print(f"round {index} throughput gateway/engine = {ratio:.3f}", flush=True)
@@ -158,27 +158,42 @@ def main() -> None:
     )
     parser.add_argument("--interleaved", action="store_true", help="one engine, alternate")
     args = parser.parse_args()
-    if args.interleaved:
-        ratios = interleaved(args)
-        print(f"median throughput ratio gateway/engine: {statistics.median(ratios):.3f}")
-        means = {side: statistics.mean(values) for side, values in THROUGHPUTS.items()}
-        print(f"mean throughput engine {means[False]:.1f}, gateway {means[True]:.1f} tok/s")
-        print(f"ratio of mean throughputs gateway/engine: {means[True] / means[False]:.3f}")
-        print(f"median gateway CPU / engine CPU: {statistics.median(CPU_SHARES):.3f}")
-        return
+    ratios = interleaved(args) if args.interleaved else whole_benches(args)
+    summarize_rounds(ratios, "gateway_overhead-interleaved" if args.interleaved else None)
+
+
+def whole_benches(args: argparse.Namespace) -> list[float]:
+    """`run.py phase=bench` with and without the gateway, either first in turn."""
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.rounds):
             row = {}
-            for gateway in (False, True):
+            for gateway in (False, True) if index % 2 == 0 else (True, False):
                 metrics = bench(gateway, args, Path(tmp) / f"{index}-{gateway}")
                 if metrics["bench/failed"]:
                     raise SystemExit(f"failed requests: {metrics['bench/failure_reasons']}")
                 row[gateway] = {key: metrics[f"bench/{key}"] for key in FIGURES}
             ratios.append(report_round(index, row))
-    print(f"median throughput ratio gateway/engine: {statistics.median(ratios):.3f}")
+    return ratios
+
+
+def summarize_rounds(ratios: list[float], name: str | None) -> None:
+    """Print the medians and write benchmarks/results/<name>.json."""
+    from common import load_average, write_results
+
     means = {side: statistics.mean(values) for side, values in THROUGHPUTS.items()}
-    print(f"ratio of mean throughputs gateway/engine: {means[True] / means[False]:.3f}")
+    summary = {
+        "median_throughput_ratio": statistics.median(ratios),
+        "ratio_of_mean_throughputs": means[True] / means[False],
+        "mean_throughput_engine": means[False],
+        "mean_throughput_gateway": means[True],
+    }
+    if CPU_SHARES:
+        summary["median_gateway_cpu_share"] = statistics.median(CPU_SHARES)
+    for key, value in summary.items():
+        print(f"{key}: {value:.3f}")
+    rounds = {"ratios": ratios, "throughputs": {str(k): v for k, v in THROUGHPUTS.items()}}
+    write_results(name or "gateway_overhead", {**summary, **rounds, "load": load_average()})
 
 
 if __name__ == "__main__":
