@@ -306,3 +306,28 @@ def test_trainer_gets_the_slurm_plugin_only_under_slurm(monkeypatch, tmp_path):
     (callback,) = trainer_callbacks(tmp_path)
     assert isinstance(callback, RequeueOnSignal)
     assert callback.checkpoint == tmp_path / "checkpoints" / "last.ckpt"
+
+
+def test_a_slurm_sweep_without_slurm_stops_with_a_clear_error(tmp_path):
+    venv_only = str(Path(sys.executable).parent)  # python, but no sbatch or srun
+    result = run_cli(
+        "-m", *SLURM, *FAST, output_dir=tmp_path, check=False, env={"PATH": venv_only}
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert "hydra/launcher=slurm: sbatch and srun not found on PATH" in output
+    assert "hydra/launcher=joblib" in output  # and what to do instead
+    assert not run_dirs(tmp_path)  # nothing was submitted or run
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs sbatch (Slurm's client)")
+def test_a_slurm_sweep_whose_controller_is_down_names_sbatchs_answer(tmp_path):
+    conf = tmp_path / "slurm.conf"  # a cluster whose controller nobody runs
+    conf.write_text("ClusterName=nowhere\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n")
+    result = run_cli(
+        "-m", *SLURM, *FAST, output_dir=tmp_path, check=False, env={"SLURM_CONF": str(conf)}
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert "hydra/launcher=slurm: sbatch refused the sweep's jobs" in output
+    assert "Unable to contact slurm controller" in output

@@ -37,6 +37,32 @@ ENDED = {
 }
 
 
+def stop_for_bad_input(message: str) -> None:
+    """Exit 2 with one paragraph, as lmstack does for any input the user can fix (Hydra's
+    launcher machinery would show a traceback for an exception)."""
+    import sys
+
+    from lmstack.launch import EXIT_BAD_INPUT
+
+    print(f"lmstack: error: hydra/launcher=slurm: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def check_slurm_commands() -> None:
+    """sbatch and srun must be on PATH: a sweep submitted from a machine without Slurm stops
+    before anything is submitted."""
+    import shutil
+
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        stop_for_bad_input(
+            f"{' and '.join(missing)} not found on PATH, so there is no Slurm cluster to submit "
+            "to from this machine. Run the sweep on a Slurm login node, or run its points "
+            "here: drop hydra/launcher=slurm (one after another) or use hydra/launcher=joblib "
+            "(in parallel)."
+        )
+
+
 @functools.cache
 def sacct_answers() -> bool:
     """False where Slurm keeps no accounting database ("accounting storage is disabled")."""

@@ -25,9 +25,21 @@ if submitit_launcher is not None:
         def launch(
             self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
         ) -> Sequence[JobReturn]:
-            from lmstack.launchers import SqueueWatcher, failed_point, sacct_answers
+            from submitit.core.utils import FailedJobError
 
-            jobs = self._submit(job_overrides, initial_job_idx)
+            from lmstack.launchers import (
+                SqueueWatcher,
+                check_slurm_commands,
+                failed_point,
+                sacct_answers,
+                stop_for_bad_input,
+            )
+
+            check_slurm_commands()
+            try:
+                jobs = self._submit(job_overrides, initial_job_idx)
+            except FailedJobError as error:  # sbatch said no: its own words name the cause
+                stop_for_bad_input(f"sbatch refused the sweep's jobs: {error}")
             # how often, at most, job states are asked for (submitit's default with sacct)
             watcher = SqueueWatcher(delay_s=600 if sacct_answers() else 10)
             returns = []

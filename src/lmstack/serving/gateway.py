@@ -514,15 +514,15 @@ class Relay:
 
     def start(self) -> None:
         path = self.incoming.url
-        route = path.split(b"?", 1)[0]
-        if route == b"/health":
+        route = path.split(b"?", 1)[0].decode("latin-1")
+        if route == "/health":
             self.answer(200, self.gateway.health())
-        elif not route.startswith(b"/v1/"):
-            self.answer(404, error_payload(f"no route {route.decode()!r}", "not_found"))
+        elif not route.startswith("/v1/"):
+            self.answer(404, error_payload(f"no route {route!r}", "not_found"))
         else:
             body = b"".join(self.incoming.body)
-            if self.incoming.method == b"POST" and route[3:].decode() in ENDPOINTS:
-                body = self.begin_exchange(route[3:].decode(), body)
+            if self.incoming.method == b"POST" and route[3:] in ENDPOINTS:
+                body = self.begin_exchange(route[3:], body)
             self.request = self.gateway.upstream.request_bytes(self.incoming, path[3:], body)
             self.gateway.track(asyncio.ensure_future(self.send()))
 
