@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -183,6 +184,68 @@ def test_unreachable_upstream_is_a_502_with_a_trace(engine, tmp_path):
     assert f"upstream {dead_url} unreachable" in answer.json()["error"]["message"]
     (row,) = read_traces(tmp_path / TRACE_DB_NAME)
     assert row["status"] == 502 and "unreachable" in row["error"]
+
+
+@pytest.fixture
+def https_engine(engine, tmp_path):
+    """The engine behind a TLS-terminating server with its own certificate, as an external
+    API is reached: https, a certificate the gateway must verify."""
+    import http.server
+    import ssl
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            url = engine.base_url + self.path.removeprefix("/v1")
+            headers = {"content-type": "application/json"}
+            with httpx.stream("POST", url, content=body, headers=headers) as answer:
+                self.send_response(answer.status_code)
+                self.send_header("content-type", answer.headers["content-type"])
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for piece in answer.iter_raw():
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base_url = f"https://127.0.0.1:{server.server_address[1]}/v1"
+    yield dataclasses.replace(engine, base_url=base_url, engine="external"), cert
+    server.shutdown()
+
+
+def test_gateway_verifies_and_relays_an_https_upstream(https_engine, engine, tmp_path, monkeypatch):
+    upstream, cert = https_engine
+    direct = streamed(engine)
+    with gateway(upstream, make_config("logger=none"), tmp_path / "untrusted") as proxied:
+        answer = httpx.post(f"{proxied.base_url}/chat/completions", json={"model": engine.model})
+    assert answer.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in answer.text
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the gateway now trusts that certificate
+    with gateway(upstream, make_config("logger=none"), tmp_path) as proxied:
+        assert streamed(proxied) == direct
+    (row,) = read_traces(tmp_path / TRACE_DB_NAME)
+    assert row["status"] == 200 and row["response"] == direct[0] and row["engine"] == "external"
+    assert row["completion_tokens"] == direct[2].completion_tokens
 
 
 def test_redaction_keeps_prompts_out_of_the_store(engine, tmp_path):
