@@ -43,7 +43,9 @@ def test_a_run_that_is_not_a_reward_model_is_named(tmp_path):
     assert_rejected(result, f"objective.reward_model: '{tmp_path}' is not a reward-model run")
 
 
-def test_policy_outputs_match_the_rollout_log_probs(tiny_base, reward_run):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_policy_outputs_match_the_rollout_log_probs(tiny_base, reward_run, temperature):
+    """Log-probs (policy and reference) are those of the sampling policy, at its temperature."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmstack.data.prompts import collate_prompts
@@ -52,7 +54,7 @@ def test_policy_outputs_match_the_rollout_log_probs(tiny_base, reward_run):
     from lmstack.objectives.reward import load_reward_model
     from lmstack.objectives.rollout import completion_logprobs
 
-    objective = SimpleNamespace(max_new_tokens=6, temperature=1.0, top_p=1.0)
+    objective = SimpleNamespace(max_new_tokens=6, temperature=temperature, top_p=1.0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     module = PPOModule(model, tokenizer, load_reward_model(reward_run), objective, 1)
@@ -69,7 +71,12 @@ def test_policy_outputs_match_the_rollout_log_probs(tiny_base, reward_run):
     with torch.no_grad():
         logps, values = module.policy_outputs(rollout)
         expected = completion_logprobs(
-            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions, rollout.mask
+            model,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completions,
+            rollout.mask,
+            temperature,
         )
     assert torch.allclose(logps, expected, atol=1e-5)
     # full fine-tuning: the reference is a frozen copy, equal to the policy before training

@@ -144,7 +144,9 @@ class PPOModule(L.LightningModule):
         completions, mask = self.sample(batch, greedy=False)
         prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         with reference_of(self.model, self.reference) as reference:
-            ref_logps = completion_logprobs(reference, prompt_ids, prompt_mask, completions, mask)
+            ref_logps = completion_logprobs(
+                reference, prompt_ids, prompt_mask, completions, mask, self.objective.temperature
+            )
         scores = self.score(batch, completions, mask)
         return Rollout(prompt_ids, prompt_mask, completions, mask, scores, ref_logps)
 
@@ -167,7 +169,8 @@ class PPOModule(L.LightningModule):
         labels = torch.cat(
             [rollout.prompt_ids[:, -1:], rollout.completions.masked_fill(~rollout.mask, -100)], 1
         )
-        logps, _ = token_logprobs(output.logits[:, start:], labels)
+        # the ratio and the KL are those of the sampling policy, softmax(logits / temperature)
+        logps, _ = token_logprobs(output.logits[:, start:] / self.objective.temperature, labels)
         hidden = output.hidden_states[-1][:, start:-1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logps, values
