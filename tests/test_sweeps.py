@@ -259,6 +259,20 @@ def test_optuna_sweep_of_six_trials_writes_the_best_parameters(tmp_path):
     assert "optimization_results.yaml" in (sweep / "summary.md").read_text()
 
 
+def test_optuna_sweep_whose_every_trial_fails_still_ends_in_its_summary(tmp_path):
+    """Optuna's sweeper raises when no trial finished; the points that ran are summarized."""
+    missing = tmp_path / "no-such-rows.jsonl"
+    result = run_cli(
+        "-m", "sweep=lora_rank_optuna", "hydra.sweeper.n_trials=2", "data=jsonl",
+        f"data.path={missing}", "logger=none", output_dir=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "the sweep stopped early (see above); the 2 points that ran" in result.stderr
+    rows = summary_rows(sweep_dir_of(tmp_path))
+    assert [row["status"] for row in rows] == ["failed", "failed"]
+    assert "2 points: 2 failed" in result.stdout
+
+
 @pytest.mark.slow  # keeps the default suite under its 15-minute budget
 def test_interrupted_sweep_point_resumes_when_the_sweep_is_run_again(tmp_path):
     args = [

@@ -534,21 +534,47 @@ def logger_of(points: list[Point]) -> dict[str, Any]:
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: at the end of a multirun, the summary of its sweep dir."""
+    """Hydra callback: at the end of a multirun, the summary of its sweep dir.
+
+    Also when the sweep itself stops early: a sweeper that raises (Optuna's, when every
+    trial failed: "No trials are completed yet") never reaches `on_multirun_end`, so the
+    summary of the points that ran, with their failure reasons, is written at exit.
+    """
+
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        import atexit
+
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        atexit.register(self._summarize_unfinished_sweep)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         from omegaconf import OmegaConf
 
-        sweep_dir = Path(config.hydra.sweep.dir)
+        self.sweep_dir = None  # finished: nothing left for the exit hook
         logger_cfg = (
             OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
         )
-        try:
-            summary = summarize(sweep_dir, logger_cfg)
-        except LmstackError as error:
-            print(f"lmstack: {error}", file=sys.stderr, flush=True)
+        _print_summary(Path(config.hydra.sweep.dir), logger_cfg)
+
+    def _summarize_unfinished_sweep(self) -> None:
+        if self.sweep_dir is None or not self.sweep_dir.is_dir():
             return
-        print(report(summary), flush=True)
+        if ran := len(collect_points(self.sweep_dir)):
+            message = f"lmstack: the sweep stopped early (see above); the {ran} points that ran:"
+            print(message, file=sys.stderr, flush=True)
+            _print_summary(self.sweep_dir, None)  # no W&B: its own exit hooks may have run
+
+
+def _print_summary(sweep_dir: Path, logger_cfg: dict[str, Any] | None) -> None:
+    try:
+        summary = summarize(sweep_dir, logger_cfg)
+    except LmstackError as error:
+        print(f"lmstack: {error}", file=sys.stderr, flush=True)
+        return
+    print(report(summary), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
