@@ -697,6 +697,7 @@ class ClientConnection(asyncio.Protocol):
             payload = error_payload(f"invalid HTTP request: {error}", "bad_request")
             self.write(json_answer(400, payload, keep_alive=False))
             self.transport.close()
+            self.closed = True  # whatever else arrives on it is not answered
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
