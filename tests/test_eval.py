@@ -84,9 +84,7 @@ def test_greedy_eval_in_process_and_served_agree(tmp_path, sft_sweep):
         *QUIET,
     )
     evaluate(tmp_path / "local", *common)
-    served_run = evaluate(
-        tmp_path / "served", *common, "eval.target=served", "serving.continuous_batching=false"
-    )
+    served_run = evaluate(tmp_path / "served", *common, "eval.target=served")
     assert "starting hf engine" in served_run.stdout
     local, served = eval_metrics(tmp_path / "local"), eval_metrics(tmp_path / "served")
     assert served["eval/target"] == "served" and served["eval/described"]["path"]
@@ -225,7 +223,6 @@ def test_calibration_of_a_served_lmstack_judge_reports_the_four_figures(tmp_path
         tmp_path / "calibration",
         "eval=calibration",
         f"serving.model={judge_run}",
-        "serving.continuous_batching=false",
         "eval.judge.pairwise_prompt=judge_pairwise_compact",
         "eval.judge.calibration_size=12",
         *QUIET,
