@@ -27,4 +27,12 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        # Hydra exits 1 on any error. Before lmstack.launch is imported no task has started,
+        # so the error is in the user's input (an unknown option or key, a malformed
+        # override): exit 2, lmstack's code for bad input, as for a config value it rejects.
+        if stop.code == 1 and "lmstack.launch" not in sys.modules:
+            sys.exit(2)
+        raise

@@ -22,17 +22,20 @@ def assert_rejected(result, *fragments: str, max_seconds: float | None = None):
 def test_unknown_group_option(tmp_path):
     result = run_cli("adapter=lorax", output_dir=tmp_path, check=False)
     assert_rejected(result, "Could not find 'adapter/lorax'", "qlora")
+    assert result.returncode == 2  # bad input, as for a value lmstack rejects
 
 
 def test_unknown_key(tmp_path):
     result = run_cli("adapter.rank=4", output_dir=tmp_path, check=False)
     assert_rejected(result, "adapter.rank")
+    assert result.returncode == 2
 
 
 def test_wrong_type_answers_fast(tmp_path):
     started = time.perf_counter()
     result = run_cli("adapter.r=abc", output_dir=tmp_path, check=False)
     assert_rejected(result, "adapter.r", "abc")
+    assert result.returncode == 2
     assert time.perf_counter() - started < 5
 
 
