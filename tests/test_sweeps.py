@@ -271,6 +271,7 @@ def test_optuna_sweep_whose_every_trial_fails_still_ends_in_its_summary(tmp_path
     rows = summary_rows(sweep_dir_of(tmp_path))
     assert [row["status"] for row in rows] == ["failed", "failed"]
     assert "2 points: 2 failed" in result.stdout
+    assert f"data.path: no such file: {missing}" in result.stdout  # each failure's reason
 
 
 @pytest.mark.slow  # keeps the default suite under its 15-minute budget

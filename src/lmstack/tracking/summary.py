@@ -66,10 +66,17 @@ class Point:
     metrics: dict[str, float]
     config: dict[str, Any]
     metric_key: str | None = None
+    error: str = ""  # status.json's error of a failed point: a message or a traceback
 
     @property
     def metric(self) -> float | None:
         return self.metrics.get(self.metric_key) if self.metric_key else None
+
+    @property
+    def failure(self) -> str:
+        """Why the point failed, in one line: the error's last line (a traceback's exception)."""
+        lines = [line.strip() for line in self.error.splitlines() if line.strip()]
+        return lines[-1][:300] if lines else ""
 
 
 @dataclass
@@ -105,6 +112,7 @@ def collect_points(sweep_dir: Path) -> list[Point]:
                 status=(status or {}).get("status", "unknown"),
                 metrics=scalar_metrics(read_json(run_dir / "metrics.json") or {}),
                 config=_read_yaml(run_dir / "config.yaml"),
+                error=str((status or {}).get("error") or ""),
             )
         )
     return points
@@ -252,6 +260,8 @@ def markdown_report(summary: Summary, optuna: dict[str, Any] | None) -> str:
             f"-> {optuna.get('best_value')}"
         )
     lines += ["", markdown_table(summary.points, summary.swept, summary.metric_key), ""]
+    if failed := [p for p in summary.points if p.status == "failed" and p.failure]:
+        lines += ["Failed points:", *(f"- {p.run_dir.name}: {p.failure}" for p in failed), ""]
     return "\n".join(lines)
 
 
