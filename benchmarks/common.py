@@ -391,3 +391,111 @@ TABLE_COLUMNS = [
     "+ckpt RSS ratio",
     "load",
 ]
+
+
+# ---- what the LoRA training comparisons (sft.py, dpo.py) share ----------------------------
+
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_training_arguments(parser: Any) -> None:
+    """Options of every lmstack-vs-TRL training comparison, and the child process's own."""
+    import argparse
+
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run lmstack with trainer.gradient_checkpointing=true",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, on every side")
+    parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure it")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+
+
+def comparison_model(args: Any) -> tuple[Path, int, Any, float]:
+    """The benchmark model (built once, cached), its size, tokenizer and the matmul peak."""
+    from hardware import matmul_gflops
+    from transformers import AutoTokenizer
+
+    model = build_model()
+    params = parameter_count(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    peak = args.peak_gflops or matmul_gflops(args.threads)
+    print(f"model: {params / 1e6:.1f}M parameters ({model.name}); matmul peak {peak:.1f} GFLOP/s")
+    return model, params, tokenizer, peak
+
+
+def lmstack_lora_side(
+    overrides: list[str], model: Path, data: Path, args: Any, case: DataCase, tokens: int
+) -> Callable[[], dict[str, float]]:
+    """lmstack's own command line with the shared LoRA settings plus `overrides`;
+    train/seconds is its Lightning fit time."""
+    overrides = [
+        *overrides,
+        "model=hf",
+        f"model.name_or_path={model}",
+        "data=jsonl",
+        f"data.path={data}",
+        "data.eval_fraction=0",
+        f"data.batch_size={args.batch_size}",
+        f"data.max_length={case.max_length}",
+        f"trainer.max_steps={args.rows // args.batch_size}",
+        f"adapter.r={LORA['r']}",
+        f"adapter.alpha={LORA['alpha']}",
+        f"adapter.dropout={LORA['dropout']}",
+        "verify.enabled=false",
+    ]
+
+    def run() -> dict[str, float]:
+        metrics, child = run_lmstack(overrides, args.threads)
+        seconds = metrics["train/seconds"]
+        return {
+            "tokens": tokens,
+            "train_s": seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_rss_mb": child.peak_rss_mb,
+        }
+
+    return run
+
+
+def trl_lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
+
+
+def trl_training_options(args: Any) -> dict[str, Any]:
+    """TRL config fields both comparisons set: the shared settings, nothing else."""
+    return {
+        "per_device_train_batch_size": args.batch_size,
+        "num_train_epochs": 1,
+        "bf16": False,  # float32 on both sides
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_strategy": "no",
+    }
+
+
+def case_record(args: Any, case: DataCase, tokens: int, sides: list[Side]) -> dict[str, Any]:
+    """What results JSON keeps of one data case: sizes, medians and every sample."""
+    return {
+        "rows": args.rows,
+        "tokens": tokens,
+        "max_length": case.max_length,
+        "medians": {side.name: medians(side) for side in sides},
+        "samples": {side.name: side.samples for side in sides},
+    }

@@ -23,9 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def lmstack_side(
     model: Path, data: Path, args, case: common.DataCase, tokens: int, pre: bool, ckpt: bool
@@ -34,31 +31,8 @@ def lmstack_side(
         f"trainer.gradient_checkpointing={str(ckpt).lower()}",
         "objective=dpo",
         f"objective.precompute_ref={str(pre).lower()}",
-        "model=hf",
-        f"model.name_or_path={model}",
-        "data=jsonl",
-        f"data.path={data}",
-        "data.eval_fraction=0",
-        f"data.batch_size={args.batch_size}",
-        f"data.max_length={case.max_length}",
-        f"trainer.max_steps={args.rows // args.batch_size}",
-        f"adapter.r={LORA['r']}",
-        f"adapter.alpha={LORA['alpha']}",
-        f"adapter.dropout={LORA['dropout']}",
-        "verify.enabled=false",
     ]
-
-    def run() -> dict[str, float]:
-        metrics, child = common.run_lmstack(overrides, args.threads)
-        seconds = metrics["train/seconds"]
-        return {
-            "tokens": tokens,
-            "train_s": seconds,
-            "tokens_per_s": tokens / seconds,
-            "peak_rss_mb": child.peak_rss_mb,
-        }
-
-    return run
+    return common.lmstack_lora_side(overrides, model, data, args, case, tokens)
 
 
 def trl_child(args) -> None:
@@ -67,7 +41,6 @@ def trl_child(args) -> None:
 
     torch.set_num_threads(args.threads)
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -75,29 +48,16 @@ def trl_child(args) -> None:
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
             output_dir=out,
-            per_device_train_batch_size=args.batch_size,
+            **common.trl_training_options(args),
             max_length=args.max_length,
-            num_train_epochs=1,
-            bf16=False,  # float32 on both sides
-            use_cpu=True,
-            report_to="none",
-            disable_tqdm=True,
-            save_strategy="no",
             precompute_ref_log_probs=args.child == "precompute_ref",
-        )
-        peft_config = LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=TARGETS,
-            task_type="CAUSAL_LM",
         )
         trainer = DPOTrainer(
             model=args.model,
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=AutoTokenizer.from_pretrained(args.model),
-            peft_config=peft_config,
+            peft_config=common.trl_lora_config(),
         )
         result = trainer.train()
     figures = {"tokens": args.tokens, "train_s": result.metrics["train_runtime"]}
@@ -112,19 +72,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="default,precompute_ref", help="default, precompute_ref"
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run lmstack with trainer.gradient_checkpointing=true",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, on every side")
-    parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure it")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+    common.add_training_arguments(parser)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,14 +81,7 @@ def main() -> None:
 
 
 def compare(args) -> None:
-    from hardware import matmul_gflops
-    from transformers import AutoTokenizer
-
-    model = common.build_model()
-    params = common.parameter_count(model)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    peak = args.peak_gflops or matmul_gflops(args.threads)
-    print(f"model: {params / 1e6:.1f}M parameters ({model.name}); matmul peak {peak:.1f} GFLOP/s")
+    model, params, tokenizer, peak = common.comparison_model(args)
     results, rows_out = {}, []
     for name in args.cases.split(","):
         case = common.DATA_CASES[name]
@@ -163,15 +104,8 @@ def compare(args) -> None:
             trl = common.child_side(__file__, variant, options, args.threads)
             sides.append(common.Side(f"trl {variant}", trl))
             common.interleaved(sides, args.repeats)
-            medians = {side.name: common.medians(side) for side in sides}
-            rows_out += common.comparison_rows(f"{name}", medians, params, peak)
-            results[f"{name}/{variant}"] = {
-                "rows": args.rows,
-                "tokens": tokens,
-                "max_length": case.max_length,
-                "medians": medians,
-                "samples": {side.name: side.samples for side in sides},
-            }
+            record = results[f"{name}/{variant}"] = common.case_record(args, case, tokens, sides)
+            rows_out += common.comparison_rows(name, record["medians"], params, peak)
     common.print_table(
         f"DPO + LoRA, median of {args.repeats} (threads={args.threads})",
         rows_out,
@@ -184,7 +118,7 @@ def compare(args) -> None:
             "pairs_per_batch": args.batch_size,
             "threads": args.threads,
             "peak_gflops": peak,
-            "lora": LORA,
+            "lora": common.LORA,
             "versions": common.versions("torch", "transformers", "trl", "peft", "lightning"),
             "table": rows_out,
             "cases": results,

@@ -29,41 +29,13 @@ TRL_VARIANTS = {
     "padding_free": {"padding_free": True, "max_length": None},
     "packing": {"packing": True},
 }
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lmstack_side(
     model: Path, data: Path, args, case: common.DataCase, tokens: int, checkpointing: bool
 ):
-    """lmstack's own command line; train/seconds is its Lightning fit time."""
-    overrides = [
-        f"trainer.gradient_checkpointing={str(checkpointing).lower()}",
-        "model=hf",
-        f"model.name_or_path={model}",
-        "data=jsonl",
-        f"data.path={data}",
-        "data.eval_fraction=0",
-        f"data.batch_size={args.batch_size}",
-        f"data.max_length={case.max_length}",
-        f"trainer.max_steps={args.rows // args.batch_size}",
-        f"adapter.r={LORA['r']}",
-        f"adapter.alpha={LORA['alpha']}",
-        f"adapter.dropout={LORA['dropout']}",
-        "verify.enabled=false",
-    ]
-
-    def run() -> dict[str, float]:
-        metrics, child = common.run_lmstack(overrides, args.threads)
-        seconds = metrics["train/seconds"]
-        return {
-            "tokens": tokens,
-            "train_s": seconds,
-            "tokens_per_s": tokens / seconds,
-            "peak_rss_mb": child.peak_rss_mb,
-        }
-
-    return run
+    overrides = [f"trainer.gradient_checkpointing={str(checkpointing).lower()}"]
+    return common.lmstack_lora_side(overrides, model, data, args, case, tokens)
 
 
 def trl_side(model: Path, data: Path, args, case: common.DataCase, variant: str):
@@ -78,7 +50,6 @@ def trl_child(args) -> None:
 
     torch.set_num_threads(args.threads)
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -86,28 +57,15 @@ def trl_child(args) -> None:
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out,
-            per_device_train_batch_size=args.batch_size,
-            num_train_epochs=1,
-            bf16=False,  # float32 on both sides
-            use_cpu=True,
-            report_to="none",
-            disable_tqdm=True,
-            save_strategy="no",
+            **common.trl_training_options(args),
             **{"max_length": args.max_length, **TRL_VARIANTS[args.child]},
-        )
-        peft_config = LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=TARGETS,
-            task_type="CAUSAL_LM",
         )
         trainer = SFTTrainer(
             model=args.model,
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=AutoTokenizer.from_pretrained(args.model),
-            peft_config=peft_config,
+            peft_config=common.trl_lora_config(),
         )
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         result = trainer.train()
@@ -121,19 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cases", default="chat,mixed", help=f"of {', '.join(common.DATA_CASES)}")
     parser.add_argument("--trl", default="default,padding_free", help="TRL variants to run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run lmstack with trainer.gradient_checkpointing=true",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, on every side")
-    parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure it")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+    common.add_training_arguments(parser)
     args = parser.parse_args()
     if args.child:
         return trl_child(args)
@@ -141,14 +87,7 @@ def main() -> None:
 
 
 def compare(args) -> None:
-    from hardware import matmul_gflops
-    from transformers import AutoTokenizer
-
-    model = common.build_model()
-    params = common.parameter_count(model)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    peak = args.peak_gflops or matmul_gflops(args.threads)
-    print(f"model: {params / 1e6:.1f}M parameters ({model.name}); matmul peak {peak:.1f} GFLOP/s")
+    model, params, tokenizer, peak = common.comparison_model(args)
     results, rows_out = {}, []
     for name in args.cases.split(","):
         case = common.DATA_CASES[name]
@@ -164,15 +103,8 @@ def compare(args) -> None:
             for v in args.trl.split(",")
         ]
         common.interleaved(sides, args.repeats)
-        medians = {side.name: common.medians(side) for side in sides}
-        rows_out += common.comparison_rows(name, medians, params, peak)
-        results[name] = {
-            "rows": args.rows,
-            "tokens": tokens,
-            "max_length": case.max_length,
-            "medians": medians,
-            "samples": {side.name: side.samples for side in sides},
-        }
+        results[name] = common.case_record(args, case, tokens, sides)
+        rows_out += common.comparison_rows(name, results[name]["medians"], params, peak)
     common.print_table(
         f"SFT + LoRA, median of {args.repeats} (threads={args.threads})",
         rows_out,
@@ -185,7 +117,7 @@ def compare(args) -> None:
             "batch_size": args.batch_size,
             "threads": args.threads,
             "peak_gflops": peak,
-            "lora": LORA,
+            "lora": common.LORA,
             "versions": common.versions("torch", "transformers", "trl", "peft", "lightning"),
             "table": rows_out,
             "cases": results,
