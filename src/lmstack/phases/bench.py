@@ -15,7 +15,7 @@ from typing import Any
 
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
-from lmstack.tracking.run_dir import finished_metrics, set_status, write_json
+from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
 TABLE_KEYS = (
     "completed",
@@ -42,9 +42,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from lmstack.serving.engines import serve
 
     config, run_dir = ctx.config, ctx.run_dir
-    if (done := finished_metrics(run_dir)) and not config.run.rerun:
-        print(f"lmstack: {run_dir} already holds this finished benchmark; its results:")
-        print_table(done)
+    done = previous_results(run_dir, config.run.rerun, "benchmark", print_table)
+    if done is not None:
         return done
     bench = config.bench
     requests = build_requests(bench, config.prompt)

@@ -18,7 +18,7 @@ from typing import Any
 from lmstack.config.schema import EVAL_SUITES
 from lmstack.data import arith
 from lmstack.phases.context import RunContext
-from lmstack.tracking.run_dir import finished_metrics, set_status, write_json
+from lmstack.tracking.run_dir import finished_metrics, previous_results, set_status, write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,8 @@ SUITES_NEEDING_JUDGE = ("judge", "calibration")
 
 def run(ctx: RunContext) -> dict[str, Any]:
     config, run_dir = ctx.config, ctx.run_dir
-    if (done := finished_metrics(run_dir)) and not config.run.rerun:
-        print(f"lmstack: {run_dir} already holds this finished evaluation; its results:")
-        print_summary(done)
+    done = previous_results(run_dir, config.run.rerun, "evaluation", print_summary)
+    if done is not None:
         return done
 
     eval_cfg = config.eval

@@ -12,16 +12,15 @@ from typing import Any
 
 from lmstack.data.sources import Rows, load_rows
 from lmstack.phases.context import RunContext
-from lmstack.tracking.run_dir import finished_metrics, set_status, write_json
+from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
 log = logging.getLogger(__name__)
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
     config, run_dir = ctx.config, ctx.run_dir
-    if (done := finished_metrics(run_dir)) and not config.run.rerun:
-        print(f"lmstack: {run_dir} already holds this finished run; its results:")
-        print_summary(done)
+    done = previous_results(run_dir, config.run.rerun, "run", print_summary)
+    if done is not None:
         return done
 
     # data first: bad input fails here, before any model is loaded

@@ -8,6 +8,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,18 @@ def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     if status.get("status") != "finished":
         return None
     return read_json(run_dir / "metrics.json")
+
+
+def previous_results(
+    run_dir: Path, rerun: bool, what: str, show: Callable[[dict[str, Any]], None]
+) -> dict[str, Any] | None:
+    """A finished run's metrics, shown with `show`, when it is not to be run again (the phase
+    then returns them as they are); None when the phase has its work to do."""
+    if rerun or not (done := finished_metrics(run_dir)):
+        return None
+    print(f"lmstack: {run_dir} already holds this finished {what}; its results:")
+    show(done)
+    return done
 
 
 def package_versions() -> dict[str, str]:
