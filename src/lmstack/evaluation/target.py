@@ -107,33 +107,26 @@ class InProcessTarget:
     def _generate(self, texts: list[str], seed: int) -> list[str]:
         import torch
 
-        model, tokenizer, sampling = self.local.model, self.local.tokenizer, self.sampling
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        from lmstack.evaluation.verifier import generate_batched
+
+        sampling = self.sampling
         sample = sampling.temperature > 0
-        extra = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sample else {}
-        answers: list[str] = []
-        try:
-            torch.manual_seed(seed)
-            for start in range(0, len(texts), sampling.batch_size):
-                batch = tokenizer(
-                    texts[start : start + sampling.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    # chat templates bring their own bos; plain text needs the tokenizer's
-                    add_special_tokens=not self.chat,
-                ).to(model.device)
-                with torch.no_grad():
-                    output = model.generate(
-                        **batch,
-                        max_new_tokens=sampling.max_new_tokens,
-                        do_sample=sample,
-                        pad_token_id=tokenizer.pad_token_id,
-                        **extra,
-                    )
-                new = output[:, batch["input_ids"].shape[1] :]
-                answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-        finally:
-            tokenizer.padding_side = side
+        options = (
+            {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            if sample
+            else {}
+        )
+        torch.manual_seed(seed)
+        answers = generate_batched(
+            self.local.model,
+            self.local.tokenizer,
+            texts,
+            sampling.max_new_tokens,
+            sampling.batch_size,
+            # chat templates bring their own bos; plain text needs the tokenizer's
+            add_special_tokens=not self.chat,
+            **options,
+        )
         return [cut_at_stop(a, self.chat) for a in answers]
 
 
