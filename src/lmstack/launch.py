@@ -118,6 +118,7 @@ PHASE_MODULES = {
     "bench": "lmstack.phases.bench",
     "eval": "lmstack.phases.eval",
     "report": "lmstack.phases.report",
+    "label": "lmstack.phases.label",
 }
 
 

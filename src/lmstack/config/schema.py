@@ -23,7 +23,7 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
 LOGGERS = ("wandb", "csv", "none")
-PHASES = ("train", "pipeline", "serve", "bench", "eval", "report")
+PHASES = ("train", "pipeline", "serve", "bench", "eval", "report", "label")
 ENGINES = ("hf", "vllm", "external")
 # what `serving.quantization` may ask of each engine (bnb on hf; vLLM's own methods on GPUs)
 ENGINE_QUANTIZATIONS = {
@@ -810,6 +810,28 @@ class ReportConfig:
 
 
 @dataclass
+class LabelConfig:
+    """phase=label: the blind pairwise labelling page (conf/label/)."""
+
+    name: str = "default"
+    # arena: the eval.arena models answer eval.arena.num_prompts prompts, every pair is an item;
+    # or a jsonl of {prompt, answer_a, answer_b} rows (optional model_a, model_b, id)
+    items: str = "arena"
+    # 127.0.0.1: this machine only; any other address needs the access token
+    host: str = "127.0.0.1"
+    # fixed, so that open pages find a restarted server again; 0 = a free port
+    port: int = 8765
+    # environment variable holding the access token (required in every URL when set);
+    # bound beyond this machine without one, a token is generated and kept in the run dir
+    token_env: str = ""
+    title: str = ""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "label.port", f"{self.port} is not a port number")
+        _require(bool(self.items), "label.items", "'arena' or a jsonl of answer pairs")
+
+
+@dataclass
 class VerifyConfig:
     """Held-out verifier score before and after training (the demo's proof)."""
 
@@ -866,6 +888,7 @@ class Config:
     cost: Any = MISSING
     monitor: Any = MISSING
     report: Any = MISSING
+    label: Any = MISSING
     seed: int = 1234
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -906,6 +929,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "cost": CostConfig,
     "monitor": MonitorConfig,
     "report": ReportConfig,
+    "label": LabelConfig,
 }
 OBJECTIVE_SCHEMAS: dict[str, type] = {
     "pretrain": PretrainObjectiveConfig,
@@ -926,6 +950,8 @@ PHASE_GROUPS: dict[str, tuple[str, ...]] = {
     "eval": ("phase", "model", "quantization", "serving", "prompt", "eval", "cost"),
     # the report always re-reads its source (see phases/report.py)
     "report": ("phase", "report", "cost", "monitor"),
+    # a restarted page (same command) finds its run directory, and so its votes, again
+    "label": ("phase", "model", "quantization", "prompt", "eval", "label"),
 }
 
 # Keys that do not change what a run computes: left out of the run identity.
@@ -946,4 +972,8 @@ COSMETIC_KEYS = (
     "serving.port",
     "serving.startup_timeout_s",
     "bench.request_timeout_s",
+    "label.host",
+    "label.port",
+    "label.token_env",
+    "label.title",
 )

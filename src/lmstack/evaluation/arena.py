@@ -66,6 +66,27 @@ def model_config_for(model_cfg: Any, path: str | None) -> Any:
     return dataclasses.replace(model_cfg, source="hf", name_or_path=path, init_from=None)
 
 
+def answer_all(
+    models: list[tuple[str, str | None]], questions: list[str], config: Any, cache_dir: str
+) -> dict[str, list[str]]:
+    """Each model, loaded in turn in this process, answers every question (greedy, the
+    `prompt` group's template, eval.max_new_tokens)."""
+    from lmstack.evaluation.target import InProcessTarget, Sampling, load_local_model
+
+    rows = [{"question": question} for question in questions]
+    sampling = Sampling(config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    answers: dict[str, list[str]] = {}
+    for name, path in models:
+        print(f"lmstack: arena model {name}", flush=True)
+        local = load_local_model(
+            model_config_for(config.model, path), config.quantization, cache_dir
+        )
+        target = InProcessTarget(local, config.prompt, config.eval.chat, sampling)
+        answers[name] = [row[0] for row in target.answers(rows)]
+        del local, target
+    return answers
+
+
 def verifier_battles(
     names: list[str], correct: dict[str, list[float]]
 ) -> list[tuple[str, str, float]]:

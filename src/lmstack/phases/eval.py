@@ -365,22 +365,12 @@ def suite_faithfulness(session: Session) -> dict[str, Any]:
 def suite_arena(session: Session) -> dict[str, Any]:
     """Each arena model (in process, greedy) answers the same prompts; battles; ratings."""
     from lmstack.evaluation import arena
-    from lmstack.evaluation.target import InProcessTarget, Sampling, load_local_model
 
     arena_cfg, config = session.eval.arena, session.config
     models = arena.expand_models(list(arena_cfg.models))
-    problems = arith.problems(arena_cfg.num_prompts, PROBLEM_SEED + 1, held_out=True)
-    rows = [{"question": p.question} for p in problems]
-    answers: dict[str, list[str]] = {}
-    for name, path in models:
-        print(f"lmstack: arena model {name}", flush=True)
-        local = load_local_model(
-            arena.model_config_for(config.model, path), config.quantization, session.ctx.cache_dir
-        )
-        sampling = Sampling(session.eval.max_new_tokens, batch_size=session.eval.batch_size)
-        target = InProcessTarget(local, config.prompt, session.eval.chat, sampling)
-        answers[name] = [row[0] for row in target.answers(rows)]
-        del local, target
+    problems = arena_problems(arena_cfg)
+    questions = [p.question for p in problems]
+    answers = arena.answer_all(models, questions, config, session.ctx.cache_dir)
     names = [name for name, _ in models]
     unparsed = 0
     if arena_cfg.judge == "verifier":
@@ -412,6 +402,11 @@ def suite_arena(session: Session) -> dict[str, Any]:
         for key in ("rating", "ci_low", "ci_high"):
             metrics[f"arena/{row['model']}/{key}"] = row[key]
     return metrics
+
+
+def arena_problems(arena_cfg: Any) -> list[arith.Problem]:
+    """The arena's prompts (phase=label pairs the same answers for people)."""
+    return arith.problems(arena_cfg.num_prompts, PROBLEM_SEED + 1, held_out=True)
 
 
 def judge_battles(session: Session, names, problems, answers):

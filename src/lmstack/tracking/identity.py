@@ -88,7 +88,7 @@ def _drop(tree: dict[str, Any], parts: list[str]) -> None:
 def run_name(cfg: DictConfig) -> str:
     """Readable prefix: objective-adapter[-quantization], e.g. sft-lora; or pipeline."""
     phase = cfg.get("phase", {}).get("name")
-    if phase in ("pipeline", "report"):
+    if phase in ("pipeline", "report", "label"):
         return phase
     if phase == "eval":
         # eval-in_process, eval-served-hf: what was evaluated, and through what
