@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lmstack.distributed import is_rank_zero, process_rank
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
 
@@ -36,6 +37,8 @@ QUIET_WARNINGS = (
     r".*'set_vital' is deprecated.*",
     # any run on a machine with Slurm installed; lmstack's Slurm launcher does use srun
     r".*The `srun` command is available on your system but is not used.*",
+    # every rank of a multi-process run validates on the whole held-out set: same figure
+    r".*when logging on epoch level in distributed setting.*",
 )
 
 
@@ -92,10 +95,11 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
     identity = run_id(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)
-    if config.run.rerun or not finished_metrics(run_dir):
+    rank_zero = is_rank_zero()  # the other ranks of a multi-process run write no records
+    if rank_zero and (config.run.rerun or not finished_metrics(run_dir)):
         write_run_records(cfg, run_dir, identity, data_fingerprint(resolved["data"]))
         set_status(run_dir, "running", run_id=identity, **slurm_job())
-    if report := os.environ.get(RUN_DIR_REPORT):
+    if rank_zero and (report := os.environ.get(RUN_DIR_REPORT)):
         # a pipeline stage tells the pipeline where it ran
         Path(report).write_text(str(run_dir.resolve()))
     return RunContext(
@@ -192,6 +196,8 @@ def _record(run_dir: Path, status: str, detail: str) -> None:
 
 
 def _fail(run_dir: Path, multirun: bool, message: str, exit_code: int) -> None:
+    if not is_rank_zero():  # one rank of a multi-process run: say which
+        message = f"rank {process_rank()}: {message}"
     _record(run_dir, "failed", message)
     print(message, file=sys.stderr, flush=True)
     if not multirun:

@@ -365,6 +365,34 @@ class DataConfig:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
 
 
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+
+
+@dataclass
+class FSDPSettings:
+    """trainer.strategy=fsdp (Lightning's FSDPStrategy; CUDA GPUs only)."""
+
+    # FULL_SHARD: weights, grads and optimizer states split across ranks (least memory);
+    # SHARD_GRAD_OP: only grads and states (ZeRO-2-like); HYBRID_SHARD: full inside a node
+    sharding_strategy: str = "FULL_SHARD"
+    # recompute each decoder layer's activations in backward (less memory, ~30% slower)
+    activation_checkpointing: bool = False
+    # keep sharded weights in host memory between uses (much less GPU memory, slower)
+    cpu_offload: bool = False
+    # full: one consolidated checkpoint (rank zero); sharded: one file a rank (faster, large)
+    state_dict_type: str = "full"
+
+
+@dataclass
+class DeepSpeedSettings:
+    """trainer.strategy=deepspeed_stage_2/3 (where DeepSpeed is installed; CUDA only)."""
+
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    activation_checkpointing: bool = False
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 500
@@ -373,7 +401,18 @@ class TrainerConfig:
     gradient_clip_val: float = 1.0
     precision: str = "32-true"
     accelerator: str = "auto"
+    # processes per node (GPUs, or CPU processes with accelerator=cpu); data.batch_size is the
+    # global batch, split evenly across devices * num_nodes
     devices: int = 1
+    num_nodes: int = 1
+    # auto (one device: none; several: ddp), ddp, fsdp, deepspeed_stage_2, deepspeed_stage_3
+    strategy: str = "auto"
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    # memory of one device in GB for the memory plan; null = detected (GPU memory, or RAM)
+    device_memory_gb: float | None = None
+    # refuse a run the memory plan says will not fit (false: only print the plan)
+    memory_check: bool = True
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     enable_progress_bar: bool = True
@@ -394,6 +433,17 @@ class TrainerConfig:
             "trainer.checkpoint_every_n_steps",
             "must be positive",
         )
+        _require_choice(self.strategy, STRATEGIES, "trainer.strategy")
+        _require(self.devices >= 1, "trainer.devices", f"must be >= 1, got {self.devices}")
+        _require(self.num_nodes >= 1, "trainer.num_nodes", f"must be >= 1, got {self.num_nodes}")
+        _require_choice(
+            self.fsdp.sharding_strategy, FSDP_SHARDING, "trainer.fsdp.sharding_strategy"
+        )
+        _require_choice(
+            self.fsdp.state_dict_type, ("full", "sharded"), "trainer.fsdp.state_dict_type"
+        )
+        if self.device_memory_gb is not None:
+            _require(self.device_memory_gb > 0, "trainer.device_memory_gb", "must be > 0 or null")
 
 
 @dataclass
@@ -904,10 +954,33 @@ class Config:
                 "report.source",
                 "phase=report needs a trace store, run or sweep directory (report.source=PATH)",
             )
+        self._check_scale_out()
         if self.adapter.name == "none" and self.quantization.name != "none":
             raise ConfigError(
                 f"quantization={self.quantization.name} with adapter=none: a quantized base "
                 "cannot be fully fine-tuned; pick adapter=lora, dora or qlora"
+            )
+
+    def _check_scale_out(self) -> None:
+        """What a strategy needs of the rest of the config (the machine is checked later,
+        before the model loads: lmstack.distributed.check_machine)."""
+        trainer = self.trainer
+        world = trainer.devices * trainer.num_nodes
+        sharded = trainer.strategy in ("fsdp", "deepspeed_stage_3")
+        if sharded and self.quantization.name != "none":
+            raise ConfigError(
+                f"trainer.strategy={trainer.strategy} with quantization={self.quantization.name} "
+                f"(adapter={self.adapter.name}): a bitsandbytes-quantized base cannot be sharded. "
+                "Use trainer.strategy=ddp (each device holds the small quantized base), or keep "
+                "the strategy with adapter=lora quantization=none."
+            )
+        if world > 1 and self.phase.name in ("train", "pipeline"):
+            _require(
+                self.data.batch_size % world == 0,
+                "data.batch_size",
+                f"{self.data.batch_size} is the global batch and must split evenly across "
+                f"trainer.devices * trainer.num_nodes = {world} processes; "
+                f"pick a multiple of {world}",
             )
 
 

@@ -22,6 +22,12 @@ class ResumableBatchSampler:
     Its state (epoch, batches served) travels in Lightning's checkpoint through
     StatefulDataLoader, so a resumed run sees exactly the batches an
     uninterrupted run would have seen.
+
+    Under DDP/FSDP each batch is the global batch: every rank draws the same order and keeps
+    its own contiguous share (`batch_size / world_size` indices), so every rank takes the same
+    number of steps and the ranks together see what one process would. The state counts
+    global batches, the same on every rank: the checkpoint (written by rank zero) restores
+    each rank to its own position.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True):
@@ -42,10 +48,13 @@ class ResumableBatchSampler:
         return torch.randperm(self.num_examples, generator=generator).tolist()
 
     def __iter__(self):
+        from lmstack.distributed import distributed_world
+
         order = self._order()
         batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        rank, world = distributed_world()
         while self.served < len(batches):
-            batch = batches[self.served]
+            batch = shard(batches[self.served], rank, world)
             self.served += 1
             yield batch
         self.epoch += 1
@@ -57,6 +66,14 @@ class ResumableBatchSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = state["epoch"]
         self.served = state["served"]
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """Rank `rank`'s contiguous share of a global batch (the whole batch in one process)."""
+    if world == 1:
+        return batch
+    size = len(batch) // world
+    return batch[rank * size : (rank + 1) * size]
 
 
 def collate_packed(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:

@@ -81,15 +81,33 @@ class CausalLMModule(TrainedModelModule):
         ).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = causal_lm_loss(self(batch), batch["labels"])
+        loss = global_token_mean_loss(self(batch), batch["labels"], self.trainer.world_size)
         targets = (batch["labels"][:, 1:] != -100).sum()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/target_tokens", targets.float(), reduce_fx="sum")
+        # under DDP each rank's loss is its share of the global mean: their mean is the loss
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/target_tokens", targets.float(), reduce_fx="sum", sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = causal_lm_loss(self(batch), batch["labels"])
         self.log("val/loss", loss, prog_bar=True, batch_size=1)
+
+
+def global_token_mean_loss(logits: torch.Tensor, labels: torch.Tensor, world: int) -> torch.Tensor:
+    """This rank's part of the mean cross-entropy over every target token of the global batch.
+
+    DDP averages gradients over ranks, so each rank returns `world * sum_local / N_global`
+    (N_global: target tokens on all ranks): the average is then exactly the gradient of one
+    process's loss on the whole batch, however unevenly the tokens fall across ranks.
+    """
+    if world == 1:
+        return causal_lm_loss(logits, labels)
+    from lmstack.distributed import all_reduce_sum
+    from lmstack.objectives.losses import token_logprobs
+
+    logps, mask = token_logprobs(logits, labels)
+    total = all_reduce_sum(mask.sum().detach())
+    return -logps.sum() * world / total
 
 
 def adamw_with_schedule(model: torch.nn.Module, objective: Any, total_steps: int) -> dict:

@@ -9,6 +9,7 @@ one (no second copy of the base weights), else a frozen copy taken at the start.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,9 +68,30 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
     then carries its own, so training runs no reference forward pass."""
     from pathlib import Path
 
+    cache = Path(config.paths.ref_logps_dir) / f"{reference_cache_key(examples, loaded, config)}.pt"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # the ranks of a multi-process run (and concurrent sweep points) compute it once: the
+    # first to take the lock computes, the others wait and read it
+    with cache_lock(cache):
+        return _load_or_compute(cache, module, examples, loaded, config)
+
+
+@contextmanager
+def cache_lock(cache: Any):
+    """An exclusive lock on `<cache>.lock` while held."""
+    import fcntl
+
+    with open(cache.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_or_compute(cache: Any, module: DPOModule, examples: list[dict], loaded: Any, config: Any):
     from lmstack.data.loading import collate_preference
 
-    cache = Path(config.paths.ref_logps_dir) / f"{reference_cache_key(examples, loaded, config)}.pt"
     hit = cache.exists()
     if hit:
         logps = torch.load(cache)
@@ -86,7 +108,6 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
             )
             parts.append(torch.stack(module.reference_logps(batch), dim=1))
         logps = torch.cat(parts)
-        cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(logps, cache.with_suffix(".tmp"))
         cache.with_suffix(".tmp").rename(cache)
         print(f"lmstack: reference log-probs of {len(examples)} pairs cached", flush=True)
@@ -151,12 +172,13 @@ class DPOModule(TrainedModelModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         result, chosen, rejected = self.step(batch)
-        pairs = chosen.numel()
-        self.log("train/loss", result["loss"], prog_bar=True, batch_size=pairs)
-        self.log("train/reward_margin", result["margins"].mean(), batch_size=pairs)
-        self.log("train/reward_accuracy", result["accuracy"], batch_size=pairs)
-        self.log("train/logps_chosen", chosen.mean(), batch_size=pairs)
-        self.log("train/logps_rejected", rejected.mean(), batch_size=pairs)
+        # means over the global batch: every rank holds as many pairs (data.batch_size / world)
+        log = dict(batch_size=chosen.numel(), sync_dist=True)
+        self.log("train/loss", result["loss"], prog_bar=True, **log)
+        self.log("train/reward_margin", result["margins"].mean(), **log)
+        self.log("train/reward_accuracy", result["accuracy"], **log)
+        self.log("train/logps_chosen", chosen.mean(), **log)
+        self.log("train/logps_rejected", rejected.mean(), **log)
         return result["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -197,16 +197,24 @@ class GRPOModule(TrainedModelModule):
     def log_rollout(self, rollout: Rollout, result: dict[str, torch.Tensor]) -> None:
         """Statistics of the batch's rollouts and of its last policy update."""
         size = rollout.rewards.numel()
-        self.log("train/loss", result["loss"].detach(), prog_bar=True, batch_size=size)
-        self.log("train/reward_mean", rollout.rewards.mean(), prog_bar=True, batch_size=size)
-        self.log("train/reward_std", rollout.rewards.std(), batch_size=size)
+        self.log(
+            "train/loss", result["loss"].detach(), prog_bar=True, batch_size=size, sync_dist=True
+        )
+        self.log(
+            "train/reward_mean",
+            rollout.rewards.mean(),
+            prog_bar=True,
+            batch_size=size,
+            sync_dist=True,
+        )
+        self.log("train/reward_std", rollout.rewards.std(), batch_size=size, sync_dist=True)
         for key, scores in rollout.parts.items():
-            self.log(f"train/reward_{key}", scores.float().mean(), batch_size=size)
+            self.log(f"train/reward_{key}", scores.float().mean(), batch_size=size, sync_dist=True)
         if rollout.ref_logps is not None:
-            self.log("train/kl", result["kl"], batch_size=size)
-        self.log("train/clip_fraction", result["clip_fraction"], batch_size=size)
+            self.log("train/kl", result["kl"], batch_size=size, sync_dist=True)
+        self.log("train/clip_fraction", result["clip_fraction"], batch_size=size, sync_dist=True)
         lengths = rollout.mask.sum(-1).float()
-        self.log("train/completion_length", lengths.mean(), batch_size=size)
+        self.log("train/completion_length", lengths.mean(), batch_size=size, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions of held-out prompts, scored by the same reward functions."""

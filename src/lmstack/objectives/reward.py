@@ -101,9 +101,9 @@ class RewardModule(TrainedModelModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         result, pairs = self.step(batch)
-        self.log("train/loss", result["loss"], prog_bar=True, batch_size=pairs)
-        self.log("train/accuracy", result["accuracy"], batch_size=pairs)
-        self.log("train/margin", result["margin"], batch_size=pairs)
+        self.log("train/loss", result["loss"], prog_bar=True, batch_size=pairs, sync_dist=True)
+        self.log("train/accuracy", result["accuracy"], batch_size=pairs, sync_dist=True)
+        self.log("train/margin", result["margin"], batch_size=pairs, sync_dist=True)
         return result["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

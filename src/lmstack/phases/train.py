@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.data.sources import Rows, load_rows
+from lmstack.distributed import is_rank_zero
 from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
@@ -25,6 +26,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # data first: bad input fails here, before any model is loaded
     rows = load_rows(config.data, config.objective.name)
+    from lmstack.distributed import check_machine
+
+    check_machine(config.trainer)
 
     import lightning as L
     import torch
@@ -38,11 +42,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     objective = objective_module(config.objective.name)
     loaded = getattr(objective, "load_model", load_for_training)(config, ctx.cache_dir)
-    print(
-        f"lmstack: {loaded.trainable_params:,} trainable of {loaded.total_params:,} parameters "
-        f"({100 * loaded.trainable_params / loaded.total_params:.2f}%)",
-        flush=True,
-    )
+    if is_rank_zero():
+        print(
+            f"lmstack: {loaded.trainable_params:,} trainable of {loaded.total_params:,} "
+            f"parameters ({100 * loaded.trainable_params / loaded.total_params:.2f}%)",
+            flush=True,
+        )
     setup = objective.setup(config, loaded, rows)
     metrics: dict[str, Any] = {
         "run_id": ctx.run_id,
@@ -64,6 +69,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
         }
         metrics |= validate(trainer, setup)
+        if not is_rank_zero():
+            # the other ranks only train: rank zero verifies and writes the run's records
+            return metrics
         metrics |= verify(loaded, rows, config, "after")
         getattr(objective, "save", save_artifacts)(setup, loaded, config, run_dir)
         if logger:
@@ -72,6 +80,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
         from lmstack.tracking.loggers import finish_logger
 
         finish_logger(logger)
+    from lmstack.distributed import join_ranks
+
+    join_ranks(trainer)
     write_json(run_dir / "metrics.json", metrics)
     set_status(run_dir, "finished")
     print_summary(metrics)
@@ -92,11 +103,14 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lmstack.distributed import adopt_launcher, build_strategy
     from lmstack.slurm import trainer_callbacks, trainer_plugins
     from lmstack.tracking.loggers import build_logger
 
     trainer_cfg = ctx.config.trainer
-    logger = build_logger(ctx.config.logger, ctx.run_dir, ctx.run_id, ctx.group, ctx.resolved)
+    logger = False
+    if is_rank_zero():  # one W&B run, written by rank zero
+        logger = build_logger(ctx.config.logger, ctx.run_dir, ctx.run_id, ctx.group, ctx.resolved)
     checkpoint = ModelCheckpoint(
         dirpath=str(ctx.run_dir / "checkpoints"),
         every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
@@ -109,6 +123,10 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         max_epochs=trainer_cfg.max_epochs,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=build_strategy(trainer_cfg),
+        # lmstack's batch sampler gives each rank its share of the global batch itself
+        use_distributed_sampler=False,
         precision=trainer_cfg.precision,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         gradient_clip_val=clip_val if automatic_optimization else None,
@@ -122,6 +140,7 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         plugins=trainer_plugins(),
         default_root_dir=str(ctx.run_dir),
     )
+    adopt_launcher(trainer, ctx.run_dir)
     return trainer, logger
 
 
@@ -137,6 +156,8 @@ def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
     """Held-out verifier score of the built-in task (the demo's before/after figure)."""
     # a reward model has a score head, not a language-model head: nothing to generate
     if not (config.verify.enabled and rows.problems and loaded.model.can_generate()):
+        return {}
+    if not is_rank_zero():  # the ranks hold the same weights: one verifies
         return {}
     from lmstack.evaluation.verifier import verifier_score
 
