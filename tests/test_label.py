@@ -323,3 +323,37 @@ def test_bad_input_is_a_4xx_and_the_store_is_unchanged(tmp_path):
         ("carol", "A")
     ]
     assert json.loads((run_dir / "label_summary.json").read_text())["label/votes"] == 1
+
+
+@pytest.mark.slow  # two models load and answer (~30 s on 2 busy cores)
+def test_arena_items_pair_every_model_on_every_prompt_with_models_hidden(tmp_path, tiny_random):
+    """label.items=arena: the eval.arena models answer (in process); the page names no model."""
+    page = LabelPage(
+        tmp_path / "out",
+        f"eval.arena.models=[base,{tiny_random}]",
+        "eval.arena.num_prompts=3",
+        "eval.max_new_tokens=8",
+    )
+    try:
+        page.start()
+        seen = set()
+        for _ in range(3):
+            answer = httpx.get(f"{page.base}/api/next?labeller=dan").json()
+            assert answer["total"] == 3  # one pair of models x 3 prompts
+            assert "base" not in json.dumps(answer) and tiny_random.name not in json.dumps(answer)
+            seen.add(answer["item"]["id"])
+            vote = {"labeller": "dan", "item_id": answer["item"]["id"], "choice": "tie"}
+            assert httpx.post(f"{page.base}/api/vote", json=vote).json()["recorded"]
+        assert len(seen) == 3
+    finally:
+        page.stop()
+    (run_dir,) = run_dirs(tmp_path / "out")
+    items = votes_items(run_dir)
+    assert {(i.model_x, i.model_y) for i in items} == {("base", tiny_random.name)}
+    assert all(" has " in i.prompt for i in items)  # the arena's arithmetic prompts
+
+
+def votes_items(run_dir: Path):
+    from lmstack.evaluation.votes import ITEMS_FILE_NAME, read_items
+
+    return read_items(run_dir / ITEMS_FILE_NAME)

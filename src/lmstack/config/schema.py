@@ -666,17 +666,27 @@ class ArenaConfig:
     # run directories, sweep directories (each finished run in them), HF folders, or "base"
     # (the `model` group's model)
     models: list[str] = field(default_factory=list)
-    # verifier: the task's checker decides each battle; judge: the LLM judge, both orders
+    # verifier: the task's checker decides each battle; judge: the LLM judge, both orders;
+    # none: no machine battles (ratings from human_votes only)
     judge: str = "verifier"
+    # a labelling session (phase=label's run directory or its votes.sqlite): people's votes
+    # rated too, reported apart from the machine's
+    human_votes: str = ""
     num_prompts: int = 40
     bootstrap_rounds: int = 1000
     # the model whose rating is pinned at 1000; empty = the first
     anchor: str = ""
 
     def check(self, enabled: bool) -> None:
-        _require_choice(self.judge, ("verifier", "judge"), "eval.arena.judge")
+        _require_choice(self.judge, ("verifier", "judge", "none"), "eval.arena.judge")
         _require(self.bootstrap_rounds >= 10, "eval.arena.bootstrap_rounds", "must be >= 10")
-        if enabled:
+        if enabled and self.judge == "none":
+            _require(
+                bool(self.human_votes),
+                "eval.arena.human_votes",
+                "eval.arena.judge=none rates people's votes only: name a labelling session",
+            )
+        elif enabled:
             _require(
                 len(self.models) >= 2,
                 "eval.arena.models",

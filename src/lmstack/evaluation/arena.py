@@ -177,23 +177,56 @@ def leaderboard_markdown(board: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_leaderboard(board: list[dict[str, Any]], path: Path, title: str) -> Path:
+RATER_TITLES = {
+    "verifier": "decided by the task's verifier",
+    "judge": "decided by the LLM judge (both orders)",
+    "human": "voted by people (blind, both bad = tie)",
+}
+
+
+def boards_markdown(boards: dict[str, list[dict[str, Any]]]) -> str:
+    """One section per rater, so that people's and the machine's ratings stay apart."""
+    if len(boards) == 1 and "human" not in boards:
+        return leaderboard_markdown(next(iter(boards.values())))
+    sections = [
+        f"## {rater}: {RATER_TITLES.get(rater, rater)}\n\n{leaderboard_markdown(board)}"
+        for rater, board in boards.items()
+    ]
+    return "\n".join(sections)
+
+
+def plot_boards(boards: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Ratings with 95% intervals, one marker per rater for each model (best first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(reversed(board))  # best at the top
-    ratings = [row["rating"] for row in rows]
-    errors = [
-        [row["rating"] - row["ci_low"] for row in rows],
-        [row["ci_high"] - row["rating"] for row in rows],
-    ]
-    figure, axis = plt.subplots(figsize=(7, 1.2 + 0.5 * len(rows)))
-    axis.errorbar(ratings, range(len(rows)), xerr=errors, fmt="o", capsize=4)
-    axis.set_yticks(range(len(rows)), [row["model"] for row in rows])
+    first = next(iter(boards.values()))
+    order = [row["model"] for row in first]
+    order += sorted({r["model"] for b in boards.values() for r in b} - set(order))
+    position = {model: len(order) - 1 - i for i, model in enumerate(order)}  # best at the top
+    figure, axis = plt.subplots(figsize=(8, 1.6 + 0.55 * len(order)))
+    shift = 0.12 if len(boards) > 1 else 0.0
+    for index, (rater, board) in enumerate(boards.items()):
+        offset = shift * (index - (len(boards) - 1) / 2)
+        axis.errorbar(
+            [row["rating"] for row in board],
+            [position[row["model"]] - offset for row in board],
+            xerr=[
+                [row["rating"] - row["ci_low"] for row in board],
+                [row["ci_high"] - row["rating"] for row in board],
+            ],
+            fmt="o" if rater != "human" else "s",
+            capsize=4,
+            label=f"{rater} ({sum(row['battles'] for row in board) // 2} battles)",
+        )
+    axis.set_yticks(range(len(order)), list(reversed(order)))
     axis.set_xlabel("Bradley-Terry rating (Elo scale), 95% bootstrap interval")
-    axis.set_title(title)
+    axis.axvline(ELO_BASE, color="0.85", zorder=0)
+    axis.grid(axis="x", color="0.93")
+    axis.set_title("arena ratings by " + " vs ".join(boards))
+    axis.legend(loc="best", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -262,9 +262,16 @@ def builtin_calibration_set(count: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def load_calibration_set(spec: str, count: int) -> list[dict[str, Any]]:
-    """ "builtin", or a jsonl of {question, answer_a, answer_b, label: A|B|tie}."""
+    """ "builtin", a jsonl of {question, answer_a, answer_b, label: A|B|tie}, or a labelling
+    session (phase=label's run directory or votes.sqlite): people's votes are the labels, and
+    every voted item is used."""
+    from lmstack.evaluation import votes
+
     if spec == "builtin":
         return builtin_calibration_set(count)
+    if votes.is_session(spec):
+        key = "eval.judge.calibration_set"
+        return votes.calibration_rows(votes.open_session(spec, key))
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"eval.judge.calibration_set: no file '{spec}' (or use 'builtin')")

@@ -222,6 +222,11 @@ class Session:
     source: Path
 
 
+def is_session(spec: str | Path) -> bool:
+    path = Path(spec)
+    return (path / VOTES_DB_NAME).is_file() or (path.is_file() and path.suffix == ".sqlite")
+
+
 def open_session(spec: str | Path, key: str) -> Session:
     """A phase=label run directory, or its votes.sqlite (label_items.jsonl beside it)."""
     path = Path(spec)
@@ -259,3 +264,23 @@ def majority_label(winners: list[str]) -> str:
     """x, y or tie: the side most votes picked; a split vote or both_bad is a tie."""
     x, y = winners.count("x"), winners.count("y")
     return "x" if x > y else "y" if y > x else "tie"
+
+
+def calibration_rows(session: Session) -> list[dict[str, Any]]:
+    """The voted items as a labelled set for judge calibration: {question, x, y, label}, the
+    label being the majority of the item's votes (split or both_bad: tie)."""
+    winners: dict[str, list[str]] = {}
+    for vote in session.votes:
+        winners.setdefault(vote["item_id"], []).append(vote["winner"])
+    return [
+        {
+            "question": item.prompt,
+            "x": item.x,
+            "y": item.y,
+            "label": majority_label(winners[item.id]),
+            "item_id": item.id,
+            "human_votes": winners[item.id],
+        }
+        for item in session.items.values()
+        if item.id in winners
+    ]

@@ -96,10 +96,15 @@ def check_inputs(ctx: RunContext, suites: list[str]) -> None:
         from lmstack.evaluation.judge import load_calibration_set
 
         load_calibration_set(eval_cfg.judge.calibration_set, eval_cfg.judge.calibration_size)
-    if "arena" in suites:
+    if "arena" in suites and eval_cfg.arena.judge != "none":
         from lmstack.evaluation.arena import expand_models
 
         expand_models(list(eval_cfg.arena.models))
+    if "arena" in suites and eval_cfg.arena.human_votes:
+        from lmstack.evaluation import votes
+
+        labelled = votes.open_session(eval_cfg.arena.human_votes, "eval.arena.human_votes")
+        votes.human_battles(labelled, "eval.arena.human_votes")
     for name in ("judge_single", "judge_pairwise") if needs_judge(eval_cfg, suites) else ():
         from lmstack.prompts import load_prompt
 
@@ -328,6 +333,7 @@ def suite_calibration(session: Session) -> dict[str, Any]:
     from lmstack.evaluation.judge import calibrate
 
     figures, results = calibrate(session.judge(), session.eval.judge)
+    figures |= people_figures(session.eval.judge.calibration_set)
     session.records.jsonl("calibration_verdicts", results)
     if figures["parse_failures"]:
         print(
@@ -338,6 +344,19 @@ def suite_calibration(session: Session) -> dict[str, Any]:
     return {f"calibration/{key}": value for key, value in figures.items()} | {
         "calibration/judge_model": session.judge().model
     }
+
+
+def people_figures(calibration_set: str) -> dict[str, Any]:
+    """With people's votes as the labels: how far the people agree among themselves
+    (human/alpha, human/kappa for two labellers) and their own first-position rate."""
+    from lmstack.evaluation import votes
+    from lmstack.evaluation.agreement import labeller_agreement
+
+    if not votes.is_session(calibration_set):
+        return {"labels": calibration_set}
+    labelled = votes.open_session(calibration_set, "eval.judge.calibration_set")
+    people = labeller_agreement(labelled.votes)
+    return {"labels": "human"} | {f"human/{key}": value for key, value in people.items()}
 
 
 def suite_faithfulness(session: Session) -> dict[str, Any]:
@@ -363,7 +382,42 @@ def suite_faithfulness(session: Session) -> dict[str, Any]:
 
 
 def suite_arena(session: Session) -> dict[str, Any]:
-    """Each arena model (in process, greedy) answers the same prompts; battles; ratings."""
+    """Ratings from the machine's battles (verifier or LLM judge) and/or from people's votes
+    (eval.arena.human_votes), each fitted and reported on its own."""
+    from lmstack.evaluation import arena
+
+    arena_cfg = session.eval.arena
+    boards: dict[str, dict[str, Any]] = {}
+    if arena_cfg.judge != "none":
+        boards[arena_cfg.judge] = machine_board(session)
+    if arena_cfg.human_votes:
+        boards["human"] = human_board(session)
+    run_dir = session.records.run_dir
+    first = next(iter(boards.values()))
+    write_json(run_dir / "arena.json", {"leaderboard": first["leaderboard"], "boards": boards})
+    text = arena.boards_markdown({rater: b["leaderboard"] for rater, b in boards.items()})
+    (run_dir / "arena.md").write_text(text)
+    plot = arena.plot_boards(
+        {rater: b["leaderboard"] for rater, b in boards.items()}, run_dir / "arena.png"
+    )
+    session.records.images["arena/plot"] = plot
+    print(text, flush=True)
+    metrics: dict[str, Any] = {"arena/judge": arena_cfg.judge}
+    for rater, board in boards.items():
+        # the machine's figures keep their names (arena/<model>/rating); people's: arena/human/
+        prefix = "arena/human/" if rater == "human" else "arena/"
+        session.records.tables[f"{prefix}leaderboard"] = board["leaderboard"]
+        metrics |= {f"{prefix}{key}": value for key, value in board.items() if key != "battles"}
+        metrics[f"{prefix}battles"] = len(board["battles"])
+        for row in board["leaderboard"]:
+            for key in ("rating", "ci_low", "ci_high"):
+                metrics[f"{prefix}{row['model']}/{key}"] = row[key]
+    return metrics
+
+
+def machine_board(session: Session) -> dict[str, Any]:
+    """Each arena model (in process, greedy) answers the same prompts; the verifier or the
+    judge decides every battle."""
     from lmstack.evaluation import arena
 
     arena_cfg, config = session.eval.arena, session.config
@@ -385,23 +439,30 @@ def suite_arena(session: Session) -> dict[str, Any]:
     paths = dict(models)
     for row in board:
         row["path"] = paths[row["model"]] or "base"
-    run_dir = session.records.run_dir
-    write_json(run_dir / "arena.json", {"leaderboard": board, "anchor": anchor, "battles": battles})
-    (run_dir / "arena.md").write_text(arena.leaderboard_markdown(board))
-    plot = arena.plot_leaderboard(board, run_dir / "arena.png", f"arena ({arena_cfg.judge} judge)")
-    session.records.tables["arena/leaderboard"] = board
-    session.records.images["arena/plot"] = plot
-    print(arena.leaderboard_markdown(board), flush=True)
-    metrics: dict[str, Any] = {
-        "arena/battles": len(battles),
-        "arena/unparsed": unparsed,
-        "arena/judge": arena_cfg.judge,
-        "arena/leaderboard": board,
+    return {"leaderboard": board, "anchor": anchor, "battles": battles, "unparsed": unparsed}
+
+
+def human_board(session: Session) -> dict[str, Any]:
+    """One battle per vote of a labelling session (both bad = a tie), fitted the same way."""
+    from lmstack.evaluation import arena, votes
+    from lmstack.evaluation.agreement import labeller_agreement
+
+    arena_cfg = session.eval.arena
+    labelled = votes.open_session(arena_cfg.human_votes, "eval.arena.human_votes")
+    battles = votes.human_battles(labelled, "eval.arena.human_votes")
+    names = sorted({name for a, b, _ in battles for name in (a, b)})
+    anchor = arena_cfg.anchor if arena_cfg.anchor in names else names[0]
+    board = arena.rate(battles, names, anchor, arena_cfg.bootstrap_rounds, session.eval.seed)
+    people = labeller_agreement(labelled.votes)
+    return {
+        "leaderboard": board,
+        "anchor": anchor,
+        "battles": battles,
+        "labellers": people["labellers"],
+        "both_bad": sum(vote["winner"] == "both_bad" for vote in labelled.votes),
+        "alpha": people["alpha"],
+        "source": str(labelled.source),
     }
-    for row in board:
-        for key in ("rating", "ci_low", "ci_high"):
-            metrics[f"arena/{row['model']}/{key}"] = row[key]
-    return metrics
 
 
 def arena_problems(arena_cfg: Any) -> list[arith.Problem]:
