@@ -22,7 +22,7 @@ ADAPTERS = ("none", "lora", "dora", "qlora")
 QUANTIZATIONS = ("none", "int8", "nf4")
 DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
-LOGGERS = ("wandb", "csv", "none")
+LOGGERS = ("wandb", "mlflow", "csv", "none")
 PHASES = ("train", "pipeline", "serve", "bench", "eval", "report", "label")
 ENGINES = ("hf", "vllm", "external")
 # what `serving.quantization` may ask of each engine (bnb on hf; vLLM's own methods on GPUs)
@@ -454,6 +454,9 @@ class LoggerConfig:
     # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise
     mode: str = "auto"
     tags: list[str] = field(default_factory=list)
+    # mlflow: the local store (SQLite database + artifacts), unless tracking_uri names a server
+    store_dir: str = "outputs/mlflow"
+    tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         _require_choice(self.name, LOGGERS, "logger.name")

@@ -13,6 +13,7 @@ from typing import Any
 from lmstack.data.sources import Rows, load_rows
 from lmstack.distributed import is_rank_zero
 from lmstack.phases.context import RunContext
+from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
             return metrics
         metrics |= verify(loaded, rows, config, "after")
         getattr(objective, "save", save_artifacts)(setup, loaded, config, run_dir)
-        if logger:
-            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-    finally:
-        from lmstack.tracking.loggers import finish_logger
-
-        finish_logger(logger)
+        record(logger, None, metrics)
+    except BaseException:
+        close_tracker(logger, failed=True)
+        raise
+    close_tracker(logger)
     from lmstack.distributed import join_ranks
 
     join_ranks(trainer)
@@ -105,12 +105,12 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
 
     from lmstack.distributed import adopt_launcher, build_strategy
     from lmstack.slurm import trainer_callbacks, trainer_plugins
-    from lmstack.tracking.loggers import build_logger
 
     trainer_cfg = ctx.config.trainer
     logger = False
-    if is_rank_zero():  # one W&B run, written by rank zero
-        logger = build_logger(ctx.config.logger, ctx.run_dir, ctx.run_id, ctx.group, ctx.resolved)
+    if is_rank_zero():  # one tracker run, written by rank zero
+        logger = open_tracker(ctx.config.logger, run_of(ctx))
+        record(logger, ctx.resolved, {})
     checkpoint = ModelCheckpoint(
         dirpath=str(ctx.run_dir / "checkpoints"),
         every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,

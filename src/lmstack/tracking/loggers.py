@@ -1,11 +1,196 @@
-"""Experiment trackers for the Lightning Trainer: W&B (offline unless a key is set), CSV."""
+"""One tracker facade over Lightning's loggers; every phase logs through it.
+
+`logger=` wandb (offline unless a key is set), mlflow (a local SQLite store under the
+output dir, or any tracking server), csv or none. Training hands `open_tracker`'s logger
+to the Lightning Trainer; the other phases (eval, bench, report) and the sweep summary
+log their results with `log_results` / `log_sweep_summary`: the resolved config, scalar
+metrics, tables and plots, in the same shape for every tracker. In MLflow a sweep is a
+parent run (holding the summary table and plots) with its points as nested child runs;
+in W&B the points share a group and the summary is a run of job_type "summary".
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import netrc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lmstack.tracking.identity import stable_hash
+
+MLFLOW_RUN_FILE = ".mlflow_run_id"  # in a run dir (or a sweep dir): its MLflow run
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a child under it
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """What a tracker needs to know about the run it records."""
+
+    name: str
+    group: str  # the sweep's name in a multirun, else the run's own id
+    job_type: str  # the phase, or "summary" for a sweep's summary
+    save_dir: Path  # the run dir (or the sweep dir): the tracker's local files
+    config: dict[str, Any]
+    sweep_dir: Path | None = None  # a sweep point: the sweep it belongs to
+
+    @property
+    def is_sweep_summary(self) -> bool:
+        return self.job_type == "summary"
+
+
+def run_of(ctx: Any) -> TrackedRun:
+    """The TrackedRun of a phase's RunContext."""
+    return TrackedRun(
+        name=ctx.run_id,
+        group=ctx.group,
+        job_type=ctx.config.phase.name,
+        save_dir=ctx.run_dir,
+        config=ctx.resolved,
+        sweep_dir=ctx.run_dir.parent if ctx.multirun else None,
+    )
+
+
+# ---- opening and closing ----------------------------------------------------------------------
+
+
+def open_tracker(logger_cfg: Any, run: TrackedRun):
+    """A Lightning logger for `run`, or False for logger=none (metrics.json is written anyway)."""
+    name = _get(logger_cfg, "name", "wandb")
+    if name == "none":
+        return False
+    if name == "csv":
+        # Lightning's loggers are imported here, not at the top: `run.py --help` and config
+        # errors must answer in about a second, and lightning takes several to import
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run.save_dir), name="csv", version="")
+    if name == "mlflow":
+        return _mlflow_logger(logger_cfg, run)
+    return _wandb_logger(logger_cfg, run)
+
+
+def close_tracker(logger: Any, failed: bool = False) -> None:
+    """Close the tracker's run even when the phase failed, so its records are complete."""
+    if not logger:
+        return
+    kind = type(logger).__name__
+    if kind == "WandbLogger":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
+    elif kind == "MLFlowLogger":
+        logger.finalize("failed" if failed else "success")
+    else:
+        logger.save()
+
+
+@contextmanager
+def tracker(logger_cfg: Any, run: TrackedRun) -> Iterator[Any]:
+    """open_tracker ... close_tracker, closing as failed when the body raises."""
+    logger = open_tracker(logger_cfg, run)
+    try:
+        yield logger
+    except BaseException:
+        close_tracker(logger, failed=True)
+        raise
+    close_tracker(logger)
+
+
+# ---- what every phase logs -------------------------------------------------------------------
+
+
+def log_results(
+    ctx: Any,
+    metrics: dict[str, Any],
+    tables: dict[str, list[dict[str, Any]]] | None = None,
+    images: dict[str, Path] | None = None,
+) -> None:
+    """A non-training phase's results (bench, eval, report) to the configured tracker:
+    the resolved config, scalars, tables (lists of row dicts) and images."""
+    run = run_of(ctx)
+    with tracker(ctx.config.logger, run) as logger:
+        record(logger, run.config, metrics, tables, images)
+
+
+def record(
+    logger: Any,
+    config: dict[str, Any] | None,
+    metrics: dict[str, Any],
+    tables: dict[str, list[dict[str, Any]]] | None = None,
+    images: dict[str, Path] | None = None,
+    notes: dict[str, str] | None = None,
+) -> None:
+    """Config, scalar metrics, tables, images and text notes into an open tracker."""
+    if not logger:
+        return
+    if config:
+        log_config(logger, config)
+    if scalars := scalar_metrics(metrics):
+        logger.log_metrics(scalars)
+    kind = type(logger).__name__
+    tables = {name: rows for name, rows in (tables or {}).items() if rows}
+    if kind == "WandbLogger":
+        _wandb_extras(logger, scalars, tables, images or {}, notes or {})
+    elif kind == "MLFlowLogger":
+        _mlflow_extras(logger, tables, images or {}, notes or {})
+
+
+def log_config(logger: Any, config: dict[str, Any]) -> None:
+    """The resolved config as the tracker's hyperparameters (W&B passes it at init)."""
+    kind = type(logger).__name__
+    if kind == "WandbLogger":
+        return
+    if kind == "MLFlowLogger":
+        _mlflow_config(logger, config)
+        return
+    logger.log_hyperparams(config)
+
+
+def log_sweep_summary(
+    logger_cfg: Any,
+    sweep_dir: Path,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    table: list[dict[str, Any]],
+    images: dict[str, Path],
+    notes: dict[str, str],
+) -> None:
+    """A sweep's table and plots: in MLflow into the sweep's parent run, in W&B as a run of
+    job_type "summary" in the sweep's group."""
+    run = TrackedRun(
+        name=f"{sweep_dir.name}-summary",
+        group=sweep_dir.name,
+        job_type="summary",
+        save_dir=sweep_dir,
+        config=config,
+        sweep_dir=sweep_dir,
+    )
+    with tracker(logger_cfg, run) as logger:
+        record(logger, config, metrics, {"sweep/summary": table}, images, notes)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def _get(logger_cfg: Any, key: str, default: Any = None) -> Any:
+    """A logger setting from the schema object or from a plain dict (a run's config.yaml)."""
+    if isinstance(logger_cfg, dict):
+        return logger_cfg.get(key, default)
+    return getattr(logger_cfg, key, default)
+
+
+# ---- W&B ---------------------------------------------------------------------------------------
 
 
 def wandb_mode(requested: str) -> str:
@@ -23,103 +208,156 @@ def _wandb_key_available() -> bool:
         return False
 
 
-def build_logger(logger_cfg: Any, run_dir: Path, run_id: str, group: str, config: dict[str, Any]):
-    """A Lightning logger, or False for logger=none (metrics.json is written regardless)."""
-    if logger_cfg.name == "none":
-        return False
-    if logger_cfg.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+def _wandb_logger(logger_cfg: Any, run: TrackedRun):
     from lightning.pytorch.loggers import WandbLogger
 
-    mode = wandb_mode(logger_cfg.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
+    # one W&B run per run directory (a resumed run continues its W&B run); the summary's own
+    folder = str(run.save_dir.resolve())
+    key = f"summary:{folder}" if run.is_sweep_summary else folder
     return WandbLogger(
-        project=logger_cfg.project,
-        entity=logger_cfg.entity,
-        name=run_id,
-        # one W&B run per run directory: a resumed run continues its W&B run
-        id=_wandb_id(run_dir),
+        project=_get(logger_cfg, "project") or "lmstack",
+        entity=_get(logger_cfg, "entity"),
+        name=run.name,
+        id=stable_hash(key, 16),
         resume="allow",
-        group=group,
-        tags=list(logger_cfg.tags),
-        save_dir=str(run_dir),
-        mode=mode,
-        config=config,
+        group=run.group,
+        job_type=run.job_type,
+        tags=list(_get(logger_cfg, "tags") or []),
+        save_dir=str(run.save_dir),
+        mode=wandb_mode(_get(logger_cfg, "mode", "auto")),
+        config=run.config,
     )
 
 
-def _wandb_id(run_dir: Path) -> str:
-    from lmstack.tracking.identity import stable_hash
-
-    return stable_hash(str(run_dir.resolve()), 16)
-
-
-def finish_logger(logger: Any) -> None:
-    """Close the W&B run even when training failed, so its files are complete."""
-    if logger and hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
-def log_results(
-    ctx: Any,
-    metrics: dict[str, Any],
-    tables: dict[str, list[dict[str, Any]]] | None = None,
-    images: dict[str, Path] | None = None,
+def _wandb_extras(
+    logger: Any,
+    scalars: dict[str, float],
+    tables: dict[str, list[dict[str, Any]]],
+    images: dict[str, Path],
+    notes: dict[str, str],
 ) -> None:
-    """A non-training phase's results (bench, eval, report) to the configured tracker:
-    scalars, tables (lists of row dicts) and images, in the run's W&B group."""
-    logger_cfg = ctx.config.logger
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    if logger_cfg.name == "csv":
-        _append_csv(ctx.run_dir / "csv" / "metrics.csv", scalars)
-        return
-    if logger_cfg.name != "wandb":
-        return
-    import wandb
+    for name, rows in tables.items():
+        columns = list(rows[0])
+        data = [[row.get(c) for c in columns] for row in rows]
+        logger.log_table(name, columns=columns, data=data)
+    for name, path in images.items():
+        logger.log_image(name, images=[str(path)])
+    logger.experiment.summary.update({**scalars, **notes})
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(
-        project=logger_cfg.project,
-        entity=logger_cfg.entity,
-        name=ctx.run_id,
-        id=_wandb_id(ctx.run_dir),
-        resume="allow",
-        group=ctx.group,
-        job_type=ctx.config.phase.name,
-        tags=list(logger_cfg.tags),
-        dir=str(ctx.run_dir),
-        mode=wandb_mode(logger_cfg.mode),
-        config=ctx.resolved,
-        reinit="finish_previous",
+
+# ---- MLflow ------------------------------------------------------------------------------------
+
+
+def mlflow_store(logger_cfg: Any) -> tuple[str, str | None]:
+    """(tracking URI, artifact location): `logger.tracking_uri` when set (the server keeps the
+    artifacts), else a SQLite store and an artifact folder under `logger.store_dir`; either
+    way `mlflow ui --backend-store-uri <URI>` shows the runs."""
+    if uri := _get(logger_cfg, "tracking_uri"):
+        return uri, None
+    store = Path(_get(logger_cfg, "store_dir") or "outputs/mlflow").expanduser().resolve()
+    return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
+
+
+def _mlflow_logger(logger_cfg: Any, run: TrackedRun):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri, artifacts = mlflow_store(logger_cfg)
+    experiment = _get(logger_cfg, "project") or "lmstack"
+    _mlflow_experiment(uri, artifacts, experiment)
+    tags = {
+        "lmstack.group": run.group,
+        "lmstack.job_type": run.job_type,
+        "lmstack.run_dir": str(run.save_dir.resolve()),
+        **{tag: "" for tag in _get(logger_cfg, "tags") or []},
+    }
+    if run.is_sweep_summary:
+        run_id = _sweep_parent_run(uri, artifacts, experiment, run.sweep_dir)
+    else:
+        run_id = _read_run_id(run.save_dir)
+        if run.sweep_dir is not None:
+            tags[MLFLOW_PARENT_TAG] = _sweep_parent_run(uri, artifacts, experiment, run.sweep_dir)
+    logger = MLFlowLogger(
+        experiment_name=experiment,
+        run_name=run.name,
+        tracking_uri=uri,
+        artifact_location=artifacts,
+        tags=tags,
+        run_id=run_id,
     )
-    try:
-        payload: dict[str, Any] = dict(scalars)
-        for name, rows in (tables or {}).items():
-            if rows:
-                columns = list(rows[0])
-                payload[name] = wandb.Table(
-                    columns=columns, data=[[row.get(c) for c in columns] for row in rows]
-                )
-        for name, path in (images or {}).items():
-            payload[name] = wandb.Image(str(path))
-        run.log(payload)
-        run.summary.update(scalars)
-    finally:
-        run.finish()
+    (run.save_dir / MLFLOW_RUN_FILE).write_text(logger.run_id)
+    return logger
 
 
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    import csv
+def _read_run_id(folder: Path) -> str | None:
+    """The MLflow run a folder's earlier attempt opened: a resumed run continues it."""
+    path = folder / MLFLOW_RUN_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+
+def _mlflow_experiment(uri: str, artifacts: str | None, experiment: str) -> str:
+    """The experiment's id; created (with its artifact folder) on first use."""
+    from mlflow import MlflowClient
+
+    # the store's schema migrations and "creating it" notices would bury lmstack's output
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    if found := client.get_experiment_by_name(experiment):
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+def _sweep_parent_run(uri: str, artifacts: str | None, experiment: str, sweep_dir: Path) -> str:
+    """The sweep's parent run, created by whichever point (or the summary) comes first; a lock
+    file keeps parallel points (joblib, Slurm) from creating two."""
+    from mlflow import MlflowClient
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".mlflow_parent.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if run_id := _read_run_id(sweep_dir):
+            return run_id
+        parent = MlflowClient(uri).create_run(
+            _mlflow_experiment(uri, artifacts, experiment),
+            run_name=sweep_dir.name,
+            tags={"lmstack.job_type": "sweep", "lmstack.sweep_dir": str(sweep_dir.resolve())},
+        )
+        (sweep_dir / MLFLOW_RUN_FILE).write_text(parent.info.run_id)
+        return parent.info.run_id
+
+
+def _mlflow_config(logger: Any, config: dict[str, Any]) -> None:
+    """Flattened params (searchable in the UI) and the whole config as config.json."""
+    from mlflow.exceptions import MlflowException
+
+    logger.experiment.log_dict(logger.run_id, config, "config.json")
+    # params are write-once: a resumed run whose cosmetic keys changed keeps the first
+    with suppress(MlflowException):
+        logger.log_hyperparams(config)
+
+
+def _mlflow_extras(
+    logger: Any,
+    tables: dict[str, list[dict[str, Any]]],
+    images: dict[str, Path],
+    notes: dict[str, str],
+) -> None:
+    client, run_id = logger.experiment, logger.run_id
+    for name, rows in tables.items():
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        data = {c: [_cell(row.get(c)) for row in rows] for c in columns}
+        client.log_table(run_id, data=data, artifact_file=f"{name.replace('/', '_')}.json")
+    for path in images.values():
+        client.log_artifact(run_id, str(path), artifact_path="plots")
+    for key, value in notes.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def _cell(value: Any) -> Any:
+    """A table cell MLflow can store: numbers and text as they are, anything else as text."""
+    return value if isinstance(value, int | float | str) or value is None else str(value)

@@ -13,10 +13,11 @@ From these this module writes, into the sweep dir:
 - `pareto_<quality>_vs_<cost>.png`: quality against latency or memory where both
   kinds of metric exist (and, for serving grids, throughput against latency);
 
-and logs the table and plots to W&B as a small run of job_type "summary" in the
-sweep's group. It runs at the end of every multirun (SweepSummaryCallback,
-registered under hydra.callbacks in conf/config.yaml; with the Slurm launcher
-it runs in the launching process once every job is done) and on demand:
+and logs the table and plots to the run's tracker (tracking/loggers.py): W&B as a
+run of job_type "summary" in the sweep's group, MLflow into the sweep's parent run.
+It runs at the end of every multirun (SweepSummaryCallback, registered under
+hydra.callbacks in conf/config.yaml; with the Slurm launcher it runs in the
+launching process once every job is done) and on demand:
 
     python -m lmstack.tracking.summary outputs/sweeps/sweep-<hash> [--no-wandb]
 """
@@ -37,6 +38,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from lmstack.errors import LmstackError
+from lmstack.tracking.loggers import log_sweep_summary
 from lmstack.tracking.run_dir import read_json
 
 log = logging.getLogger("lmstack")
@@ -443,54 +445,31 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-# ---- W&B ---------------------------------------------------------------------------------------
+# ---- the tracker -----------------------------------------------------------------------------
 
 
-def log_to_wandb(summary: Summary, logger_cfg: dict[str, Any]) -> Path | None:
-    """A W&B run of job_type "summary" in the sweep's group: the table and every plot."""
-    if (logger_cfg or {}).get("name", "wandb") != "wandb":
-        return None
-    import os
-
-    import wandb
-
-    from lmstack.tracking.identity import stable_hash
-    from lmstack.tracking.loggers import wandb_mode
-
-    os.environ.setdefault("WANDB_SILENT", "true")
+def log_summary(summary: Summary, logger_cfg: dict[str, Any]) -> None:
+    """The table and every plot through the tracker facade: MLflow's sweep parent run, or a
+    W&B run of job_type "summary" in the sweep's group."""
     columns, rows = table_rows(summary.points, summary.sweep_dir)
-    run = wandb.init(
-        project=logger_cfg.get("project") or "lmstack",
-        entity=logger_cfg.get("entity"),
-        group=summary.sweep_dir.name,
-        job_type="summary",
-        name=f"{summary.sweep_dir.name}-summary",
-        id=stable_hash(f"summary:{summary.sweep_dir.resolve()}", 16),
-        resume="allow",
-        dir=str(summary.sweep_dir),
-        mode=wandb_mode(logger_cfg.get("mode", "auto")),
+    best = summary.best
+    log_sweep_summary(
+        logger_cfg,
+        summary.sweep_dir,
         config={"sweep_dir": str(summary.sweep_dir), "swept": summary.swept},
+        metrics={f"best/{summary.metric_key}": best.metric} if best else {},
+        table=[dict(zip(columns, row, strict=True)) for row in rows],
+        images={f"sweep/{p.stem}": p for p in summary.files if p.suffix == ".png"},
+        notes={"best/run_dir": str(best.run_dir)} if best else {},
     )
-    try:
-        payload: dict[str, Any] = {"sweep/summary": wandb.Table(columns=columns, data=rows)}
-        for path in summary.files:
-            if path.suffix == ".png":
-                payload[f"sweep/{path.stem}"] = wandb.Image(str(path))
-        run.log(payload)
-        if best := summary.best:
-            run.summary["best/run_dir"] = str(best.run_dir)
-            run.summary[f"best/{summary.metric_key}"] = best.metric
-        return Path(run.dir).parent
-    finally:
-        run.finish()
 
 
 # ---- the whole summary -------------------------------------------------------------------------
 
 
 def summarize(sweep_dir: Path, logger_cfg: dict[str, Any] | None = None) -> Summary:
-    """Writes summary.csv, summary.md and the plots into the sweep dir (and W&B unless
-    logger_cfg is None or names another logger)."""
+    """Writes summary.csv, summary.md and the plots into the sweep dir (and the tracker
+    unless logger_cfg is None)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise LmstackError(f"sweep summary: no such sweep directory: {sweep_dir}")
@@ -519,9 +498,9 @@ def summarize(sweep_dir: Path, logger_cfg: dict[str, Any] | None = None) -> Summ
     ]
     if logger_cfg is not None:
         try:
-            log_to_wandb(summary, logger_cfg)
-        except Exception as error:  # the table and plots are on disk; W&B is a copy
-            log.warning("sweep summary: logging to W&B failed: %s", error)
+            log_summary(summary, logger_cfg)
+        except Exception as error:  # the table and plots are on disk; the tracker has a copy
+            log.warning("sweep summary: logging to the tracker failed: %s", error)
     return summary
 
 
@@ -590,10 +569,13 @@ def _print_summary(sweep_dir: Path, logger_cfg: dict[str, Any] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lmstack.tracking.summary",
-        description="Write a sweep directory's summary table and plots (and log them to W&B).",
+        description="Write a sweep directory's summary table and plots (and log them to the "
+        "tracker).",
     )
     parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/sweeps/sweep-1a2b3c4d")
-    parser.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
+    parser.add_argument(
+        "--no-wandb", "--no-tracker", action="store_true", help="do not log to the tracker"
+    )
     args = parser.parse_args(argv)
     try:
         points = collect_points(args.sweep_dir) if args.sweep_dir.is_dir() else []
