@@ -182,9 +182,36 @@ def attach_adapter(
         bias="none",
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"adapter.target_modules: {error}") from None
+    if quantized:
+        keep_4bit_layers_differentiable(model)
+    return model
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Keep every 4-bit layer of a model that trains on bitsandbytes' differentiable path.
+
+    On a CPU with AVX-512 bf16, bitsandbytes (0.49+) repacks a Linear4bit's weight for
+    its fast inference kernel the first time the layer runs in eval mode without
+    gradients (a validation or verifier pass). That kernel has no backward: afterwards
+    the layer gives its input no gradient, so every adapter below it stops learning,
+    silently. Undoing the repack is lossy (the scales pass through bfloat16), so a
+    training model never takes it; one repacked already is restored once.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes import functional
+
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
