@@ -492,6 +492,43 @@ class PromptConfig:
 
 
 @dataclass
+class VariantConfig:
+    """One arm of an A/B test (serving.ab.variants)."""
+
+    name: str = MISSING
+    # share of the traffic, relative to the other variants' weights
+    weight: float = 1.0
+    # what it serves: a run directory, HF folder or hub id (empty = serving.model), started
+    # with the serving group's engine; with base_url, the model name that server expects
+    model: str = ""
+    # an OpenAI-compatible URL (…/v1) that already serves this variant; empty = start one
+    base_url: str = ""
+
+
+@dataclass
+class ABConfig:
+    """An A/B test through the gateway: traffic split between variants by weight."""
+
+    # two or more variants; empty = no A/B test (one model served)
+    variants: list[VariantConfig] = field(default_factory=list)
+    # a request carrying this header stays with its user's variant; without it, each request
+    # is drawn on its own
+    user_header: str = "X-Lmstack-User"
+    # salts the user hash and seeds the per-request draw
+    seed: int = 0
+
+    def check(self, gateway: bool) -> None:
+        if not self.variants:
+            return
+        names = [variant.name for variant in self.variants]
+        _require(len(names) >= 2, "serving.ab.variants", "an A/B test needs two or more")
+        _require(len(set(names)) == len(names), "serving.ab.variants", f"names repeat: {names}")
+        for index, variant in enumerate(self.variants):
+            _require(variant.weight > 0, f"serving.ab.variants[{index}].weight", "must be > 0")
+        _require(gateway, "serving.gateway", "serving.ab routes through the gateway: set true")
+
+
+@dataclass
 class ServingConfig:
     """How a model is served: an engine started as a child process, or an external URL."""
 
@@ -530,6 +567,8 @@ class ServingConfig:
     extra_args: list[str] = field(default_factory=list)
     # put lmstack's tracing gateway (an OpenAI-compatible proxy) in front of the engine
     gateway: bool = True
+    # an A/B test: the gateway splits traffic between variants (see serving/ab.py)
+    ab: ABConfig = field(default_factory=ABConfig)
 
     def __post_init__(self) -> None:
         _require_choice(self.name, ENGINES, "serving.name")
@@ -541,8 +580,9 @@ class ServingConfig:
             "serving.num_threads",
             f"{self.num_threads}: use -1 (all cores but one), 0 (torch's default) or a count",
         )
-        if self.name == "external":
+        if self.name == "external" and not self.ab.variants:
             _require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
+        self.ab.check(self.gateway)
 
 
 # what phase=bench reports (lmstack.serving.metrics.summarize), any of which a sweep can optimize

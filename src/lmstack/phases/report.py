@@ -34,6 +34,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     metrics = totals(rows, config.cost, config.monitor) | {"report/groups": len(table)}
     written = write_tables(table, run_dir, config.report.formats)
     images = plot_table(table, rows, run_dir) if config.report.plots else {}
+    ab_metrics, ab_text, ab_images = ab_section(Path(config.report.source), rows, config, run_dir)
+    if ab_text:
+        metrics |= ab_metrics
+        images |= ab_images
+        if "md" in config.report.formats:
+            with (run_dir / "report.md").open("a") as handle:
+                handle.write("\n" + ab_text)
     metrics["report/files"] = [str(p) for p in [*written, *images.values()]]
     from lmstack.tracking.loggers import log_results
 
@@ -41,6 +48,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     write_json(run_dir / "metrics.json", metrics)
     set_status(run_dir, "finished")
     print(markdown(table))
+    if ab_text:
+        print("\n" + ab_text)
     return metrics
 
 
@@ -206,3 +215,43 @@ def _save(figure: Any, path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+# ---- A/B tests (serving.ab) ----
+
+
+def ab_section(
+    source: Path, rows: list[dict[str, Any]], config: Any, run_dir: Path
+) -> tuple[dict[str, Any], str, dict[str, Path]]:
+    """Per variant figures and each variant against the control, when the traces hold an A/B
+    test; ({}, "", {}) otherwise."""
+    from lmstack.serving import ab
+    from lmstack.serving.traces import find_trace_dbs, read_feedback
+
+    if not any(row.get("variant") for row in rows):
+        return {}, "", {}
+    dbs = find_trace_dbs(source)
+    feedback = [entry for db in dbs for entry in read_feedback(db)]
+    weights = ab.read_weights(dbs)
+    table = ab.variant_table(rows, feedback, config.cost, config.monitor, weights)
+    compared = ab.comparisons(rows, feedback, next(iter(weights), "") if weights else "")
+    srm = (
+        ab.sample_ratio_p(
+            [row["requests"] for row in table], [weights[row["variant"]] for row in table]
+        )
+        if weights and all(row["variant"] in weights for row in table)
+        else None
+    )
+    metrics: dict[str, Any] = {"ab/srm_p": srm}
+    for row in table:
+        for key, value in row.items():
+            if key != "variant":
+                metrics[f"ab/{row['variant']}/{key}"] = value
+    for row in compared:
+        for key in ("diff", "diff_ci_low", "diff_ci_high", "z", "p"):
+            metrics[f"ab/{row['variant']}_vs_{row['control']}/{key}"] = row.get(key)
+    text = ab.report_markdown(table, compared, srm)
+    images = {}
+    if config.report.plots:
+        images["report/ab_feedback"] = ab.plot_feedback(table, run_dir / "report_ab_feedback.png")
+    return metrics, text, images

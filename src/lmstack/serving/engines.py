@@ -50,6 +50,12 @@ def serve(
 ) -> Iterator[Endpoint]:
     """The configured engine, healthy, for the duration of the `with` block."""
     serving = config.serving
+    if serving.ab.variants and gateway is not False:
+        from lmstack.serving.ab import serve_variants
+
+        with _sigterm_as_exit(), serve_variants(config, str(cache_dir), log_dir) as endpoint:
+            yield endpoint
+        return
     with _sigterm_as_exit():
         if serving.name == "external":
             upstream_cm = _external(serving)

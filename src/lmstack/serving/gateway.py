@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.prompts import PROMPT_VERSION_HEADER
-from lmstack.serving.traces import TRACE_DB_NAME, TraceRecord
+from lmstack.serving import ab
+from lmstack.serving.ab import REQUEST_ID_HEADER, VARIANT_HEADER
+from lmstack.serving.traces import TRACE_DB_NAME, FeedbackRecord, TraceRecord, stored_request
 
 log = logging.getLogger("lmstack.gateway")
 
@@ -54,14 +56,18 @@ REQUEST_TAG_HEADER = "X-Lmstack-Request-Tag"
 UPSTREAM_KEY_ENV = "LMSTACK_GATEWAY_UPSTREAM_KEY"
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 ENDPOINTS = {"/chat/completions": "chat", "/completions": "completions"}
+MAX_REMEMBERED_IDS = 200_000
 
 
 # ---------------------------------------------------------------- starting it
 
 
 @contextlib.contextmanager
-def gateway(upstream: Any, config: Any, log_dir: Path) -> Iterator[Any]:
+def gateway(
+    upstream: Any, config: Any, log_dir: Path, variants: list[dict] | None = None
+) -> Iterator[Any]:
     """Start the gateway in front of `upstream` (an Endpoint); yield the gateway's Endpoint.
+    With `variants` (serving/ab.py) it splits completions between them instead.
 
     The trace store is `config.trace.path`, or `<log_dir>/traces.sqlite`. The gateway
     process is always stopped, and its buffered traces written, on the way out.
@@ -95,6 +101,10 @@ def gateway(upstream: Any, config: Any, log_dir: Path) -> Iterator[Any]:
         command += [f"--redaction={trace.redaction}", f"--retry-s={trace.retry_s}"]
         if trace.otlp_endpoint:
             command.append(f"--otlp-endpoint={trace.otlp_endpoint}")
+    if variants:
+        ab_cfg = config.serving.ab
+        command += [f"--variants={json.dumps(variants, default=str)}"]
+        command += [f"--user-header={ab_cfg.user_header}", f"--ab-seed={ab_cfg.seed}"]
     env = {UPSTREAM_KEY_ENV: getattr(upstream, "api_key", "") or ""}
     log_path = log_dir / "gateway.log"
     timeout_s = float(getattr(getattr(config, "serving", None), "startup_timeout_s", 60.0))
@@ -130,6 +140,8 @@ class Exchange:
     token_chunks: int = 0
     status: int = 200
     error: str = ""
+    variant: str = ""  # the A/B variant chosen (serving.ab), and what it serves
+    served: dict[str, Any] | None = None
 
     def take_chunk(self, chunk: dict[str, Any], now: float) -> None:
         """Fold one streamed event (a parsed `data:` payload) into the exchange."""
@@ -183,6 +195,7 @@ class Exchange:
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
     def record(self, served: dict[str, Any], engine: str, now: float) -> TraceRecord:
+        served = self.served or served
         latency_ms = (now - self.started_perf) * 1000
         first = self.first_token_perf
         usage = self.usage or {}
@@ -211,6 +224,7 @@ class Exchange:
             prompt_hash=hashlib.sha256(prompt.encode()).hexdigest()[:16],
             response="".join(self.text),
             params=json.dumps({k: v for k, v in self.body.items() if k not in PROMPT_FIELDS}),
+            variant=self.variant,
         )
 
     def _counted_tokens(self) -> int | None:
@@ -501,6 +515,7 @@ class Relay:
 
     def __init__(self, gateway: Gateway, client: ClientConnection, incoming: Incoming) -> None:
         self.gateway, self.client, self.incoming = gateway, client, incoming
+        self.upstream = gateway.upstream  # an A/B variant's engine when the gateway routes
         self.exchange: Exchange | None = None
         self.stripper: UsageStripper | None = None
         self.connection: UpstreamConnection | None = None
@@ -517,13 +532,15 @@ class Relay:
         route = path.split(b"?", 1)[0].decode("latin-1")
         if route == "/health":
             self.answer(200, self.gateway.health())
+        elif route == "/v1/feedback" and self.incoming.method == b"POST":
+            self.answer(*self.gateway.feedback(b"".join(self.incoming.body)))
         elif not route.startswith("/v1/"):
             self.answer(404, error_payload(f"no route {route!r}", "not_found"))
         else:
             body = b"".join(self.incoming.body)
             if self.incoming.method == b"POST" and route[3:] in ENDPOINTS:
                 body = self.begin_exchange(route[3:], body)
-            self.request = self.gateway.upstream.request_bytes(self.incoming, path[3:], body)
+            self.request = self.upstream.request_bytes(self.incoming, path[3:], body)
             self.gateway.track(asyncio.ensure_future(self.send()))
 
     def begin_exchange(self, route: str, raw: bytes) -> bytes:
@@ -543,13 +560,18 @@ class Relay:
             tag=self.incoming.header(REQUEST_TAG_HEADER.lower().encode()),
             stream=bool(body.get("stream")),
         )
+        if self.gateway.router is not None:  # an A/B test: the variant's engine and model name
+            variant = self.gateway.route(self.incoming, self.exchange)
+            self.upstream = self.gateway.upstreams[variant.name]
+            body = {**body, "model": variant.model}
+            raw = json.dumps(body).encode()
         if not (self.exchange.stream and not wants_usage(body)):
             return raw
         self.stripper = UsageStripper()
         return json.dumps(with_usage_requested(body)).encode()
 
     async def send(self) -> None:
-        upstream = self.gateway.upstream
+        upstream = self.upstream
         try:
             connection, self.reused = await upstream.connection()
         except OSError as error:  # TimeoutError included
@@ -576,6 +598,10 @@ class Relay:
         self.framed = length is not None or b"chunked" in values.get(b"transfer-encoding", b"")
         has_body = status >= 200 and status not in (204, 304) and self.incoming.method != b"HEAD"
         kept = [(name, value) for name, value in headers if name not in DROP_RESPONSE_HEADERS]
+        if self.exchange is not None:  # what feedback names (POST /v1/feedback)
+            kept.append((REQUEST_ID_HEADER, self.exchange.request_id.encode()))
+            if self.exchange.variant:
+                kept.append((VARIANT_HEADER, self.exchange.variant.encode()))
         if has_body and length is not None and self.stripper is None:
             kept.append((b"content-length", length))
         elif has_body:
@@ -600,7 +626,7 @@ class Relay:
             self.client.write(b"0\r\n\r\n")
         self.connection = None
         if connection is not None and keep_alive:
-            self.gateway.upstream.release(connection)
+            self.upstream.release(connection)
         elif connection is not None:
             connection.transport.close()
         self.finish()
@@ -762,16 +788,46 @@ class ClientConnection(asyncio.Protocol):
 class Gateway:
     """The gateway's shared state: upstream, trace store, what is served, open connections."""
 
-    def __init__(self, upstream: Upstream, store: Any, engine: str, served: dict) -> None:
+    def __init__(
+        self, upstream: Upstream, store: Any, engine: str, served: dict, router: Any = None
+    ) -> None:
         self.upstream, self.store, self.engine, self.served = upstream, store, engine, served
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Future] = set()
+        # A/B (serving/ab.py): the router and each variant's upstream; None without a test
+        self.router = router
+        self.upstreams: dict[str, Upstream] = {}
+        if router is not None:
+            key = upstream.api_key
+            self.upstreams = {v.name: Upstream(v.upstream, key) for v in router.variants}
+        self.request_ids: dict[str, None] = {}  # recent ids, for feedback (insertion-ordered)
+
+    def route(self, incoming: Incoming, exchange: Exchange) -> Any:
+        variant = self.router.pick(incoming.header(self.router.header))
+        exchange.variant, exchange.served = variant.name, variant.served
+        return variant
+
+    def feedback(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """POST /v1/feedback: stored when well formed and about a request seen here."""
+        try:
+            fields = ab.parse_feedback(raw)
+        except ab.FeedbackError as error:
+            return error.status, error_payload(str(error), "invalid_request_error")
+        known = fields["request_id"] in self.request_ids
+        if not known and not stored_request(self.store.path, fields["request_id"]):
+            message = f"request_id: no request {fields['request_id'][:100]!r} passed this gateway"
+            return 404, error_payload(message, "not_found")
+        self.store.add(FeedbackRecord(time=time.time(), **fields))
+        return 200, {"recorded": True, "request_id": fields["request_id"]}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "upstream": self.upstream.base_url, "traces": self.store.state()}
 
     def record(self, exchange: Exchange) -> None:
         self.store.add(exchange.record(self.served, self.engine, time.perf_counter()))
+        self.request_ids[exchange.request_id] = None
+        if len(self.request_ids) > MAX_REMEMBERED_IDS:  # older ids are looked up in the store
+            del self.request_ids[next(iter(self.request_ids))]
 
     def track(self, task: asyncio.Future) -> None:
         self.tasks.add(task)  # held, so the loop does not drop it half way
@@ -796,6 +852,8 @@ class Gateway:
         for client in list(self.clients):
             client.transport.close()
         self.upstream.close()
+        for upstream in self.upstreams.values():
+            upstream.close()
         await asyncio.sleep(0)  # let connection_lost callbacks record what they cut off
 
 
@@ -813,6 +871,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redaction", default="none", choices=("none", "prompts", "all"))
     parser.add_argument("--retry-s", type=float, default=2.0, help="retry a failed store after")
     parser.add_argument("--otlp-endpoint", default="", help="also export spans to …/v1/traces")
+    parser.add_argument("--variants", default="", help="A/B: JSON [{name, weight, upstream, ...}]")
+    parser.add_argument("--user-header", default=ab.USER_HEADER, help="A/B: sticky user id")
+    parser.add_argument("--ab-seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -824,7 +885,11 @@ def main(argv: list[str] | None = None) -> None:
     exporter = otlp_exporter(args.otlp_endpoint) if args.otlp_endpoint else None
     store = TraceStore(args.trace_db, args.redaction, args.retry_s, span_exporter=exporter)
     upstream = Upstream(args.upstream, os.environ.get(UPSTREAM_KEY_ENV, ""))
-    app = Gateway(upstream, store, engine=args.engine, served=json.loads(args.served))
+    router = None
+    if args.variants:
+        variants = ab.variants_from_json(json.loads(args.variants))
+        router = ab.Router(variants, args.user_header, args.ab_seed)
+    app = Gateway(upstream, store, args.engine, json.loads(args.served), router)
     try:
         event_loop_runner()(app.serve(args.host, args.port))
     finally:

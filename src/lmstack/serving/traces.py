@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,32 @@ class TraceRecord:
     prompt_hash: str  # hash of the prompt, kept under redaction (repeats stay visible)
     response: str  # the generated text; REDACTED when asked
     params: str  # the other request fields (JSON): max_tokens, temperature, ...
+    variant: str = ""  # the A/B variant that answered (serving.ab); "" outside a test
+
+
+@dataclass
+class FeedbackRecord:
+    """A user's verdict on one answer (POST /v1/feedback)."""
+
+    request_id: str
+    time: float
+    score: float  # thumbs up = 1.0, down = 0.0, or the score given
+    thumbs: int | None  # 1 up, 0 down, None when a score was given
+    comment: str
+
+
+FEEDBACK_SQL = (
+    "CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "request_id TEXT, time REAL, score REAL, thumbs INTEGER, comment TEXT)"
+)
+FEEDBACK_INSERT = (
+    "INSERT INTO feedback (request_id, time, score, thumbs, comment) VALUES (?, ?, ?, ?, ?)"
+)
 
 
 COLUMNS = [f.name for f in fields(TraceRecord)]
 SQL_TYPES = {"float": "REAL", "float | None": "REAL", "int": "INTEGER", "bool": "INTEGER"}
-SQL_TYPES |= {"int | None": "INTEGER"}
+SQL_TYPES |= {"int | None": "INTEGER", "str": "TEXT"}
 
 
 def create_table_sql() -> str:
@@ -121,9 +142,10 @@ class TraceStore:
 
     # ---- the serving side: never blocks, never raises ----
 
-    def add(self, record: TraceRecord) -> None:
+    def add(self, record: TraceRecord | FeedbackRecord) -> None:
         try:
-            record = redact_record(record, self.redaction)
+            if isinstance(record, TraceRecord):
+                record = redact_record(record, self.redaction)
             with self._wake:
                 if len(self._buffer) == self._buffer.maxlen:
                     self.dropped += 1  # deque drops the oldest; counted and logged by the writer
@@ -169,10 +191,15 @@ class TraceStore:
             batch = [self._buffer[i] for i in range(min(self.batch_size, len(self._buffer)))]
             if not batch:
                 continue
+            traces = [r for r in batch if isinstance(r, TraceRecord)]
             try:
                 connection = connection or self._connect()
                 with connection:
-                    connection.executemany(insert_sql(), [_row(r) for r in batch])
+                    connection.executemany(insert_sql(), [_row(r) for r in traces])
+                    connection.executemany(
+                        FEEDBACK_INSERT,
+                        [astuple(r) for r in batch if isinstance(r, FeedbackRecord)],
+                    )
             except (sqlite3.Error, OSError) as error:
                 connection = _close_quietly(connection)
                 self._report(error)
@@ -193,7 +220,7 @@ class TraceStore:
             self.written += len(batch)
             self._recovered()
             if self._tracer:
-                self._tracer.export(batch)
+                self._tracer.export(traces)
         _close_quietly(connection)
 
     def _connect(self) -> sqlite3.Connection:
@@ -202,6 +229,8 @@ class TraceStore:
         connection = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(create_table_sql())
+        connection.execute(FEEDBACK_SQL)
+        add_missing_columns(connection)
         return connection
 
     def _report(self, error: Exception) -> None:
@@ -226,7 +255,8 @@ class TraceStore:
         try:
             with self.pending_path.open("a") as handle:
                 for record in records:
-                    handle.write(json.dumps(asdict(record)) + "\n")
+                    kind = {"kind": "feedback"} if isinstance(record, FeedbackRecord) else {}
+                    handle.write(json.dumps(asdict(record) | kind) + "\n")
             log.error(
                 "trace store %s: %d traces could not be written; saved to %s (read back the next "
                 "time a store opens %s)",
@@ -243,9 +273,25 @@ class TraceStore:
             return
         text = self.pending_path.read_text()
         self.pending_path.unlink()
-        records = [TraceRecord(**json.loads(line)) for line in text.splitlines() if line.strip()]
+        records = [_pending_record(json.loads(line)) for line in text.splitlines() if line.strip()]
         self._buffer.extend(records)
         log.info("trace store %s: %d pending traces read back", self.path, len(records))
+
+
+def _pending_record(fields: dict[str, Any]) -> TraceRecord | FeedbackRecord:
+    if fields.pop("kind", "") == "feedback":
+        return FeedbackRecord(**fields)
+    return TraceRecord(**fields)
+
+
+def add_missing_columns(connection: sqlite3.Connection) -> None:
+    """A store written by an older lmstack lacks newer columns (variant): added, empty."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(traces)")}
+    for f in fields(TraceRecord):
+        if f.name not in present:
+            sql_type = SQL_TYPES.get(str(f.type), "TEXT")
+            connection.execute(f"ALTER TABLE traces ADD COLUMN {f.name} {sql_type} DEFAULT ''")
+    connection.commit()
 
 
 def describe_error(error: Exception) -> str:
@@ -287,6 +333,37 @@ def read_traces(path: str | Path, include_warmup: bool = False) -> list[dict[str
     except sqlite3.Error as error:
         raise DataError(f"trace store {path}: {describe_error(error)}") from None
     return [row for row in rows if include_warmup or row["tag"] != WARMUP_TAG]
+
+
+def read_feedback(path: str | Path) -> list[dict[str, Any]]:
+    """Every feedback row of a store, oldest first ([] for a store without feedback)."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        connection.row_factory = sqlite3.Row
+        with connection:
+            rows = [dict(r) for r in connection.execute("SELECT * FROM feedback ORDER BY id")]
+        connection.close()
+    except sqlite3.OperationalError as error:
+        if "no such table" in str(error):
+            return []
+        raise
+    return rows
+
+
+def stored_request(path: str | Path, request_id: str) -> bool:
+    """Whether a store holds a trace of this request (for feedback on an older request)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        with connection:
+            found = connection.execute(
+                "SELECT 1 FROM traces WHERE request_id = ? LIMIT 1", (request_id,)
+            ).fetchone()
+        connection.close()
+    except sqlite3.Error:
+        return False
+    return found is not None
 
 
 def find_trace_dbs(source: str | Path) -> list[Path]:

@@ -1,0 +1,434 @@
+"""A/B tests through the gateway: split traffic between served variants, take feedback, compare.
+
+- Routing (`Router`, in the gateway process): each completion request goes to one variant,
+  drawn by weight. With a user id header (`serving.ab.user_header`, default X-Lmstack-User)
+  the draw is a hash of the id, so a user stays with one variant; without one, each request
+  is drawn on its own. The trace records the variant; the answer carries it in the
+  `x-lmstack-variant` header and the request id in `x-lmstack-request-id`.
+- Feedback: `POST /v1/feedback {"request_id", "thumbs": "up"|"down"}` or `{"request_id",
+  "score": number}` (plus an optional "comment") is stored beside the traces.
+- Analysis (`variant_table`, `comparisons`, for phase=report): per variant, requests and their
+  share, latency and cost percentiles, format-monitor failures, feedback rate and mean score
+  with a 95% interval; against the control (the first variant), the difference of means with
+  its 95% interval and a two-sided p-value (a two-proportion z-test for thumbs, Welch's z for
+  scores), and a sample-ratio-mismatch check of the split against the weights.
+
+The p-values hold for one look at a sample size fixed in advance. Watching them while traffic
+arrives and stopping at the first p < 0.05 ("peeking") makes false wins far more likely than
+5%; the report says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+USER_HEADER = "X-Lmstack-User"
+VARIANT_HEADER = b"x-lmstack-variant"
+REQUEST_ID_HEADER = b"x-lmstack-request-id"
+AB_MODEL = "lmstack-ab"  # what clients may send as "model"; the gateway puts each variant's
+PEEKING_CAVEAT = (
+    "p-values and intervals assume one look at a sample size fixed before the test. Checking "
+    "them as traffic arrives and stopping at the first p < 0.05 (peeking) inflates the false "
+    "positive rate well above 5%: fix the number of requests in advance, or use a sequential "
+    "method (an always-valid test such as mSPRT, or alpha spending)."
+)
+
+
+# ---------------------------------------------------------------- routing (gateway process)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    weight: float
+    upstream: str  # the engine's …/v1 URL
+    model: str  # the "model" field that engine expects
+    served: dict[str, Any]
+
+
+class Router:
+    """Weighted choice of a variant: by a hash of the user id (sticky), else at random."""
+
+    def __init__(self, variants: list[Variant], user_header: str = USER_HEADER, seed: int = 0):
+        total = sum(variant.weight for variant in variants)
+        self.variants = variants
+        self.bounds = []
+        running = 0.0
+        for variant in variants:
+            running += variant.weight / total
+            self.bounds.append(running)
+        self.header = user_header.lower().encode()
+        self.salt = str(seed)
+        self.random = random.Random(seed)
+
+    def pick(self, user: str) -> Variant:
+        unit = sticky_unit(user, self.salt) if user else self.random.random()
+        index = min(bisect.bisect_right(self.bounds, unit), len(self.variants) - 1)
+        return self.variants[index]
+
+
+def sticky_unit(user: str, salt: str) -> float:
+    """A user id as a number in [0, 1), the same every time (and in every gateway)."""
+    digest = hashlib.sha256(f"{salt}\x00{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def variants_from_json(entries: list[dict[str, Any]]) -> list[Variant]:
+    return [
+        Variant(e["name"], float(e["weight"]), e["upstream"], e["model"], e.get("served") or {})
+        for e in entries
+    ]
+
+
+# ---------------------------------------------------------------- starting the variants
+
+
+@contextlib.contextmanager
+def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
+    """One engine per distinct variant model (or each variant's external URL), the gateway in
+    front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
+    from lmstack.serving.engines import serve
+    from lmstack.serving.gateway import gateway
+
+    serving = config.serving
+    with contextlib.ExitStack() as stack:
+        started: dict[tuple[str, str], Any] = {}
+        entries = []
+        for variant in serving.ab.variants:
+            key = (variant.base_url, variant.model or serving.model)
+            if key not in started:
+                alone = variant_serving(serving, variant)
+                print(f"lmstack: A/B variant {variant.name}: {alone.model or alone.base_url}")
+                started[key] = stack.enter_context(
+                    serve(
+                        replace(config, serving=alone),
+                        cache_dir,
+                        Path(log_dir) / f"variant-{variant.name}",
+                        gateway=False,
+                    )
+                )
+            endpoint = started[key]
+            served = {**endpoint.served, "variant": variant.name}
+            entries.append(
+                {
+                    "name": variant.name,
+                    "weight": variant.weight,
+                    "upstream": endpoint.base_url,
+                    "model": endpoint.model,
+                    "served": served,
+                }
+            )
+        first = next(iter(started.values()))
+        trace_path = getattr(getattr(config, "trace", None), "path", "")
+        write_weights(entries, Path(trace_path).parent if trace_path else Path(log_dir))
+        proxied = stack.enter_context(gateway(first, config, log_dir, variants=entries))
+        yield replace(proxied, model=AB_MODEL, served={"ab": entries})
+
+
+def variant_serving(serving: Any, variant: Any) -> Any:
+    """The serving config for one variant alone: its model, or its external URL; no A/B."""
+    from lmstack.config.schema import ABConfig
+
+    if variant.base_url:
+        return replace(
+            serving,
+            name="external",
+            base_url=variant.base_url,
+            served_model_name=variant.model,
+            quantization="none",
+            ab=ABConfig(),
+        )
+    return replace(serving, model=variant.model or serving.model, ab=ABConfig())
+
+
+# ---------------------------------------------------------------- feedback
+
+
+class FeedbackError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_feedback(raw: bytes) -> dict[str, Any]:
+    """{request_id, score, thumbs, comment} from a feedback body; FeedbackError naming the
+    field when it is malformed."""
+    import json
+
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise FeedbackError(400, f"body: not JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise FeedbackError(400, "body: must be a JSON object {request_id, thumbs or score}")
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise FeedbackError(400, "request_id: missing (the x-lmstack-request-id of the answer)")
+    thumbs, score = body.get("thumbs"), body.get("score")
+    if thumbs is not None and thumbs not in ("up", "down"):
+        raise FeedbackError(400, f"thumbs: {thumbs!r} is not 'up' or 'down'")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
+    ):
+        raise FeedbackError(400, f"score: {score!r} is not a finite number")
+    if thumbs is None and score is None:
+        raise FeedbackError(400, "thumbs or score: give one ('up'/'down', or a number)")
+    comment = body.get("comment", "")
+    if not isinstance(comment, str):
+        raise FeedbackError(400, "comment: must be text")
+    return {
+        "request_id": request_id,
+        "thumbs": None if thumbs is None else int(thumbs == "up"),
+        "score": float(score) if score is not None else float(thumbs == "up"),
+        "comment": comment[:2000],
+    }
+
+
+# ---------------------------------------------------------------- analysis (phase=report)
+
+Z95 = 1.959963984540054
+
+
+def mean_interval(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """Mean and its 95% normal interval (Wald for 0/1 values)."""
+    if not values:
+        return None, None, None
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    half = Z95 * math.sqrt(variance / n)
+    return mean, mean - half, mean + half
+
+
+def normal_p(z: float) -> float:
+    """Two-sided p-value of a standard normal statistic."""
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def difference(control: list[float], treatment: list[float], binary: bool) -> dict[str, Any]:
+    """treatment - control: the difference of means, its 95% interval, z and p. For 0/1
+    values the test is the pooled two-proportion z-test; otherwise Welch's z."""
+    n1, n2 = len(control), len(treatment)
+    if n1 < 2 or n2 < 2:
+        return {"diff": None, "diff_ci_low": None, "diff_ci_high": None, "z": None, "p": None}
+    m1, m2 = sum(control) / n1, sum(treatment) / n2
+    v1 = sum((v - m1) ** 2 for v in control) / (n1 - 1)
+    v2 = sum((v - m2) ** 2 for v in treatment) / (n2 - 1)
+    se = math.sqrt(v1 / n1 + v2 / n2)
+    if binary:
+        pooled = (sum(control) + sum(treatment)) / (n1 + n2)
+        se_test = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        se = math.sqrt(m1 * (1 - m1) / n1 + m2 * (1 - m2) / n2)
+    else:
+        se_test = se
+    z = (m2 - m1) / se_test if se_test > 0 else None
+    return {
+        "diff": m2 - m1,
+        "diff_ci_low": m2 - m1 - Z95 * se,
+        "diff_ci_high": m2 - m1 + Z95 * se,
+        "z": z,
+        "p": normal_p(z) if z is not None else None,
+        "test": "two-proportion z" if binary else "Welch z",
+    }
+
+
+def sample_ratio_p(counts: list[int], weights: list[float]) -> float | None:
+    """Chi-square goodness of fit of the split to the weights (a small p: the split is broken,
+    a sample-ratio mismatch, and the comparison cannot be trusted)."""
+    from scipy.stats import chisquare
+
+    total, weight = sum(counts), sum(weights)
+    if total == 0 or len(counts) < 2:
+        return None
+    expected = [total * w / weight for w in weights]
+    return float(chisquare(counts, expected).pvalue)
+
+
+def latest_feedback(feedback: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last feedback given on each request (a user may change their mind)."""
+    return {row["request_id"]: row for row in feedback}
+
+
+def variant_table(
+    rows: list[dict[str, Any]],
+    feedback: list[dict[str, Any]],
+    cost: Any,
+    monitor: Any,
+    weights: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per variant: traffic, latency, cost, monitors, feedback."""
+    import numpy as np
+
+    from lmstack.serving import costs, monitors
+
+    given = latest_feedback(feedback)
+    names = sorted({row["variant"] for row in rows if row.get("variant")})
+    all_costs = dict(zip((id(r) for r in rows), costs.request_costs(rows, cost)))
+    table = []
+    total = sum(1 for row in rows if row.get("variant"))
+    for name in names:
+        mine = [row for row in rows if row.get("variant") == name]
+        done = [row for row in mine if monitors.succeeded(row)]
+        scores = [given[r["request_id"]]["score"] for r in mine if r["request_id"] in given]
+        mean, low, high = mean_interval(scores)
+        spent = [all_costs[id(row)] for row in mine]
+        figures: dict[str, Any] = {
+            "variant": name,
+            "requests": len(mine),
+            "share": len(mine) / total if total else None,
+            "weight_share": (weights or {}).get(name),
+            "errors": len(mine) - len(done),
+        }
+        for key, values in (
+            ("latency_ms", [r["latency_ms"] for r in done]),
+            ("ttft_ms", [r["ttft_ms"] for r in done if r["ttft_ms"] is not None]),
+            ("cost_usd", spent),
+        ):
+            for q in (50, 90, 99):
+                figures[f"{key}_p{q}"] = float(np.percentile(values, q)) if values else None
+        checks = monitors.summarize(mine, monitor)
+        figures |= {
+            "format_failure_rate": None
+            if checks["compliance"] is None
+            else 1 - checks["compliance"],
+            "refusal_rate": checks["refusal_rate"],
+            "truncated_rate": checks["truncated_rate"],
+            "feedback_n": len(scores),
+            "feedback_rate": len(scores) / len(mine) if mine else None,
+            "feedback_mean": mean,
+            "feedback_ci_low": low,
+            "feedback_ci_high": high,
+        }
+        table.append(figures)
+    return table
+
+
+def comparisons(
+    rows: list[dict[str, Any]], feedback: list[dict[str, Any]], control: str = ""
+) -> list[dict[str, Any]]:
+    """Each variant against the control (the first by name unless given)."""
+    given = latest_feedback(feedback)
+    scores: dict[str, list[float]] = {}
+    thumbs_only: dict[str, bool] = {}
+    for row in rows:
+        if row.get("variant") and row["request_id"] in given:
+            entry = given[row["request_id"]]
+            scores.setdefault(row["variant"], []).append(entry["score"])
+            thumbs_only[row["variant"]] = thumbs_only.get(row["variant"], True) and (
+                entry["thumbs"] is not None
+            )
+    names = sorted({row["variant"] for row in rows if row.get("variant")})
+    if not names:
+        return []
+    control = control if control in names else names[0]
+    result = []
+    for name in names:
+        if name == control:
+            continue
+        binary = thumbs_only.get(name, False) and thumbs_only.get(control, False)
+        result.append(
+            {"variant": name, "control": control}
+            | difference(scores.get(control, []), scores.get(name, []), binary)
+        )
+    return result
+
+
+# ---------------------------------------------------------------- the report's A/B section
+
+WEIGHTS_FILE_NAME = "ab_variants.json"
+SHOWN = (
+    "variant", "requests", "share", "weight_share", "errors", "latency_ms_p50", "latency_ms_p90",
+    "latency_ms_p99", "cost_usd_p50", "cost_usd_p99", "format_failure_rate", "feedback_n",
+    "feedback_rate", "feedback_mean", "feedback_ci_low", "feedback_ci_high",
+)  # fmt: skip
+
+
+def write_weights(entries: list[dict[str, Any]], folder: Path) -> None:
+    """The variants and their weights beside the trace store (the report's expected split)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = [{k: e[k] for k in ("name", "weight", "upstream", "model")} for e in entries]
+    (folder / WEIGHTS_FILE_NAME).write_text(json.dumps(kept, indent=1))
+
+
+def read_weights(dbs: list[Path]) -> dict[str, float]:
+    """name -> share of the weights, from ab_variants.json beside the stores ({} if none);
+    insertion order is the configured order, so the first variant is the control."""
+    import json
+
+    for db in dbs:
+        path = db.parent / WEIGHTS_FILE_NAME
+        if path.is_file():
+            entries = json.loads(path.read_text())
+            total = sum(e["weight"] for e in entries)
+            return {e["name"]: e["weight"] / total for e in entries}
+    return {}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def report_markdown(
+    table: list[dict[str, Any]], compared: list[dict[str, Any]], srm: float | None
+) -> str:
+    lines = ["## A/B test: per variant", ""]
+    lines += ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in SHOWN) + " |" for row in table]
+    lines += [
+        "",
+        "feedback_mean: mean score (thumbs up = 1, down = 0) with its 95% interval; "
+        "feedback_rate: share of requests that got feedback.",
+        "",
+        "## A/B test: each variant against the control",
+        "",
+        "| variant | control | difference | 95% CI | z | p | test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in compared:
+        interval = f"[{_cell(row['diff_ci_low'])}, {_cell(row['diff_ci_high'])}]"
+        cells = [row["variant"], row["control"], _cell(row["diff"]), interval]
+        cells += [_cell(row["z"]), _cell(row["p"]), row.get("test", "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if srm is not None:
+        verdict = "the split is broken (sample-ratio mismatch)" if srm < 1e-3 else "as configured"
+        lines += ["", f"Split against the weights: chi-square p = {srm:.3g} ({verdict})."]
+    lines += ["", f"> Sequential testing: {PEEKING_CAVEAT}", ""]
+    return "\n".join(lines)
+
+
+def plot_feedback(table: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in table if row["feedback_mean"] is not None]
+    figure, axis = plt.subplots(figsize=(7, 1.4 + 0.5 * max(len(rows), 1)))
+    for index, row in enumerate(rows):
+        low, high = row["feedback_ci_low"], row["feedback_ci_high"]
+        error = [[row["feedback_mean"] - low], [high - row["feedback_mean"]]] if low else None
+        axis.errorbar(row["feedback_mean"], index, xerr=error, fmt="o", capsize=4)
+    axis.set_yticks(range(len(rows)), [f"{r['variant']} (n={r['feedback_n']})" for r in rows])
+    axis.set_xlabel("mean feedback score, 95% interval")
+    axis.set_title("A/B test: feedback per variant")
+    axis.grid(axis="x", color="0.93")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
