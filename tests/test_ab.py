@@ -254,3 +254,21 @@ def wait_for_file(folder: Path, name: str, process, tmp_path: Path, timeout_s: f
             return found[0]
         time.sleep(0.5)
     raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
+
+
+def test_a_store_from_before_ab_tests_gains_the_variant_column(tmp_path):
+    import sqlite3
+    from dataclasses import fields
+
+    from lmstack.serving.traces import TraceRecord, TraceStore
+
+    db = tmp_path / TRACE_DB_NAME
+    old_columns = [f.name for f in fields(TraceRecord) if f.name != "variant"]
+    with sqlite3.connect(db) as connection:
+        columns = ", ".join(old_columns)
+        connection.execute(f"CREATE TABLE traces (id INTEGER PRIMARY KEY, {columns})")
+    values = {f.name: 0 if f.type in ("float", "int", "bool") else "" for f in fields(TraceRecord)}
+    store = TraceStore(db)
+    store.add(TraceRecord(**(values | {"request_id": "r1", "variant": "B"})))
+    store.close()
+    assert [(row["request_id"], row["variant"]) for row in read_traces(db)] == [("r1", "B")]
