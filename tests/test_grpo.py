@@ -137,17 +137,23 @@ def test_left_padded_rollout_logprobs_match_each_row_alone(tiny_base):
 
 
 def test_grpo_end_to_end_writes_metrics(tmp_path):
-    # one thread: with the CPU shared, torch's spinning threads make this run far slower
+    # one thread: with the CPU shared, torch's spinning threads make this run far slower.
+    # The untuned base never earns a reward (all 0), which would stop the run after 5 steps:
+    # this test is about the plumbing, so the constant-reward check is off
     run_cli(
         *FAST,
         "objective=grpo",
         "objective.group_size=2",
+        "objective.reward_check_steps=0",
         "logger=none",
         "trainer.num_threads=1",
         output_dir=tmp_path,
     )
     (run_dir,) = run_dirs(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # sampled completions with their prompt, reference and rewards, at the first step
+    samples = [json.loads(line) for line in (run_dir / "samples" / "grpo.jsonl").open()]
+    assert samples[0]["step"] == 0 and samples[0]["prompt"] and "reward_verifier" in samples[0]
     for key in (
         "train/reward_mean",
         "train/reward_std",
@@ -191,3 +197,35 @@ def test_grpo_lifts_the_held_out_verifier_reward(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["verify/score_after"] >= metrics["verify/score_before"] + 0.2, metrics
     assert metrics["val/reward_verifier"] > metrics["val/reward_verifier_before"], metrics
+
+
+def test_grpo_with_a_reward_that_is_always_zero_stops_naming_it(tmp_path):
+    """A reference reward that no completion of the untuned base earns (JSON fields of the
+    user's rows): a warning at the first step, an error naming the reward after the first
+    `reward_check_steps` steps, with a sample to look at."""
+    from user_task import write_rows
+
+    _, rows = write_rows(tmp_path / "data", train=0, held_out=24)
+    result = run_cli(
+        "objective=grpo",
+        "data=jsonl",
+        f"data.path={rows}",
+        "objective.rewards=[{name:json_fields}]",
+        "objective.reward_check_steps=2",
+        "objective.group_size=2",
+        "objective.max_new_tokens=8",
+        "data.batch_size=4",
+        "trainer.max_steps=6",
+        "trainer.enable_progress_bar=false",
+        "verify.enabled=false",
+        "logger=none",
+        "trainer.num_threads=1",
+        output_dir=tmp_path / "grpo",
+        check=False,
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "reward 'json_fields' is 0 for every completion of the first batch" in result.stdout
+    assert "the reward (json_fields) was the same for every completion" in result.stderr
+    assert "in each of the first 2 steps" in result.stderr
+    assert '"prompt": "To JSON: name=' in result.stderr  # a sample, from the user's rows
+    assert "Traceback" not in result.stderr

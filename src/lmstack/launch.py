@@ -60,7 +60,9 @@ def run_task(cfg: DictConfig) -> float | None:
         metrics = dispatch(ctx)
         return sweep_metric(metrics, ctx.config)
     except LmstackError as error:
-        return _fail(run_dir, multirun, f"lmstack: error: {error}", exit_code=EXIT_BAD_INPUT)
+        # bad input exits 2; an error class may name its own code (a run with no score: 1)
+        code = getattr(error, "exit_code", EXIT_BAD_INPUT)
+        return _fail(run_dir, multirun, f"lmstack: error: {error}", exit_code=code)
     except KeyboardInterrupt:
         _record(run_dir, "interrupted", "interrupted by the user; re-run the command to resume")
         raise

@@ -273,18 +273,36 @@ class PPOObjectiveConfig(ObjectiveConfig):
 
 
 # reward functions objective=grpo can sum (see lmstack.objectives.reward_functions)
-GRPO_REWARDS = ("verifier", "format", "reward_model")
+GRPO_REWARDS = (
+    "verifier",
+    "format",
+    "reward_model",
+    # against each row's reference ("reference" or "answer"): lmstack.data.scoring
+    "exact",
+    "normalized",
+    "numeric",
+    "json_fields",
+    "scorer",
+)
 
 
 @dataclass
 class RewardFunctionConfig:
     """One weighted reward: verifier (the task's check of the row's answer), format (1 when
-    `pattern` matches the completion) or reward_model (a trained scorer at `path`)."""
+    `pattern` matches the completion), reward_model (a trained scorer at `path`), or a score
+    against the row's reference: exact, normalized, numeric, json_fields, or scorer (your
+    function at `scorer`, an import path `pkg.module:function`)."""
 
     name: str = MISSING
     weight: float = 1.0
     pattern: str | None = None
     path: str | None = None
+    # json_fields: the keys compared (empty = every key of the reference)
+    fields: list[str] = field(default_factory=list)
+    # numeric: |answer - reference| <= tolerance * max(1, |reference|)
+    tolerance: float = 1e-6
+    # scorer: `pkg.module:function` taking (completion, reference, row) -> number
+    scorer: str | None = None
 
     def check(self, key: str) -> None:
         _require_choice(self.name, GRPO_REWARDS, f"{key}.name")
@@ -292,6 +310,8 @@ class RewardFunctionConfig:
             _require(bool(self.pattern), f"{key}.pattern", "the format reward needs a regex")
         if self.name == "reward_model":
             _require(bool(self.path), f"{key}.path", "the reward_model reward needs a run dir")
+        if self.name == "scorer":
+            _require(bool(self.scorer), f"{key}.scorer", "give an import path pkg.module:function")
 
 
 @dataclass
@@ -308,6 +328,11 @@ class GRPOObjectiveConfig(ObjectiveConfig):
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
+    # a total reward that is the same for every completion in each of the first N steps stops
+    # the run with an error naming the reward (0: warn only)
+    reward_check_steps: int = 5
+    # sampled completions saved (samples/grpo.jsonl, a W&B table) every trainer log step
+    samples_per_log: int = 4
     rewards: list[RewardFunctionConfig] = field(
         default_factory=lambda: [
             RewardFunctionConfig(name="verifier", weight=1.0),
@@ -658,7 +683,9 @@ class LmEvalConfig:
     limit: int | None = None
     num_fewshot: int | None = None
     batch_size: int = 16
-    max_gen_toks: int = 32
+    # generation length for generative tasks; null = each task's own (a value overrides it,
+    # and the run says so)
+    max_gen_toks: int | None = None
     # prompts through the model's chat template (what SFT trained on); false: raw text
     apply_chat_template: bool = True
 
@@ -689,6 +716,9 @@ class JudgeConfig:
     # labelled pairs for calibration: "builtin" (generated for the arithmetic task) or a jsonl
     calibration_set: str = "builtin"
     calibration_size: int = 24
+    # pairwise judging of the model under test against another model on the same prompts:
+    # "base" (the model group's model without init_from) or a run directory; empty = off
+    compare_to: str = ""
 
     def check(self) -> None:
         _require(self.max_tokens >= 1, "eval.judge.max_tokens", "must be >= 1")
@@ -756,9 +786,51 @@ class FormatConfig:
     """Output format checks on the answers: a regex and/or a JSON schema."""
 
     # a regex every answer must match (re.search); empty = no regex check
-    regex: str = r"The answer is -?\d+\.?\s*$"
+    # auto: the built-in task's answer sentence on the built-in task, none on eval.data rows
+    regex: str = "auto"
     # a JSON schema (inline JSON or a file path) the answer, parsed as JSON, must satisfy
     json_schema: str = ""
+
+
+@dataclass
+class EvalDataConfig:
+    """The user's own evaluation rows; every suite asks their prompts (empty = built-in task)."""
+
+    # a jsonl/parquet file of rows {prompt (text or chat messages), reference?, context?,
+    # metadata?} or SFT rows {messages}; a hub dataset name or a local dataset folder
+    path: str = ""
+    # auto: by the file's suffix (.jsonl/.json, .parquet); anything else is a hub dataset
+    source: str = "auto"
+    subset: str | None = None
+    split: str = "test"
+    # the first N rows; null = all
+    limit: int | None = None
+    # few-shot prompting baseline: the first `shots` rows of shots_path (rows with references)
+    # are shown as solved turns before each prompt
+    shots: int = 0
+    shots_path: str = ""
+
+    def check(self) -> None:
+        _require_choice(self.source, ("auto", "jsonl", "parquet", "hub"), "eval.data.source")
+        _require(self.shots >= 0, "eval.data.shots", "must be >= 0")
+        if self.shots:
+            _require(bool(self.shots_path), "eval.data.shots_path", "eval.data.shots needs it")
+        if self.limit is not None:
+            _require(self.limit >= 1, "eval.data.limit", "must be >= 1 or null")
+
+
+@dataclass
+class ScorerConfig:
+    """How an answer is scored against its row's reference (the verifier and arena suites)."""
+
+    # auto: the built-in task's verifier, or `normalized` on eval.data rows; exact, normalized,
+    # numeric, json_fields, or your own function as an import path `pkg.module:function`
+    # taking (completion, reference, row) and returning a number in [0, 1]
+    name: str = "auto"
+    # numeric: |answer - reference| <= tolerance * max(1, |reference|)
+    tolerance: float = 1e-6
+    # json_fields: the keys compared (empty = every key of the reference)
+    fields: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -788,9 +860,17 @@ class EvalConfig:
     arena: ArenaConfig = field(default_factory=ArenaConfig)
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
+    # the user's own rows (prompts, references, contexts); empty path = the built-in task
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    # modules that register more suites (lmstack.evaluation.suites.register); their options
+    # go under eval.options.<suite name>
+    plugins: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in self.suites:
+        for name in self.suites if not self.plugins else ():
+            # with plugins, the phase checks names once their modules are imported
             _require_choice(name, EVAL_SUITES, f"eval.suites.{name}")
         _require(
             any(self.suites.values()),
@@ -815,6 +895,7 @@ class EvalConfig:
         self.judge.check()
         self.arena.check(self.suites.get("arena", False))
         self.faithfulness.check()
+        self.data.check()
 
 
 TRACE_REDACTIONS = ("none", "prompts", "all")

@@ -27,14 +27,10 @@ def encode_prompts(
         chat = [{"role": "user", "content": row["prompt"]}]
         ids = render_chat(tokenizer, chat, add_generation_prompt=True)
         if len(ids) <= max_prompt_length:
-            answer = row.get("answer")
-            examples.append(
-                {
-                    "input_ids": ids,
-                    "prompt": row["prompt"],
-                    "answer": None if answer is None else str(answer),
-                }
-            )
+            answer = row.get("answer", row.get("reference"))
+            if answer is not None and not isinstance(answer, dict | list):
+                answer = str(answer)  # structured references (JSON answers) stay as they are
+            examples.append({"input_ids": ids, "prompt": row["prompt"], "answer": answer})
     if rows and not examples:
         raise DataError(
             f"{origin}: every prompt is longer than {max_prompt_length} tokens "

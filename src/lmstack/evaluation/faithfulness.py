@@ -66,24 +66,66 @@ def supported(answer: str, context: str) -> bool:
     return stated in results or stated in facts
 
 
-def report(items: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
-    support = [supported(answer, item["context"]) for item, answer in zip(items, answers)]
-    correct = [arith.verify(answer, item["answer"]) for item, answer in zip(items, answers)]
+def grounded_fields(row: Any) -> dict[str, Any]:
+    """A user's row with a context: its prompt, with the context put first unless the prompt
+    already quotes it."""
+    fields = row.fields()
+    if row.context not in fields["question"]:
+        if "messages" in fields:
+            fields = {**fields, "messages": with_context(fields["messages"], row.context)}
+        fields["question"] = f"{row.context}\n\n{fields['question']}"
+    return fields
+
+
+def with_context(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    out = [dict(m) for m in messages]
+    out[last_user]["content"] = f"{context}\n\n{out[last_user]['content']}"
+    return out
+
+
+WORD = re.compile(r"[A-Za-z]{3,}|-?\d+(?:\.\d+)?")
+# share of an answer's content words and numbers that must occur in its context
+GROUNDED_SHARE = 0.8
+
+
+def grounded(answer: str, context: str) -> bool:
+    """The check on a user's rows: at least GROUNDED_SHARE of the answer's words (3+ letters)
+    and numbers occur in the context (case-insensitive); an empty answer is not grounded."""
+    words = [w.lower() for w in WORD.findall(answer)]
+    if not words:
+        return False
+    known = {w.lower() for w in WORD.findall(context)}
+    return sum(w in known for w in words) / len(words) >= GROUNDED_SHARE
+
+
+def report(
+    items: list[dict[str, Any]],
+    answers: list[str],
+    correct: list[float | None],
+    check: Any = supported,
+) -> dict[str, Any]:
+    """Support rate by `check(answer, context)`, and correctness where references exist."""
+    support = [check(answer, item["context"]) for item, answer in zip(items, answers)]
+    scored = [(s, c) for s, c in zip(support, correct) if c is not None]
     n = max(1, len(items))
     return {
-        "support_rate": sum(support) / n,
-        "correct_rate": sum(correct) / n,
-        "supported_but_wrong": sum(s and not c for s, c in zip(support, correct)) / n,
+        "support_rate": sum(support) / n if items else None,
+        "correct_rate": sum(c for _, c in scored) / len(scored) if scored else None,
+        "supported_but_wrong": (
+            sum(s and not c for s, c in scored) / len(scored) if scored else None
+        ),
         "n": len(items),
-        "examples": [
-            {**item, "response": answer, "supported": s}
-            for item, answer, s in list(zip(items, answers, support))[:3]
-        ],
+        "supported": support,
     }
 
 
 def judge_report(
-    items: list[dict[str, Any]], answers: list[str], endpoint: Any, judge_cfg: Any
+    items: list[dict[str, Any]],
+    answers: list[str],
+    correct: list[float | None],
+    endpoint: Any,
+    judge_cfg: Any,
 ) -> dict[str, Any]:
     """Support decided by the LLM judge ([[yes]] / [[no]]); unparseable replies counted."""
     from lmstack.evaluation.judge import ask
@@ -106,11 +148,12 @@ def judge_report(
     )
     verdicts = [SUPPORTED.search(reply) for reply in replies]
     parsed = [v.group(1).lower() == "yes" for v in verdicts if v]
+    scored = [c for c in correct if c is not None]
     return {
         "support_rate": sum(parsed) / len(parsed) if parsed else None,
-        "correct_rate": sum(arith.verify(a, i["answer"]) for i, a in zip(items, answers))
-        / max(1, len(items)),
+        "correct_rate": sum(scored) / len(scored) if scored else None,
         "n": len(items),
         "parse_failures": len(items) - len(parsed),
         "prompt_version": version,
+        "supported": [None if v is None else v.group(1).lower() == "yes" for v in verdicts],
     }

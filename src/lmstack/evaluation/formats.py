@@ -48,8 +48,10 @@ def json_compliant(answer: str, schema: dict[str, Any]) -> bool:
     return True
 
 
-def compliance(answers: list[str], regex: str = "", json_schema: str = "") -> dict[str, Any]:
-    """Compliance rates (0..1) of the answers, with a few failing examples to look at."""
+def compliance(
+    answers: list[str], regex: str = "", json_schema: str = ""
+) -> tuple[dict[str, Any], dict[str, list[bool]]]:
+    """(compliance rates (0..1) with a few failing examples, each check's per-answer pass)."""
     result: dict[str, Any] = {}
     checks = []
     if regex:
@@ -58,9 +60,13 @@ def compliance(answers: list[str], regex: str = "", json_schema: str = "") -> di
     if json_schema:
         schema = load_schema(json_schema)
         checks.append(("json_schema", lambda a: json_compliant(a, schema)))
+    passes: dict[str, list[bool]] = {}
     for name, check in checks:
         passed = [check(answer) for answer in answers]
-        result[f"{name}_rate"] = sum(passed) / max(1, len(answers))
+        passes[f"{name}_ok"] = passed
+        result[f"{name}_rate"] = sum(passed) / len(answers) if answers else None
         result[f"{name}_failures"] = [a for a, ok in zip(answers, passed) if not ok][:3]
+    every = [all(p[i] for p in passes.values()) for i in range(len(answers))]
+    result["rate"] = sum(every) / len(answers) if answers else None
     result["n"] = len(answers)
-    return result
+    return result, passes

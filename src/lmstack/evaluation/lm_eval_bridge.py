@@ -86,7 +86,7 @@ def task_manager(tasks: list[str], include_paths: list[str], cache_dir: str):
     paths = [str(local_task_dir(cache_dir)), *include_paths]
     manager = TaskManager(include_path=paths, include_defaults=False)
     if all(task in manager.all_tasks for task in tasks):
-        return manager
+        return check_task_files(manager, tasks)
     manager = TaskManager(include_path=paths, include_defaults=True)
     missing = [task for task in tasks if task not in manager.all_tasks]
     if missing:
@@ -102,7 +102,38 @@ def task_manager(tasks: list[str], include_paths: list[str], cache_dir: str):
             + "; ".join(searched)
             + ". Add a folder of task YAMLs with eval.lm_eval.include_paths=[...]"
         )
+    return check_task_files(manager, tasks)
+
+
+def check_task_files(manager: Any, tasks: list[str]) -> Any:
+    """Builds every requested task once, so a broken task file fails here, before any model
+    loads, with a message naming the file and what in it is wrong."""
+    for task in tasks:
+        try:
+            manager.load([task])
+        except Exception as error:  # the harness raises many kinds for a bad task file
+            entry = manager.task_index.get(task, {})
+            where = entry.get("yaml_path", "?") if isinstance(entry, dict) else "?"
+            detail = f"{type(error).__name__}: {error}"
+            if isinstance(error, KeyError):
+                detail = f"missing or unknown key {error}"
+            raise ConfigError(
+                f"eval.lm_eval.tasks: task '{task}' in {where} cannot be built ({detail})"
+            ) from None
     return manager
+
+
+def generation_override(lm_cfg: Any) -> dict[str, Any]:
+    """The harness's gen_kwargs: none unless eval.lm_eval.max_gen_toks overrides the tasks'
+    own generation length (said aloud, so it is never a silent override)."""
+    if lm_cfg.max_gen_toks is None:
+        return {}
+    print(
+        f"lmstack: eval.lm_eval.max_gen_toks={lm_cfg.max_gen_toks} overrides the generation "
+        "length of every generative task (null keeps each task's own)",
+        flush=True,
+    )
+    return {"max_gen_toks": lm_cfg.max_gen_toks}
 
 
 def output_types(manager: Any, tasks: list[str]) -> dict[str, str]:
@@ -150,7 +181,6 @@ def evaluate_served(
         model = LocalChatCompletion(
             base_url=f"{endpoint.base_url}/chat/completions",
             model=endpoint.model,
-            max_gen_toks=lm_cfg.max_gen_toks,
             num_concurrent=concurrency,
             max_retries=1,
             header=headers,
@@ -161,7 +191,6 @@ def evaluate_served(
             model=endpoint.model,
             tokenizer=tokenizer_path,
             tokenizer_backend="huggingface",
-            max_gen_toks=lm_cfg.max_gen_toks,
             num_concurrent=concurrency,
             max_retries=1,
             header=headers,
@@ -180,7 +209,7 @@ def _evaluate(model: Any, manager: Any, lm_cfg: Any, seed: int) -> dict[str, Any
             num_fewshot=lm_cfg.num_fewshot,
             limit=lm_cfg.limit,
             apply_chat_template=lm_cfg.apply_chat_template,
-            gen_kwargs={"max_gen_toks": lm_cfg.max_gen_toks},
+            gen_kwargs=generation_override(lm_cfg) or None,
             bootstrap_iters=1000,
             log_samples=True,
             random_seed=seed,

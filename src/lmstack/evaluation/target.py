@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError, LmstackError
-from lmstack.prompts import PROMPT_VERSION_HEADER, prompt_version, render_messages, render_text
+from lmstack.prompts import (
+    PROMPT_VERSION_HEADER,
+    fill,
+    prompt_version,
+    render_messages,
+    render_text,
+)
 
 
 @dataclass
@@ -92,11 +98,11 @@ class InProcessTarget:
 
     def render(self, fields: dict[str, Any]) -> str:
         if self.chat:
-            messages = render_messages(self.prompt, fields)
+            messages = chat_of(self.prompt, fields)
             return self.local.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
-        return render_text(self.prompt, fields)
+        return render_text(self.prompt, text_fields(fields))
 
     def answers(self, rows: list[dict[str, Any]], num_samples: int = 1) -> list[list[str]]:
         """`num_samples` answers per row (sample k drawn with seed + k)."""
@@ -128,6 +134,30 @@ class InProcessTarget:
             **options,
         )
         return [cut_at_stop(a, self.chat) for a in answers]
+
+
+def chat_of(prompt: Any, fields: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat a row becomes: the prompt group's template filled with its fields, or the
+    row's own messages (after the prompt group's system message and few-shot turns)."""
+    if "messages" not in fields:
+        return render_messages(prompt, fields)
+    own = [dict(m) for m in fields["messages"]]
+    has_system = any(m["role"] == "system" for m in own)
+    lead = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    for shot in prompt.few_shot:
+        lead += [
+            {"role": "user", "content": fill(prompt, shot)},
+            {"role": "assistant", "content": str(shot["answer"])},
+        ]
+    if has_system:
+        lead = [m for m in lead if m["role"] != "system"]
+        return own[:1] + lead + own[1:] if own[0]["role"] == "system" else lead + own
+    return lead + own
+
+
+def text_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Plain-text prompts take a chat row's last user message as the question."""
+    return {k: v for k, v in fields.items() if k != "messages"}
 
 
 def cut_at_stop(answer: str, chat: bool) -> str:
@@ -182,11 +212,11 @@ class ServedTarget:
             "seed": seed,
         }
         if self.chat:
-            body["messages"] = render_messages(self.prompt, fields)
+            body["messages"] = chat_of(self.prompt, fields)
             reply = post_json(f"{self.base_url}/chat/completions", body, self._headers())
             text = reply["choices"][0]["message"]["content"] or ""
         else:
-            body |= {"prompt": render_text(self.prompt, fields), "stop": ["\n"]}
+            body |= {"prompt": render_text(self.prompt, text_fields(fields)), "stop": ["\n"]}
             reply = post_json(f"{self.base_url}/completions", body, self._headers())
             text = reply["choices"][0]["text"] or ""
         return cut_at_stop(text, self.chat)

@@ -23,7 +23,13 @@ from lmstack.objectives import ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import grpo_advantages, grpo_loss
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
-from lmstack.objectives.reward_functions import build_reward_functions, score_completions
+from lmstack.objectives.reward_functions import (
+    RewardGuard,
+    build_reward_functions,
+    rollout_samples,
+    save_samples,
+    score_completions,
+)
 from lmstack.objectives.rollout import (
     completion_logprobs,
     completion_mask,
@@ -49,16 +55,24 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
 
 
 def require_answers(rewards: list[Any], rows: Any) -> None:
-    """The verifier reward compares against each row's "answer": every row needs one."""
+    """The verifier and reference rewards compare against each row's "answer" (or
+    "reference"): every row needs one. A user's scorer may do without."""
     from lmstack.errors import DataError
+    from lmstack.objectives.reward_functions import REFERENCE_REWARDS
 
-    if not any(reward.name == "verifier" for reward in rewards):
+    needing = [
+        reward.name
+        for reward in rewards
+        if reward.name == "verifier" or reward.name in REFERENCE_REWARDS[:-1]
+    ]
+    if not needing:
         return
     for row in [*rows.train, *rows.eval]:
-        if row.get("answer") in (None, ""):
+        if row.get("answer", row.get("reference")) in (None, ""):
             raise DataError(
-                f"{rows.origin}:{row.get('_line', '?')}: row has no 'answer', which the "
-                "verifier reward in objective.rewards checks completions against"
+                f"{rows.origin}:{row.get('_line', '?')}: row has no 'answer' or 'reference', "
+                f"which the {', '.join(needing)} reward in objective.rewards checks "
+                "completions against"
             )
 
 
@@ -74,6 +88,7 @@ class Rollout:
     parts: dict[str, torch.Tensor]  # each reward function's (N,) scores
     advantages: torch.Tensor  # (N,)
     ref_logps: torch.Tensor | None  # (N, L); None when beta = 0
+    texts: list[str] | None = None  # the decoded completions (for samples and checks)
 
 
 class GRPOModule(TrainedModelModule):
@@ -96,6 +111,8 @@ class GRPOModule(TrainedModelModule):
         self.automatic_optimization = False
         # no reference at all when the KL term is off (beta = 0)
         self.reference = frozen_reference(model, needed=objective.beta > 0)
+        self.reward_guard = RewardGuard(reward_functions, objective.reward_check_steps)
+        self.rollouts_done = 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -146,6 +163,7 @@ class GRPOModule(TrainedModelModule):
             parts,
             grpo_advantages(rewards, group),
             None,
+            texts,
         )
         if self.objective.beta > 0:
             rollout.ref_logps = self.reference_logps(rollout)
@@ -171,6 +189,7 @@ class GRPOModule(TrainedModelModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
+        self.watch_rewards(batch, rollout)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         old_logps = None
         for _ in range(self.objective.iterations):
@@ -193,6 +212,15 @@ class GRPOModule(TrainedModelModule):
             optimizer.step()
             scheduler.step()
         self.log_rollout(rollout, result)
+
+    def watch_rewards(self, batch: dict[str, Any], rollout: Rollout) -> None:
+        """The constant-reward check of the first steps, and samples every log step."""
+        samples = rollout_samples(batch, rollout, self.objective.group_size)
+        self.reward_guard.observe(rollout.rewards, rollout.parts, samples[0] if samples else {})
+        every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
+        if self.rollouts_done % every == 0:
+            save_samples(self, samples[: self.objective.samples_per_log], self.rollouts_done)
+        self.rollouts_done += 1
 
     def log_rollout(self, rollout: Rollout, result: dict[str, torch.Tensor]) -> None:
         """Statistics of the batch's rollouts and of its last policy update."""

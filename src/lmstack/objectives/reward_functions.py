@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lmstack.data import arith
+from lmstack.errors import LmstackError
 
 Scorer = Callable[[list[str], list[str], list[str | None]], list[float]]
 
@@ -58,6 +59,26 @@ def reward_model_scorer(path: str, key: str = "objective.rewards.path") -> Score
     return scores
 
 
+def reference_scorer(config: Any, index: int) -> Scorer:
+    """A score against each row's reference (lmstack.data.scoring); 0 for a row without one."""
+    from lmstack.data.scoring import build_scorer
+
+    name = config.scorer if config.name == "scorer" else config.name
+    key = f"objective.rewards[{index}]." + ("scorer" if config.name == "scorer" else "name")
+    score_one = build_scorer(name, key, config.tolerance, list(config.fields))
+
+    def scores(prompts, completions, answers):
+        return [
+            0.0 if answer is None else score_one(completion, answer, {"prompt": prompt})
+            for prompt, completion, answer in zip(prompts, completions, answers, strict=True)
+        ]
+
+    return scores
+
+
+REFERENCE_REWARDS = ("exact", "normalized", "numeric", "json_fields", "scorer")
+
+
 def build_reward_functions(configs: list[Any]) -> list[RewardFunction]:
     """One scorer per config entry; a name used twice gets its index in the metric key."""
     names = [config.name for config in configs]
@@ -68,10 +89,61 @@ def build_reward_functions(configs: list[Any]) -> list[RewardFunction]:
             scorer = verifier_scores
         elif config.name == "format":
             scorer = format_scorer(config.pattern)
+        elif config.name in REFERENCE_REWARDS:
+            scorer = reference_scorer(config, index)
         else:
             scorer = reward_model_scorer(config.path, f"objective.rewards[{index}].path")
         functions.append(RewardFunction(key, float(config.weight), scorer))
     return functions
+
+
+class ConstantRewardError(LmstackError):
+    """The reward gave the same value to every completion of the first steps: nothing to learn."""
+
+
+class RewardGuard:
+    """Watches the first `steps` rollouts: a reward that is constant over the whole batch (all
+    0, say) is a warning at the first; a total reward constant in every one of them stops the
+    run with an error naming the rewards and showing a sample (0 steps: warnings only)."""
+
+    def __init__(self, functions: list[RewardFunction], steps: int) -> None:
+        self.functions, self.steps = functions, steps
+        self.seen = 0
+        self.always_constant = True
+
+    def observe(self, total: torch.Tensor, parts: dict[str, torch.Tensor], sample: dict) -> None:
+        if self.seen >= max(self.steps, 1):
+            return
+        self.seen += 1
+        if self.seen == 1:
+            for key, scores in parts.items():
+                if is_constant(scores):
+                    print(
+                        f"lmstack: warning: reward '{key}' is {float(scores.flatten()[0]):g} "
+                        f"for every completion of the first batch; e.g. {describe(sample)}",
+                        flush=True,
+                    )
+        self.always_constant = self.always_constant and is_constant(total)
+        if self.steps and self.seen == self.steps and self.always_constant:
+            constant = [key for key, scores in parts.items() if is_constant(scores)]
+            raise ConstantRewardError(
+                f"objective.rewards: the reward ({', '.join(constant)}) was the same for every "
+                f"completion in each of the first {self.steps} steps (value "
+                f"{float(total.flatten()[0]):g}): GRPO has nothing to learn from. Check that "
+                f"the reward fits your rows; a sample: {describe(sample)} "
+                "(objective.reward_check_steps=0 turns this check off)"
+            )
+
+
+def is_constant(scores: torch.Tensor) -> bool:
+    flat = scores.flatten().float()
+    return flat.numel() > 0 and bool((flat == flat[0]).all())
+
+
+def describe(sample: dict) -> str:
+    import json
+
+    return json.dumps(sample, default=str)[:400]
 
 
 def score_completions(
@@ -87,3 +159,53 @@ def score_completions(
     }
     total = sum(function.weight * parts[function.key] for function in functions)
     return total, parts
+
+
+def rollout_samples(batch: dict[str, Any], rollout: Any, group: int) -> list[dict[str, Any]]:
+    """Each completion of a rollout with its prompt, reference and rewards, one per prompt
+    first (the first sample of every group, then the second, ...)."""
+    texts = rollout.texts or []
+    rows = []
+    for g in range(group):
+        for b, prompt in enumerate(batch["prompt"]):
+            i = b * group + g
+            if i >= len(texts):
+                continue
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "completion": texts[i],
+                    "reference": batch["answer"][b],
+                    "reward": float(rollout.rewards[i]),
+                    **{f"reward_{k}": float(v[i]) for k, v in rollout.parts.items()},
+                }
+            )
+    return rows
+
+
+def save_samples(module: Any, samples: list[dict[str, Any]], step: int) -> None:
+    """samples/<objective>.jsonl in the run dir, a W&B table, and two on the console."""
+    import json
+    from pathlib import Path
+
+    if not samples or module._trainer is None:
+        return
+    records = [{"step": step, **s} for s in samples]
+    folder = Path(module.trainer.default_root_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{module.objective.name}.jsonl", "a") as handle:
+        handle.writelines(json.dumps(r, default=str) + "\n" for r in records)
+    for record in records[:2]:
+        shown = {k: record[k] for k in ("step", "prompt", "completion", "reference", "reward")}
+        print(f"  sample: {json.dumps(shown, default=str)[:300]}", flush=True)
+    columns = list(records[0])
+    for logger in module.loggers:
+        if hasattr(logger, "log_table"):
+            data = [
+                [
+                    json.dumps(r[c], default=str) if isinstance(r[c], dict | list) else r[c]
+                    for c in columns
+                ]
+                for r in records
+            ]
+            logger.log_table(key="train/samples", columns=columns, data=data)

@@ -68,12 +68,19 @@ def identity_payload(cfg: DictConfig) -> dict[str, Any]:
             "path": init_from,
             "run": json.loads(status.read_text()).get("run_id") if status.is_file() else None,
         }
-    return {
+    payload = {
         "config": resolved,
         "data": data_fingerprint(resolved.get("data", {})),
         "version": lmstack.__version__,
         "builtin_build": BUILD_VERSION,
     }
+    eval_data = ((resolved.get("eval") or {}).get("data") or {}).get("path")
+    if eval_data:
+        # the user's eval rows by content: an edited file is a new evaluation
+        payload["eval_data"] = data_fingerprint(
+            {"source": "parquet" if eval_data.endswith(".parquet") else "jsonl", "path": eval_data}
+        )
+    return payload
 
 
 def _drop(tree: dict[str, Any], parts: list[str]) -> None:

@@ -1,0 +1,262 @@
+"""eval.data: the user's own rows through the suites, bad input, nothing silent, and the
+eval-suite plug-in interface (a toy suite from a temporary module).
+
+The user's task (tests/user_task.py) is not arithmetic: "To JSON: name=Ann age=3 item=pens"
+-> {"name": "Ann", "age": 3, "item": "pens"}. The planted judge is a real OpenAI-compatible
+HTTP server in this process that grades JSON answers against the reference in the prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from user_task import SCHEMA, write_rows
+
+from conftest import REPO, run_cli, run_dirs
+
+QUIET = ("logger=none", "trainer.num_threads=1", "trainer.enable_progress_bar=false")
+REFERENCE = re.compile(
+    r"\[Reference answer\]\n(?P<ref>.*?)\n\n\[The assistant's answer\]\n(?P<a>.*)", re.S
+)
+REQUEST = re.compile(r"\[Request\]\n(?P<q>.*?)\n\n")
+
+
+def json_of(text: str):
+    from lmstack.data.scoring import first_json_object
+
+    return first_json_object(text)
+
+
+def verdict(mode: str, user: str) -> str:
+    if mode == "prose":
+        return "The answer looks fine to me."
+    if graded := REFERENCE.search(user):
+        good = json_of(graded["a"]) == json.loads(graded["ref"])
+        return "Rating: [[10]]" if good else "Rating: [[1]]"
+    # pairwise: the answer that is JSON at all wins; both or neither: a tie
+    first, second = user.split("[Assistant B's answer]")
+    a, b = json_of(first.split("[Assistant A's answer]")[-1]), json_of(second)
+    return "[[C]]" if (a is None) == (b is None) else "[[A]]" if a is not None else "[[B]]"
+
+
+@contextlib.contextmanager
+def judge_server(mode: str):
+    """A planted OpenAI-compatible judge on a free port; the user messages it saw."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"object": "list", "data": [{"id": f"planted-{mode}"}]})
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            user = request["messages"][-1]["content"]
+            seen.append(user)
+            message = {"role": "assistant", "content": verdict(mode, user)}
+            self._send({"choices": [{"index": 0, "message": message}]})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def evaluate(output_dir: Path, *args: str, check: bool = True):
+    return run_cli("phase=eval", *args, *QUIET, output_dir=output_dir, check=check)
+
+
+def only_run(output_dir: Path) -> Path:
+    (run_dir,) = run_dirs(output_dir)
+    return run_dir
+
+
+def schema_file(folder: Path) -> Path:
+    path = folder / "answer.schema.json"
+    path.write_text(SCHEMA)
+    return path
+
+
+def samples(run_dir: Path, suite: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / f"{suite}_samples.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def user_rows(tmp_path_factory) -> tuple[Path, Path]:
+    return write_rows(tmp_path_factory.mktemp("rows"), train=400, held_out=12)
+
+
+def test_every_suite_asks_the_users_prompts(tmp_path, user_rows, tiny_base):
+    """verifier (JSON fields), format (JSON schema), judge (reference-guided, and pairwise
+    against the base), arena: every prompt the model, the judge and the arena saw is one of
+    the user's rows, and each suite saves its per-row samples."""
+    _, held_out = user_rows
+    prompts = [json.loads(line)["prompt"] for line in held_out.open()]
+    with judge_server("oracle") as (url, seen):
+        evaluate(
+            tmp_path,
+            "eval=[verifier,format,judge,arena]",
+            f"eval.data.path={held_out}",
+            "eval.scorer.name=json_fields",
+            f"eval.format.json_schema={schema_file(tmp_path)}",
+            f"eval.judge.base_url={url}",
+            "eval.judge.compare_to=base",
+            f"eval.arena.models=[base,{tiny_base}]",
+            "eval.arena.num_prompts=6",
+            "eval.arena.bootstrap_rounds=50",
+            "eval.max_new_tokens=24",
+        )
+    run_dir = only_run(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval/data"] == str(held_out) and metrics["eval/rows"] == 12
+    assert metrics["verifier/scorer"] == "json_fields" and metrics["verifier/n"] == 12
+    assert metrics["eval/score_metric"] == "verifier/score"
+    assert isinstance(metrics["eval/score"], float)
+    assert metrics["format/json_schema_rate"] is not None and metrics["format/n"] == 12
+    assert metrics["judge/n"] == 12 and metrics["judge/parse_failures"] == 0
+    assert metrics["judge/win_rate"] == 0.5  # the same model on both sides: all ties
+    assert metrics["arena/battles"] == 6
+    for suite in ("verifier", "format", "judge", "judge_pairwise", "arena"):
+        rows = samples(run_dir, suite)
+        assert rows and {row["prompt"] for row in rows} <= set(prompts), suite
+    verifier = samples(run_dir, "verifier")
+    assert verifier[0]["reference"] == json.loads(held_out.open().readline())["reference"]
+    assert {"completion", "score"} <= set(verifier[0])
+    # 12 single grades + 12 pairs in both orders; each names one of the user's prompts
+    assert len(seen) == 12 + 24
+    asked = {REQUEST.search(message)["q"] for message in seen}
+    assert asked == set(prompts)
+
+
+def test_unparseable_judge_warns_and_exits_non_zero_keeping_its_results(tmp_path, user_rows):
+    _, held_out = user_rows
+    with judge_server("prose") as (url, _):
+        result = evaluate(
+            tmp_path,
+            "eval=judge",
+            f"eval.data.path={held_out}",
+            f"eval.judge.base_url={url}",
+            "eval.max_new_tokens=8",
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "12 of 12 judge verdicts could not be parsed" in result.stdout
+    assert "eval/score: the headline metric judge/score could not be computed" in result.stderr
+    assert "Traceback" not in result.stderr
+    run_dir = only_run(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["judge/parse_failures"] == 12 and metrics["judge/score"] is None
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_bad_eval_data_exits_2_naming_file_line_or_key(tmp_path, user_rows):
+    _, held_out = user_rows
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text(held_out.read_text().splitlines()[0] + "\n{not json\n")
+    unreferenced = tmp_path / "unreferenced.jsonl"
+    unreferenced.write_text('{"prompt": "To JSON: name=Ann age=3 item=pens"}\n')
+    cases = [
+        ((f"eval.data.path={malformed}",), f"{malformed}:2: malformed JSON"),
+        (
+            (f"eval.data.path={unreferenced}", "eval.scorer.name=json_fields"),
+            f"{unreferenced}:1: row has no 'reference'",
+        ),
+        (
+            (f"eval.data.path={held_out}", "eval.scorer.name=no_such_pkg.scoring:grade"),
+            "eval.scorer.name: cannot import module 'no_such_pkg.scoring'",
+        ),
+        (
+            (f"eval.data.path={held_out}", "eval=format"),
+            "eval.format: nothing to check on your rows",
+        ),
+    ]
+    for index, (overrides, fragment) in enumerate(cases):
+        result = evaluate(tmp_path / str(index), *overrides, check=False)
+        assert result.returncode == 2, (fragment, result.stderr[-2000:])
+        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+
+
+TOY_MODULE = """
+from dataclasses import dataclass
+
+from lmstack.evaluation.suites import Suite, register
+
+
+@dataclass
+class ToyOptions:
+    per_row: float = 0.01
+
+
+def run(session):
+    rows = session.rows()
+    per_row = session.options("toy").per_row
+    session.samples("toy", [{**row.record(), "score": per_row} for row in rows])
+    return {"toy/score": per_row * len(rows), "toy/n": len(rows)}
+
+
+register(Suite("toy", run, headline="toy/score", rank=5, schema=ToyOptions))
+"""
+TOY_YAML = """# A toy suite from outside lmstack: one module, one schema, this file.
+defaults:
+  - schema
+  - _self_
+suites: {toy: true}
+plugins: [toy_suite]
+"""
+
+
+def test_a_suite_is_one_module_one_schema_one_yaml(tmp_path, user_rows):
+    _, held_out = user_rows
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "toy_suite.py").write_text(TOY_MODULE)
+    (tmp_path / "conf" / "eval").mkdir(parents=True)
+    (tmp_path / "conf" / "eval" / "toy.yaml").write_text(TOY_YAML)
+    common = (
+        "eval=toy",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"eval.data.path={held_out}",
+    )
+    env = {"PYTHONPATH": f"{tmp_path / 'plugin'}:{REPO / 'src'}"}
+    run_cli(
+        "phase=eval",
+        *common,
+        "+eval.options.toy.per_row=0.5",
+        *QUIET,
+        output_dir=tmp_path / "ok",
+        env=env,
+    )
+    metrics = json.loads((only_run(tmp_path / "ok") / "metrics.json").read_text())
+    assert metrics["eval/suites"] == ["toy"] and metrics["toy/n"] == 12
+    assert metrics["eval/score"] == 6.0 and metrics["eval/score_metric"] == "toy/score"
+    assert len(samples(only_run(tmp_path / "ok"), "toy")) == 12
+    bad = run_cli(
+        "phase=eval",
+        *common,
+        "+eval.options.toy.per_row=lots",
+        *QUIET,
+        output_dir=tmp_path / "bad",
+        env=env,
+        check=False,
+    )
+    assert bad.returncode == 2 and "eval.options.toy" in bad.stderr, bad.stderr[-2000:]
