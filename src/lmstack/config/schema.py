@@ -375,6 +375,8 @@ class DataConfig:
     # share of a local/hub dataset held out for evaluation when no eval_split is given
     eval_fraction: float = 0.05
     max_length: int = 256
+    # a row over max_length: truncate (cut its end) or drop it; counted in metrics.json
+    truncation: str = "truncate"
     batch_size: int = 16
     # padding-free packing: a batch's sequences share one row, attention stays per sequence
     packing: bool = True
@@ -383,6 +385,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_choice(self.source, DATA_SOURCES, "data.source")
         _require_choice(self.format, DATA_FORMATS, "data.format")
+        _require_choice(self.truncation, ("truncate", "drop"), "data.truncation")
         if self.source != "builtin":
             _require(bool(self.path), "data.path", f"data.source={self.source} needs data.path")
         _require(self.batch_size > 0, "data.batch_size", "must be positive")

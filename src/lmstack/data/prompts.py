@@ -13,7 +13,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lmstack.data.loading import ResumableBatchSampler
-from lmstack.data.tokenize import render_chat
+from lmstack.data.tokenize import prompt_messages, render_chat
 from lmstack.errors import DataError
 
 
@@ -24,8 +24,8 @@ def encode_prompts(
     (cutting one would lose its question or its chat header)."""
     examples = []
     for row in rows:
-        chat = [{"role": "user", "content": row["prompt"]}]
-        ids = render_chat(tokenizer, chat, add_generation_prompt=True)
+        # a string is one user turn; a message list (system prompt, earlier turns) as it is
+        ids = render_chat(tokenizer, prompt_messages(row["prompt"]), add_generation_prompt=True)
         if len(ids) <= max_prompt_length:
             answer = row.get("answer", row.get("reference"))
             if answer is not None and not isinstance(answer, dict | list):

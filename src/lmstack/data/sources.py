@@ -24,6 +24,8 @@ FORMAT_FIELDS = {
     # prompts for online RL (grpo, ppo); an optional "answer" feeds the task verifier
     "prompt": ("prompt",),
 }
+# fields that hold a string or a list of chat messages (TRL's conversational format)
+CHAT_FIELDS = {"prompt", "completion", "chosen", "rejected"}
 # which format a row of each objective can train on, in order of preference
 OBJECTIVE_FORMATS = {
     "pretrain": ("text", "prompt_completion", "messages"),
@@ -175,6 +177,8 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
             )
         if fmt == "messages":
             _check_messages(row["messages"], origin, row.get("_line", "?"))
+        for key in CHAT_FIELDS.intersection(needed):
+            _check_chat_field(row[key], key, origin, row.get("_line", "?"))
     return fmt
 
 
@@ -189,13 +193,33 @@ def _no_format(row: dict[str, Any], origin: str, objective: str) -> str:
     )
 
 
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in value
+    )
+
+
 def _check_messages(messages: Any, origin: str, line: Any) -> None:
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in messages
-    ):
+    if not _is_message_list(messages):
         raise DataError(f"{origin}:{line}: 'messages' must be a list of {{role, content}} objects")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{origin}:{line}: 'messages' has no assistant turn to learn from")
+
+
+def _check_chat_field(value: Any, key: str, origin: str, line: Any) -> None:
+    """A prompt, completion, chosen or rejected answer: a string, or a list of chat
+    messages (TRL's conversational format)."""
+    if isinstance(value, str) or (value and _is_message_list(value)):
+        return
+    example = (
+        '"prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]'
+        if key == "prompt"
+        else f'"{key}": [{{"role": "assistant", "content": "..."}}]'
+    )
+    raise DataError(
+        f"{origin}:{line}: '{key}' is {type(value).__name__} {str(value)[:60]!r}; it must be a "
+        f"string or a list of {{role, content}} chat messages, e.g. {example}"
+    )
 
 
 def _split(rows: list[dict[str, Any]], data: Any) -> tuple[list[dict], list[dict]]:

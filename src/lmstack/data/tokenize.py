@@ -14,10 +14,11 @@ from lmstack.errors import DataError
 IGNORE_INDEX = -100
 
 
-def encode_text(text: str, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
-    """Plain text for pretraining: every token after BOS is a target."""
+def encode_text(text: str, tokenizer: Any, max_length: int | None) -> dict[str, list[int]]:
+    """Plain text for pretraining: every token after BOS is a target
+    (``max_length=None``: uncut, for `fit_length` to decide)."""
     ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
-    ids = [*ids[: max_length - 1], tokenizer.eos_token_id]
+    ids = [*ids[: None if max_length is None else max_length - 1], tokenizer.eos_token_id]
     return {"input_ids": ids, "labels": [IGNORE_INDEX, *ids[1:]]}
 
 
@@ -32,10 +33,29 @@ def render_chat(
     return list(ids)
 
 
+def prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    """A prompt as chat messages: a string is one user turn; a list of messages (TRL's
+    conversational format: a system prompt, earlier turns) is taken as it is."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def completion_messages(completion: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    """A completion (or a chosen/rejected answer) as chat messages: a string is one
+    assistant turn; a list of messages is taken as it is."""
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    return list(completion)
+
+
 def encode_messages(
-    messages: list[dict[str, str]], tokenizer: Any, max_length: int, completion_only: bool = True
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    max_length: int | None,
+    completion_only: bool = True,
+    first_target: int = 0,
 ) -> dict[str, list[int]]:
-    """A chat: the assistant turns are targets (all tokens when completion_only=false).
+    """A chat: the assistant turns from message ``first_target`` on are targets (all
+    tokens when completion_only=false); ``max_length=None`` leaves it uncut.
 
     Each assistant turn's tokens are found by rendering the conversation up to
     that turn with and without it, which works for any template whose
@@ -45,7 +65,7 @@ def encode_messages(
     labels = list(full) if not completion_only else [IGNORE_INDEX] * len(full)
     if completion_only:
         for index, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or index < first_target:
                 continue
             prefix = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
             start = len(prefix)
@@ -62,14 +82,24 @@ def encode_messages(
 
 
 def encode_prompt_completion(
-    prompt: str, completion: str, tokenizer: Any, max_length: int, completion_only: bool = True
+    prompt: str | list[dict[str, str]],
+    completion: str | list[dict[str, str]],
+    tokenizer: Any,
+    max_length: int | None,
+    completion_only: bool = True,
 ) -> dict[str, list[int]]:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    return encode_messages(messages, tokenizer, max_length, completion_only)
+    """Only the completion's assistant turns are targets (not those of a multi-turn prompt)."""
+    context = prompt_messages(prompt)
+    messages = context + completion_messages(completion)
+    return encode_messages(messages, tokenizer, max_length, completion_only, len(context))
 
 
 def encode_row(
-    row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, completion_only: bool = True
+    row: dict[str, Any],
+    fmt: str,
+    tokenizer: Any,
+    max_length: int | None,
+    completion_only: bool = True,
 ) -> dict[str, list[int]]:
     if fmt == "text":
         return encode_text(row["text"], tokenizer, max_length)
@@ -84,7 +114,7 @@ def encode_row(
 
 
 def encode_preference(
-    row: dict[str, Any], tokenizer: Any, max_length: int
+    row: dict[str, Any], tokenizer: Any, max_length: int | None
 ) -> dict[str, dict[str, list[int]]]:
     """A preference pair: the same prompt with the chosen and with the rejected completion."""
     return {
@@ -95,3 +125,35 @@ def encode_preference(
 
 def has_target(example: dict[str, list[int]]) -> bool:
     return any(label != IGNORE_INDEX for label in example["labels"])
+
+
+def sequences(example: dict[str, Any]) -> list[dict[str, list[int]]]:
+    """The token sequences of an example: itself, or a pair's chosen and rejected ones."""
+    return [example["chosen"], example["rejected"]] if "chosen" in example else [example]
+
+
+def fit_length(
+    examples: list[dict[str, Any]], max_length: int, truncation: str
+) -> tuple[list[dict[str, Any]], int]:
+    """Uncut examples (or pairs) fitted to max_length as ``data.truncation`` says:
+    ``truncate`` cuts the end off a sequence that is too long, ``drop`` leaves the
+    example out. Returns the examples and how many were over max_length."""
+    fitted, over = [], 0
+    for example in examples:
+        if all(len(seq["input_ids"]) <= max_length for seq in sequences(example)):
+            fitted.append(example)
+            continue
+        over += 1
+        if truncation == "truncate":
+            for seq in sequences(example):
+                seq["input_ids"], seq["labels"] = (
+                    seq["input_ids"][:max_length],
+                    seq["labels"][:max_length],
+                )
+            fitted.append(example)
+    return fitted, over
+
+
+def truncation_metrics(over: int, truncation: str) -> dict[str, int]:
+    """How many rows were over data.max_length, under the key of what happened to them."""
+    return {f"data/{'truncated' if truncation == 'truncate' else 'dropped'}_rows": over}

@@ -19,16 +19,18 @@ from lmstack.objectives.losses import causal_lm_loss
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Rows as token ids with target labels, in packed (or padded) batches."""
     from lmstack.data.loading import build_eval_loader, build_train_loader
-    from lmstack.data.tokenize import encode_row, has_target
+    from lmstack.data.tokenize import encode_row, fit_length, has_target, truncation_metrics
 
     data, tokenizer = config.data, loaded.tokenizer
     completion_only = getattr(config.objective, "completion_only", True)
+    over = 0
 
     def encode_all(items: list[dict]) -> list[dict]:
-        encoded = [
-            encode_row(r, rows.format, tokenizer, data.max_length, completion_only) for r in items
-        ]
-        return [e for e in encoded if has_target(e)]
+        nonlocal over
+        encoded = [encode_row(r, rows.format, tokenizer, None, completion_only) for r in items]
+        fitted, cut = fit_length(encoded, data.max_length, data.truncation)
+        over += cut
+        return [e for e in fitted if has_target(e)]
 
     train, held_out = encode_all(rows.train), encode_all(rows.eval)
     require_examples(train, rows.origin, data.max_length)
@@ -43,6 +45,7 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
         else None,
         train_examples=len(train),
         eval_examples=len(held_out),
+        metrics=truncation_metrics(over, data.truncation),
     )
 
 

@@ -8,13 +8,17 @@ from typing import Any
 from lmstack.objectives import ObjectiveSetup, require_examples
 
 
-def encode_pairs(items: list[dict], tokenizer: Any, max_length: int) -> list[dict]:
-    """Each row as a chosen and a rejected chat, dropping pairs that cannot be compared."""
-    from lmstack.data.tokenize import encode_preference, has_target
+def encode_pairs(
+    items: list[dict], tokenizer: Any, max_length: int, truncation: str = "truncate"
+) -> tuple[list[dict], int]:
+    """Each row as a chosen and a rejected chat fitted to max_length (``truncation``),
+    dropping pairs that cannot be compared; and how many pairs were over max_length."""
+    from lmstack.data.tokenize import encode_preference, fit_length, has_target
 
-    pairs = [encode_preference(row, tokenizer, max_length) for row in items]
+    pairs = [encode_preference(row, tokenizer, None) for row in items]
+    pairs, over = fit_length(pairs, max_length, truncation)
     # a pair whose either side lost every target token cannot be compared
-    return [p for p in pairs if has_target(p["chosen"]) and has_target(p["rejected"])]
+    return [p for p in pairs if has_target(p["chosen"]) and has_target(p["rejected"])], over
 
 
 def preference_setup(
@@ -31,13 +35,15 @@ def preference_setup(
     ``prepare(pairs) -> metrics`` may annotate the encoded pairs first (DPO attaches
     precomputed reference log-probs)."""
     from lmstack.data.loading import build_eval_loader, build_train_loader
+    from lmstack.data.tokenize import truncation_metrics
 
     data, tokenizer = config.data, loaded.tokenizer
-    train = encode_pairs(rows.train, tokenizer, data.max_length)
-    held_out = encode_pairs(rows.eval, tokenizer, data.max_length)
+    train, over_train = encode_pairs(rows.train, tokenizer, data.max_length, data.truncation)
+    held_out, over_eval = encode_pairs(rows.eval, tokenizer, data.max_length, data.truncation)
     require_examples(train, rows.origin, data.max_length)
     pad = tokenizer.pad_token_id
-    metrics = prepare(train + held_out) if prepare else {}
+    metrics = truncation_metrics(over_train + over_eval, data.truncation)
+    metrics |= prepare(train + held_out) if prepare else {}
     return ObjectiveSetup(
         module=module,
         train_loader=build_train_loader(

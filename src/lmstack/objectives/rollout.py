@@ -127,4 +127,8 @@ def prompt_setup(config: Any, loaded: Any, rows: Any, module: Any):
         eval_loader=build_prompt_eval_loader(held_out, data.batch_size, pad) if held_out else None,
         train_examples=len(train),
         eval_examples=len(held_out),
+        # a prompt too long to leave room for its completion is always dropped
+        metrics={
+            "data/dropped_rows": len(rows.train) + len(rows.eval) - len(train) - len(held_out)
+        },
     )
