@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmstack.config.phases import PHASES
 from lmstack.config.store import register_configs
 from lmstack.errors import ConfigError
 from lmstack.launch import validate
+from lmstack.tracking.identity import COSMETIC_KEYS, run_id
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # options that need a value the user must supply
@@ -68,6 +73,46 @@ def test_every_option_composes_and_validates(group, option):
     assert getattr(config, group) is not None
     if group in ("adapter", "quantization", "logger", "phase"):
         assert getattr(config, group).name == option
+    assert_named_and_identified(cfg, group, option)
+
+
+# the run name of each option (the rest of the config at its defaults: a train run, sft + lora)
+NAMES = {
+    ("adapter", "none"): "sft-full",
+    ("adapter", "dora"): "sft-dora",
+    ("adapter", "qlora"): "sft-qlora-nf4",
+    ("quantization", "int8"): "sft-lora-int8",
+    ("quantization", "nf4"): "sft-qlora-nf4",
+    ("phase", "pipeline"): "pipeline",
+    ("phase", "serve"): "serve-hf",
+    ("phase", "bench"): "bench-hf",
+    ("phase", "eval"): "eval-in_process",
+    ("phase", "report"): "report",
+    ("phase", "label"): "label",
+}
+
+
+@cache
+def default_identity() -> str:
+    return run_id(compose_config())
+
+
+def default_options() -> dict[str, str]:
+    defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+    return {k: v for item in defaults if isinstance(item, dict) for k, v in item.items()}
+
+
+def assert_named_and_identified(cfg, group: str, option: str) -> None:
+    """The name says what runs; the identity of the default (train) run changes with an option
+    of a group that training reads, and with no other."""
+    name = NAMES.get((group, option), f"{option}-lora" if group == "objective" else "sft-lora")
+    identity = run_id(cfg)
+    assert identity.rsplit("-", 1)[0] == name
+    if group == "phase":
+        return
+    is_default = default_options().get(group) == option
+    reads = group in PHASES["train"].reads and group not in COSMETIC_KEYS
+    assert (identity == default_identity()) == (is_default or not reads), (group, option)
 
 
 def test_qlora_is_lora_plus_nf4():
@@ -86,8 +131,6 @@ def test_qlora_is_lora_plus_nf4():
 
 
 def test_run_identity_ignores_cosmetic_keys_only():
-    from lmstack.tracking.identity import run_id
-
     base = run_id(compose_config())
     assert run_id(compose_config("trainer.log_every_n_steps=1", "logger=csv")) == base
     assert run_id(compose_config("adapter.r=4")) != base
@@ -134,3 +177,83 @@ def test_recipes_open_with_a_comment_and_the_command():
     for recipe in RECIPES:
         text = (CONF.parent / "recipes" / f"{recipe}.yaml").read_text()
         assert f"python run.py recipe={recipe}" in text, recipe
+
+
+# ---- run identity: what a phase reads, and nothing else ------------------------------------
+
+
+def phase_config(phase: str) -> DictConfig:
+    return compose_config(f"phase={phase}", *REQUIRED.get(("phase", phase), []))
+
+
+def leaves(node, prefix: str = ""):
+    """(dotted key, value) of every scalar under node."""
+    if isinstance(node, DictConfig):
+        for key in node:
+            yield from leaves(node._get_node(key), f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        return  # lists: their items are changed through their own keys elsewhere
+    elif node._value() is not None and not OmegaConf.is_missing(node._get_parent(), node._key()):
+        yield prefix.rstrip("."), node._value()
+
+
+def changed(cfg: DictConfig, dotted: str, value) -> DictConfig:
+    other = copy.deepcopy(cfg)
+    if isinstance(value, bool):
+        new = not value
+    elif isinstance(value, int | float):
+        new = value + 1
+    else:
+        new = f"{value}x"
+    OmegaConf.update(other, dotted, new, force_add=False)
+    return other
+
+
+def is_cosmetic(dotted: str) -> bool:
+    return any(dotted == key or dotted.startswith(f"{key}.") for key in COSMETIC_KEYS)
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_identity_hashes_what_the_phase_reads_and_nothing_else(phase):
+    """For every phase and every group: a key of a group the phase does not read (or a cosmetic
+    key) leaves the identity as it is; the first other key of a group it reads changes it."""
+    cfg = phase_config(phase)
+    base = run_id(cfg)
+    reads = PHASES[phase].reads
+    for group in (key for key in cfg if key != "hydra"):
+        keys = [(k, v) for k, v in leaves(cfg._get_node(group), f"{group}.") if k != "phase.name"]
+        if not isinstance(cfg._get_node(group), DictConfig):
+            keys = [(group, cfg[group])]
+        unread = [(k, v) for k, v in keys if is_cosmetic(k) or (reads and group not in reads)]
+        for key, value in unread:
+            assert run_id(changed(cfg, key, value)) == base, (phase, key)
+        read = [(k, v) for k, v in keys if (k, v) not in unread]
+        if read:
+            key, value = read[0]
+            assert run_id(changed(cfg, key, value)) != base, (phase, key)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["adapter=qlora", "quantization=none"], "sft-lora"),
+        (["adapter=lora", "quantization=nf4"], "sft-qlora-nf4"),
+        (["adapter.use_dora=true"], "sft-dora"),
+        (["adapter=qlora", "adapter.use_dora=true"], "sft-qdora-nf4"),
+        (["objective=dpo", "adapter=none"], "dpo-full"),
+    ],
+)
+def test_run_name_says_what_trains(overrides, name):
+    assert run_id(compose_config(*overrides)).rsplit("-", 1)[0] == name
+
+
+@pytest.mark.parametrize("group", sorted(set(PHASES["pipeline"].reads or ()) | {
+    "phase", "model", "adapter", "quantization", "objective", "data", "trainer", "logger",
+    "paths", "serving", "bench", "prompt", "eval", "trace", "cost", "monitor", "report",
+    "label", "verify", "export", "run", "sweep",
+}))  # fmt: skip
+def test_misspelt_key_in_every_group_is_named(group):
+    """`+group.nosuchkey=1`: Hydra adds the key (it refuses `group.nosuchkey=1` itself, see
+    tests/test_errors.py); lmstack refuses it, naming it, before anything runs."""
+    with pytest.raises(ConfigError, match=rf"{group}\.nosuchkey: unknown key"):
+        validate(compose_config(f"+{group}.nosuchkey=1"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import time
 
 import pytest
@@ -84,3 +85,15 @@ def test_cross_field_rule_at_start_up(tmp_path, bad):
     result = run_cli(*bad.split(), output_dir=tmp_path, check=False)
     assert_rejected(result, "lmstack: error:")
     assert result.returncode == 2
+
+
+def test_added_unknown_key_is_refused_before_anything_runs(tmp_path):
+    """`+model.nosuchfield=1`: Hydra adds the key; lmstack names it and exits 2 at once. The
+    time is CPU time (user + system) of the command: on a shared machine, wall time measures
+    the neighbours."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run_cli("+model.nosuchfield=1", output_dir=tmp_path, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert_rejected(result, "model.nosuchfield: unknown key")
+    assert result.returncode == 2
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 2

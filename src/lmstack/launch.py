@@ -19,6 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lmstack.config.keys import check_known_keys
+from lmstack.config.phases import PHASES
 from lmstack.distributed import is_rank_zero, process_rank
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
@@ -75,6 +77,7 @@ def run_task(cfg: DictConfig) -> float | None:
 
 def validate(cfg: DictConfig) -> Any:
     """The composed config as schema objects; runs each dataclass's cross-field checks."""
+    check_known_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:
@@ -116,27 +119,13 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
     )
 
 
-# phase name -> the module whose `run(ctx)` is its single entry point (imported lazily)
-PHASE_MODULES = {
-    "train": "lmstack.phases.train",
-    "pipeline": "lmstack.phases.pipeline",
-    "serve": "lmstack.phases.serve",
-    "bench": "lmstack.phases.bench",
-    "eval": "lmstack.phases.eval",
-    "report": "lmstack.phases.report",
-    "label": "lmstack.phases.label",
-}
-
-
 def dispatch(ctx: RunContext) -> dict[str, Any]:
     import importlib
 
     phase = ctx.config.phase.name
-    if phase not in PHASE_MODULES:
-        raise ConfigError(
-            f"phase.name: unknown phase '{phase}' (available: {', '.join(PHASE_MODULES)})"
-        )
-    return importlib.import_module(PHASE_MODULES[phase]).run(ctx)
+    if phase not in PHASES:
+        raise ConfigError(f"phase.name: unknown phase '{phase}' (available: {', '.join(PHASES)})")
+    return importlib.import_module(PHASES[phase].module).run(ctx)
 
 
 DEFAULT_SWEEP_METRICS = ("verify/score_after", "val/loss", "train/loss", "eval/score")

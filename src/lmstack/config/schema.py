@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from lmstack.config.phases import PHASES
 from lmstack.errors import ConfigError
 
 ADAPTERS = ("none", "lora", "dora", "qlora")
@@ -23,7 +24,6 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
 LOGGERS = ("wandb", "mlflow", "csv", "none")
-PHASES = ("train", "pipeline", "serve", "bench", "eval", "report", "label")
 ENGINES = ("hf", "vllm", "external")
 # what `serving.quantization` may ask of each engine (bnb on hf; vLLM's own methods on GPUs)
 ENGINE_QUANTIZATIONS = {
@@ -64,11 +64,16 @@ class PhaseConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require_choice(self.name, PHASES, "phase.name")
+        _require_choice(self.name, tuple(PHASES), "phase.name")
         if self.name == "pipeline":
             _require(len(self.stages) > 0, "phase.stages", "a pipeline needs at least one stage")
         names = [stage.name for stage in self.stages]
         _require(len(set(names)) == len(names), "phase.stages", f"stage names repeat: {names}")
+
+
+# Bump when the built-in task, tokenizer or build procedure changes: invalidates cached bases
+# (models/builtin.py) and the identities of runs on them.
+BUILTIN_BUILD_VERSION = "3"
 
 
 @dataclass
@@ -1058,24 +1063,24 @@ class SweepConfig:
 
 @dataclass
 class Config:
-    phase: Any = MISSING
-    model: Any = MISSING
-    adapter: Any = MISSING
-    quantization: Any = MISSING
-    objective: Any = MISSING
-    data: Any = MISSING
-    trainer: Any = MISSING
-    logger: Any = MISSING
-    paths: Any = MISSING
-    serving: Any = MISSING
-    bench: Any = MISSING
-    prompt: Any = MISSING
-    eval: Any = MISSING
-    trace: Any = MISSING
-    cost: Any = MISSING
-    monitor: Any = MISSING
-    report: Any = MISSING
-    label: Any = MISSING
+    phase: PhaseConfig = MISSING
+    model: ModelConfig = MISSING
+    adapter: AdapterConfig = MISSING
+    quantization: QuantizationConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    serving: ServingConfig = MISSING
+    bench: BenchConfig = MISSING
+    prompt: PromptConfig = MISSING
+    eval: EvalConfig = MISSING
+    trace: TraceConfig = MISSING
+    cost: CostConfig = MISSING
+    monitor: MonitorConfig = MISSING
+    report: ReportConfig = MISSING
+    label: LabelConfig = MISSING
     seed: int = 1234
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -1149,41 +1154,3 @@ OBJECTIVE_SCHEMAS: dict[str, type] = {
     "ppo": PPOObjectiveConfig,
     "grpo": GRPOObjectiveConfig,
 }
-
-# Groups that a phase does not read: left out of its run identity, so that, say, a
-# bench setting never renames a training run.
-PHASE_GROUPS: dict[str, tuple[str, ...]] = {
-    "train": ("phase", "model", "adapter", "quantization", "objective", "data", "trainer"),
-    "serve": ("phase", "model", "serving"),
-    # cost: its figures are part of bench and eval results
-    "bench": ("phase", "model", "serving", "bench", "prompt", "cost"),
-    "eval": ("phase", "model", "quantization", "serving", "prompt", "eval", "cost"),
-    # the report always re-reads its source (see phases/report.py)
-    "report": ("phase", "report", "cost", "monitor"),
-    # a restarted page (same command) finds its run directory, and so its votes, again
-    "label": ("phase", "model", "quantization", "prompt", "eval", "label"),
-}
-
-# Keys that do not change what a run computes: left out of the run identity.
-COSMETIC_KEYS = (
-    "logger",
-    "paths",
-    "run",
-    "sweep",
-    "lock",
-    "trainer.log_every_n_steps",
-    "trainer.enable_progress_bar",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.num_threads",
-    "trainer.gradient_checkpointing",
-    "data.num_workers",
-    "verify.batch_size",
-    "serving.host",
-    "serving.port",
-    "serving.startup_timeout_s",
-    "bench.request_timeout_s",
-    "label.host",
-    "label.port",
-    "label.token_env",
-    "label.title",
-)

@@ -17,16 +17,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmstack.config.schema import TinyLlamaConfig
-from lmstack.tracking.identity import stable_hash
+from lmstack.config.schema import BUILTIN_BUILD_VERSION, TinyLlamaConfig
+from lmstack.util.hashing import stable_hash
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
-# Bump when the task, tokenizer or build procedure changes: invalidates cached bases.
-BUILD_VERSION = "3"
+# in config/schema.py, beside the shape it versions: run identities hash it too
+BUILD_VERSION = BUILTIN_BUILD_VERSION
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"

@@ -1,14 +1,14 @@
 """Run identity: a hash of what a run computes.
 
-The identity covers the resolved config (cosmetic keys such as logging cadence
-left out), the data fingerprint and the package version. It names the run
-directory, so re-running a command finds its earlier run: finished runs are
-reported, killed ones resume.
+The identity covers the parts of the resolved config that the run's phase reads
+(config/phases.py; cosmetic keys such as logging cadence left out), the data
+fingerprint and the package version. It names the run directory, so re-running a
+command finds its earlier run: finished runs are reported, killed ones resume. The
+readable part of the name comes from the resolved config too: what actually runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -17,21 +17,33 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import lmstack
-from lmstack.config.schema import COSMETIC_KEYS, GROUP_SCHEMAS, PHASE_GROUPS
+from lmstack.config.phases import PHASES
+from lmstack.config.schema import BUILTIN_BUILD_VERSION
+from lmstack.util.hashing import file_fingerprint, stable_hash
 
-
-def stable_hash(obj: Any, length: int = 10) -> str:
-    payload = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(payload).hexdigest()[:length]
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """Content hash of a file (streamed, so large files cost memory only for the buffer)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+# Keys that do not change what a run computes: left out of the run identity.
+COSMETIC_KEYS = (
+    "logger",
+    "paths",
+    "run",
+    "sweep",
+    "lock",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.num_threads",
+    "trainer.gradient_checkpointing",
+    "data.num_workers",
+    "verify.batch_size",
+    "serving.host",
+    "serving.port",
+    "serving.startup_timeout_s",
+    "bench.request_timeout_s",
+    "label.host",
+    "label.port",
+    "label.token_env",
+    "label.title",
+)
 
 
 def data_fingerprint(data: dict[str, Any]) -> str:
@@ -49,16 +61,10 @@ def data_fingerprint(data: dict[str, Any]) -> str:
 
 
 def identity_payload(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved, non-cosmetic part of a task config (no `hydra` node)."""
-    keys = [key for key in cfg if key != "hydra"]
-    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    """The resolved, non-cosmetic part of the config that the run's phase reads."""
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, read_keys(cfg)), resolve=True)
     for dotted in COSMETIC_KEYS:
         _drop(resolved, dotted.split("."))
-    read_groups = PHASE_GROUPS.get((resolved.get("phase") or {}).get("name"))
-    if read_groups:
-        for group in set(GROUP_SCHEMAS) - set(read_groups):
-            resolved.pop(group, None)
-    from lmstack.models.builtin import BUILD_VERSION
 
     init_from = (resolved.get("model") or {}).get("init_from")
     if init_from:
@@ -72,7 +78,7 @@ def identity_payload(cfg: DictConfig) -> dict[str, Any]:
         "config": resolved,
         "data": data_fingerprint(resolved.get("data", {})),
         "version": lmstack.__version__,
-        "builtin_build": BUILD_VERSION,
+        "builtin_build": BUILTIN_BUILD_VERSION,
     }
     eval_data = ((resolved.get("eval") or {}).get("data") or {}).get("path")
     if eval_data:
@@ -81,6 +87,15 @@ def identity_payload(cfg: DictConfig) -> dict[str, Any]:
             {"source": "parquet" if eval_data.endswith(".parquet") else "jsonl", "path": eval_data}
         )
     return payload
+
+
+def read_keys(cfg: DictConfig) -> list[str]:
+    """The root keys the phase reads (config/phases.py); every key for a phase that reads all."""
+    spec = PHASES.get(cfg.get("phase", {}).get("name"))
+    keys = [key for key in cfg if key != "hydra"]
+    if spec is None or spec.reads is None:
+        return keys
+    return [key for key in keys if key in spec.reads]
 
 
 def _drop(tree: dict[str, Any], parts: list[str]) -> None:
@@ -93,7 +108,8 @@ def _drop(tree: dict[str, Any], parts: list[str]) -> None:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """Readable prefix: objective-adapter[-quantization], e.g. sft-lora; or pipeline."""
+    """Readable prefix from what runs: objective-adapter[-quantization] (sft-lora,
+    dpo-qlora-nf4, sft-full); what a served run serves (bench-hf-int8); or the phase."""
     phase = cfg.get("phase", {}).get("name")
     if phase in ("pipeline", "report", "label"):
         return phase
@@ -106,11 +122,22 @@ def run_name(cfg: DictConfig) -> str:
         serving = cfg.get("serving", {})
         quant = serving.get("quantization")
         return "-".join(p for p in (phase, serving.get("name"), quant) if p and p != "none")
-    parts = [cfg.get("objective", {}).get("name"), cfg.get("adapter", {}).get("name")]
-    quant = cfg.get("quantization", {}).get("name")
-    if quant and quant != "none":
+    quant = cfg.get("quantization", {}).get("name") or "none"
+    parts = [cfg.get("objective", {}).get("name"), adapter_kind(cfg.get("adapter", {}), quant)]
+    if quant != "none":
         parts.append(quant)
     return "-".join(str(p) for p in parts if p)
+
+
+def adapter_kind(adapter: Any, quantization: str) -> str:
+    """What trains, whatever the option was called: full, lora or dora, q-prefixed on a 4-bit
+    base (QLoRA's setting). `adapter=qlora quantization=none` is lora; `adapter.use_dora=true`
+    is dora (models/loading.py attaches DoRA for either)."""
+    name = adapter.get("name") or "none"
+    if name == "none":
+        return "full"
+    method = "dora" if adapter.get("use_dora") or name == "dora" else "lora"
+    return f"q{method}" if quantization == "nf4" else method
 
 
 def run_id(cfg: DictConfig) -> str:

@@ -1,0 +1,1 @@
+"""The ground floor: helpers that import nothing else of lmstack."""
