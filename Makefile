@@ -28,6 +28,7 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # layers and no import cycles (.importlinter)
 
 format: install
 	$(BIN)/ruff check --fix .

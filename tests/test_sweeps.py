@@ -15,7 +15,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from lmstack.config.store import register_configs
-from lmstack.launch import sweep_metric_key, validate, wanted_metric
+from lmstack.launch import validate
+from lmstack.tracking.headline import sweep_metric_key, wanted_metric
 from lmstack.tracking.run_dir import write_json
 from lmstack.tracking.summary import pareto_front, summarize
 

@@ -48,3 +48,20 @@ def test_mlflow_sweep_is_a_parent_run_with_its_points_nested(tmp_path):
     assert "plots/metric_vs_adapter.r.png" in plots
     assert any(key.startswith("best/") for key in parent.data.metrics)
     assert parent.data.tags["best/run_dir"] in {str(d) for d in run_dirs(tmp_path)}
+
+
+def test_headline_metric_and_direction_come_from_the_phase_declarations():
+    from lmstack.config.phases import PHASES
+    from lmstack.tracking.headline import direction_of, sweep_metric_key
+
+    for spec in PHASES.values():
+        for name, direction in spec.headline:
+            assert direction_of(name) == direction
+            assert direction_of(f"dpo/{name}") == direction  # a pipeline stage's figure
+    assert direction_of("bench/ttft_ms_p99") == "minimize"
+    assert direction_of("bench/goodput") == "maximize"
+    assert direction_of("bench/ttft_ms_p99", requested="maximize") == "maximize"
+    metrics = {"val/loss": 0.5, "eval/score": 0.7, "train/loss": 0.4}
+    assert sweep_metric_key(metrics, phase="train") == "val/loss"
+    assert sweep_metric_key(metrics, phase="eval") == "eval/score"
+    assert sweep_metric_key(metrics, phase="report") is None  # no headline declared

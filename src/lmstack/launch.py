@@ -8,7 +8,6 @@ a single run; a point marked failed (and the sweep going on) in a multirun.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import traceback
@@ -24,6 +23,7 @@ from lmstack.config.phases import PHASES
 from lmstack.distributed import is_rank_zero, process_rank
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
+from lmstack.tracking.headline import sweep_metric_key, wanted_metric
 
 log = logging.getLogger("lmstack")
 EXIT_BAD_INPUT = 2
@@ -128,46 +128,14 @@ def dispatch(ctx: RunContext) -> dict[str, Any]:
     return importlib.import_module(PHASES[phase].module).run(ctx)
 
 
-DEFAULT_SWEEP_METRICS = ("verify/score_after", "val/loss", "train/loss", "eval/score")
-
-
-def wanted_metric(sweep_metric_name: str, phase: str, bench_metric: str) -> str:
-    """The metrics.json key asked for: `sweep.metric`, or bench/<bench.metric> for bench."""
-    if sweep_metric_name:
-        return sweep_metric_name
-    if phase == "bench" and bench_metric:
-        return bench_metric if bench_metric.startswith("bench/") else f"bench/{bench_metric}"
-    return ""
-
-
-def sweep_metric_key(metrics: dict[str, Any], wanted: str = "") -> str | None:
-    """Which metric a sweeper gets: the one asked for, else the verifier score, else a loss.
-
-    A pipeline's metrics carry stage prefixes (sft/val/loss, dpo/val/loss): its last
-    stage's figure counts.
-    """
-    if wanted:
-        return wanted if _is_number(metrics.get(wanted)) else None
-    for name in DEFAULT_SWEEP_METRICS:
-        if _is_number(metrics.get(name)):
-            return name
-        staged = [key for key in metrics if key.endswith(f"/{name}") and _is_number(metrics[key])]
-        if staged:
-            return staged[-1]
-    return None
-
-
 def sweep_metric(metrics: dict[str, Any], config: Any = None) -> float | None:
     """What a sweeper optimizes (None when absent, which Optuna records as a failed trial)."""
     wanted = ""
     if config is not None:
         wanted = wanted_metric(config.sweep.metric, config.phase.name, config.bench.metric)
-    key = sweep_metric_key(metrics, wanted)
+    phase = config.phase.name if config is not None else None
+    key = sweep_metric_key(metrics, wanted, phase)
     return float(metrics[key]) if key else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def slurm_job() -> dict[str, str]:

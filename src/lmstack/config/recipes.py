@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+
+from lmstack.config.schema import OBJECTIVE_SCHEMAS
 
 REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 SOURCE_ENV = "LMSTACK_RECIPE_SOURCE"
@@ -72,3 +78,32 @@ def rewrite_recipe_argument(argv: list[str]) -> list[str]:
             *argv[index + 1 :],
         ]
     return argv
+
+
+# ---- a pipeline's stages: which of the command's overrides each stage takes ------------------
+
+
+def inherited_overrides() -> list[str]:
+    """The pipeline command's own overrides, less those that make it a pipeline."""
+    task = list(HydraConfig.get().overrides.task)
+    kept = [o for o in task if not re.match(r"^[+~]*(phase|hydra)[=.]", o)]
+    if source := os.environ.get(SOURCE_ENV):  # a recipe file outside recipes/
+        kept = [f"recipe={source}" if o.startswith("recipe=") else o for o in kept]
+    return ["phase=train", *kept]
+
+
+def for_stage(common: list[str], stage_overrides: list[str], objective: str) -> list[str]:
+    """The command's overrides a stage takes: `objective.KEY=...` only where the stage's
+    objective has KEY, so `objective.beta=0.1` reaches a pipeline's DPO stage, not its SFT stage.
+    """
+    for override in [*common, *stage_overrides]:
+        if match := re.match(r"^objective=(\w+)$", override):
+            objective = match.group(1)
+    if objective not in OBJECTIVE_SCHEMAS:
+        return common
+    known = {f.name for f in fields(OBJECTIVE_SCHEMAS[objective])}
+    return [
+        o
+        for o in common
+        if not (match := re.match(r"^[+~]*objective\.(\w+)", o)) or match.group(1) in known
+    ]

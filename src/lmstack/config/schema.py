@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from lmstack.config.metrics import BENCH_FIGURES
 from lmstack.config.phases import PHASES
 from lmstack.errors import ConfigError
 
@@ -618,25 +619,6 @@ class ServingConfig:
         self.ab.check(self.gateway)
 
 
-# what phase=bench reports (lmstack.serving.metrics.summarize), any of which a sweep can optimize
-BENCH_FIGURES = (
-    "completed",
-    "failed",
-    "duration_s",
-    "prompt_tokens",
-    "output_tokens",
-    "request_throughput",
-    "output_throughput",
-    "total_token_throughput",
-    "goodput",
-    *(
-        f"{figure}_ms_{stat}"
-        for figure in ("ttft", "tpot", "itl", "e2el")
-        for stat in ("mean", "p50", "p90", "p99")
-    ),
-)
-
-
 @dataclass
 class BenchConfig:
     """A serving benchmark, measured the way `vllm bench serve` measures."""
@@ -672,7 +654,7 @@ class BenchConfig:
         _require(self.request_rate > 0, "bench.request_rate", "must be > 0 (inf: all at once)")
         _require(self.max_tokens >= 1, "bench.max_tokens", "must be >= 1")
         _require_choice(self.endpoint, ("chat", "completions"), "bench.endpoint")
-        _require_choice(self.metric.removeprefix("bench/"), BENCH_FIGURES, "bench.metric")
+        _require_choice(self.metric.removeprefix("bench/"), tuple(BENCH_FIGURES), "bench.metric")
 
 
 # what phase=eval can measure; `eval=[lm_eval,judge]` turns several on (see conf/eval/)

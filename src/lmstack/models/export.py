@@ -50,3 +50,11 @@ def merge_adapter(base_path: str, adapter_dir: Path, target: Path, dtype: str = 
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
+
+
+def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
+    """The adapter in PEFT format (or the full model), and a merged model when asked: what a
+    trained objective leaves unless it saves its own way (an objective module's `save`)."""
+    save_trained(loaded.model, loaded.tokenizer, run_dir, adapter=config.adapter.name != "none")
+    if config.export.merge:
+        save_merged(loaded, config, run_dir)

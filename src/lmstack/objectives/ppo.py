@@ -253,7 +253,7 @@ def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
     value head beside it as value_head.safetensors."""
     from safetensors.torch import save_file
 
-    from lmstack.phases.train import save_artifacts
+    from lmstack.models.export import save_artifacts
 
     save_artifacts(setup, loaded, config, run_dir)
     folder = run_dir / ("adapter" if config.adapter.name != "none" else "model")

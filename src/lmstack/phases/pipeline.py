@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmstack.config.recipes import SOURCE_ENV
+from lmstack.config.recipes import for_stage, inherited_overrides
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import set_status, write_json
@@ -50,38 +50,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
     for name, run_dir in stage_dirs.items():
         print(f"  {name}: {run_dir}")
     return metrics
-
-
-def inherited_overrides() -> list[str]:
-    """The pipeline command's own overrides, less those that make it a pipeline."""
-    from hydra.core.hydra_config import HydraConfig
-
-    task = list(HydraConfig.get().overrides.task)
-    kept = [o for o in task if not re.match(r"^[+~]*(phase|hydra)[=.]", o)]
-    if source := os.environ.get(SOURCE_ENV):  # a recipe file outside recipes/
-        kept = [f"recipe={source}" if o.startswith("recipe=") else o for o in kept]
-    return ["phase=train", *kept]
-
-
-def for_stage(common: list[str], stage_overrides: list[str], objective: str) -> list[str]:
-    """The command's overrides a stage takes: `objective.KEY=...` only where the stage's
-    objective has KEY, so `objective.beta=0.1` reaches a pipeline's DPO stage, not its SFT stage.
-    """
-    from dataclasses import fields
-
-    from lmstack.config.schema import OBJECTIVE_SCHEMAS
-
-    for override in [*common, *stage_overrides]:
-        if match := re.match(r"^objective=(\w+)$", override):
-            objective = match.group(1)
-    if objective not in OBJECTIVE_SCHEMAS:
-        return common
-    known = {f.name for f in fields(OBJECTIVE_SCHEMAS[objective])}
-    return [
-        o
-        for o in common
-        if not (match := re.match(r"^[+~]*objective\.(\w+)", o)) or match.group(1) in known
-    ]
 
 
 def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from lmstack.data.sources import Rows, load_rows
 from lmstack.distributed import is_rank_zero
+from lmstack.models.export import save_artifacts
 from lmstack.phases.context import RunContext
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
@@ -177,15 +177,6 @@ def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
     for example in result["examples"][:1]:
         print(f"  e.g. {example['prompt']!r} -> {example['answer']!r}", flush=True)
     return {f"verify/score_{when}": result["score"], f"verify/examples_{when}": result["examples"]}
-
-
-def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
-    """The adapter in PEFT format (or the full model), and a merged model when asked."""
-    from lmstack.models.export import save_merged, save_trained
-
-    save_trained(loaded.model, loaded.tokenizer, run_dir, adapter=config.adapter.name != "none")
-    if config.export.merge:
-        save_merged(loaded, config, run_dir)
 
 
 def print_summary(metrics: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lmstack.config.recipes import for_stage, inherited_overrides
+
 # whole name parts: `hf_token` and `api_key` are secrets, `max_tokens` is not
 SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 LOCK_PACKAGES = (
@@ -171,8 +173,6 @@ def lock_body(config: dict[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in config.items() if k not in LOCK_LEFT_OUT}
     if (config.get("phase") or {}).get("name") != "pipeline":
         return body
-    from lmstack.phases.pipeline import for_stage, inherited_overrides
-
     # a repo recipe's name is kept (the code version has it); a recipe file's path is not,
     # nor where this machine keeps things (LOCK_LEFT_OUT)
     command = [o for o in inherited_overrides() if not _left_out_of_lock(o)]

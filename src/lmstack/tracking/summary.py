@@ -38,14 +38,15 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from lmstack.errors import LmstackError
+from lmstack.tracking.headline import direction_of, sweep_metric_key, wanted_metric
 from lmstack.tracking.loggers import log_sweep_summary
 from lmstack.tracking.run_dir import read_json
 
 log = logging.getLogger("lmstack")
 
 OPTUNA_RESULTS = "optimization_results.yaml"
-# metric names whose smaller values are better (everything else: larger is better)
-LOWER_IS_BETTER = re.compile(r"loss|_ms|latency|memory|seconds|_s$|time|failed|error|perplexity")
+# which metrics the plots pair (quality against cost) and the markdown table shows; which way
+# is better comes from the phases' declarations (tracking/headline.py), not from these names
 QUALITY = re.compile(r"(^|/)verify/score_after$|(^|/)eval/.*(acc|score|exact_match|win_rate)")
 LATENCY = ("bench/e2el_ms_p50", "bench/ttft_ms_p50", "bench/tpot_ms_p50")
 MEMORY = re.compile(r"memory|peak_mem")
@@ -158,15 +159,14 @@ def swept_parameters(points: list[Point]) -> list[str]:
 
 
 def point_metric_key(point: Point) -> str | None:
-    from lmstack.launch import sweep_metric_key, wanted_metric
-
     config = point.config
+    phase = (config.get("phase") or {}).get("name", "")
     wanted = wanted_metric(
         (config.get("sweep") or {}).get("metric", ""),
-        (config.get("phase") or {}).get("name", ""),
+        phase,
         (config.get("bench") or {}).get("metric", ""),
     )
-    return sweep_metric_key(point.metrics, wanted) or (wanted or None)
+    return sweep_metric_key(point.metrics, wanted, phase or None) or (wanted or None)
 
 
 def metric_direction(points: list[Point], metric_key: str | None) -> str:
@@ -174,11 +174,7 @@ def metric_direction(points: list[Point], metric_key: str | None) -> str:
         direction = (point.config.get("sweep") or {}).get("direction", "auto")
         if direction != "auto":
             return direction
-    return lower_or_higher(metric_key or "")
-
-
-def lower_or_higher(metric_key: str) -> str:
-    return "minimize" if LOWER_IS_BETTER.search(metric_key) else "maximize"
+    return direction_of(metric_key or "")
 
 
 def rank(points: list[Point], direction: str) -> list[Point]:
