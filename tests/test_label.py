@@ -29,7 +29,7 @@ from lmstack.evaluation.votes import (
     winner_of,
 )
 
-from conftest import REPO, run_dirs
+from conftest import REPO, run_cli, run_dirs
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 XSS = (
@@ -325,9 +325,10 @@ def test_bad_input_is_a_4xx_and_the_store_is_unchanged(tmp_path):
     assert json.loads((run_dir / "label_summary.json").read_text())["label/votes"] == 1
 
 
-@pytest.mark.slow  # two models load and answer (~30 s on 2 busy cores)
+@pytest.mark.slow  # two models load and answer, twice (~1 min on 2 busy cores)
 def test_arena_items_pair_every_model_on_every_prompt_with_models_hidden(tmp_path, tiny_random):
-    """label.items=arena: the eval.arena models answer (in process); the page names no model."""
+    """label.items=arena: the eval.arena models answer (in process); the page names no model.
+    Then eval=arena rates the same models by the verifier and by the votes, reported apart."""
     page = LabelPage(
         tmp_path / "out",
         f"eval.arena.models=[base,{tiny_random}]",
@@ -342,7 +343,7 @@ def test_arena_items_pair_every_model_on_every_prompt_with_models_hidden(tmp_pat
             assert answer["total"] == 3  # one pair of models x 3 prompts
             assert "base" not in json.dumps(answer) and tiny_random.name not in json.dumps(answer)
             seen.add(answer["item"]["id"])
-            vote = {"labeller": "dan", "item_id": answer["item"]["id"], "choice": "tie"}
+            vote = {"labeller": "dan", "item_id": answer["item"]["id"], "choice": "both_bad"}
             assert httpx.post(f"{page.base}/api/vote", json=vote).json()["recorded"]
         assert len(seen) == 3
     finally:
@@ -351,6 +352,24 @@ def test_arena_items_pair_every_model_on_every_prompt_with_models_hidden(tmp_pat
     items = votes_items(run_dir)
     assert {(i.model_x, i.model_y) for i in items} == {("base", tiny_random.name)}
     assert all(" has " in i.prompt for i in items)  # the arena's arithmetic prompts
+
+    run_cli(
+        "phase=eval",
+        "eval=arena",
+        f"eval.arena.models=[base,{tiny_random}]",
+        "eval.arena.num_prompts=3",
+        f"eval.arena.human_votes={run_dir}",
+        "eval.arena.bootstrap_rounds=50",
+        "logger=none",
+        output_dir=tmp_path / "eval",
+    )
+    (eval_dir,) = run_dirs(tmp_path / "eval")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["arena/battles"] == 3 and metrics["arena/human/battles"] == 3
+    assert all(row["ties"] == 3 for row in metrics["arena/human/leaderboard"])  # both bad
+    assert metrics["arena/human/both_bad"] == 3
+    text = (eval_dir / "arena.md").read_text()
+    assert "## verifier" in text and "## human" in text
 
 
 def votes_items(run_dir: Path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import socket
 import urllib.parse
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -233,7 +234,8 @@ def make_server(app: LabelApp, host: str, port: int) -> ThreadingHTTPServer:
 
 
 def page_url(host: str, port: int, token: str, labeller: str = "") -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    # bound to every interface: the name other machines reach this one by
+    shown = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
     query = {k: v for k, v in (("labeller", labeller), ("token", token)) if v}
     suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
     return f"http://{shown}:{port}/{suffix}"

@@ -222,15 +222,14 @@ def difference(control: list[float], treatment: list[float], binary: bool) -> di
     if n1 < 2 or n2 < 2:
         return {"diff": None, "diff_ci_low": None, "diff_ci_high": None, "z": None, "p": None}
     m1, m2 = sum(control) / n1, sum(treatment) / n2
-    v1 = sum((v - m1) ** 2 for v in control) / (n1 - 1)
-    v2 = sum((v - m2) ** 2 for v in treatment) / (n2 - 1)
-    se = math.sqrt(v1 / n1 + v2 / n2)
-    if binary:
+    if binary:  # the interval from each side's own rate; the test under "no difference"
+        se = math.sqrt(m1 * (1 - m1) / n1 + m2 * (1 - m2) / n2)
         pooled = (sum(control) + sum(treatment)) / (n1 + n2)
         se_test = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-        se = math.sqrt(m1 * (1 - m1) / n1 + m2 * (1 - m2) / n2)
     else:
-        se_test = se
+        v1 = sum((v - m1) ** 2 for v in control) / (n1 - 1)
+        v2 = sum((v - m2) ** 2 for v in treatment) / (n2 - 1)
+        se = se_test = math.sqrt(v1 / n1 + v2 / n2)
     z = (m2 - m1) / se_test if se_test > 0 else None
     return {
         "diff": m2 - m1,
