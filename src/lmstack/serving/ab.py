@@ -21,12 +21,10 @@ arrives and stopping at the first p < 0.05 ("peeking") makes false wins far more
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,67 +84,6 @@ def variants_from_json(entries: list[dict[str, Any]]) -> list[Variant]:
         Variant(e["name"], float(e["weight"]), e["upstream"], e["model"], e.get("served") or {})
         for e in entries
     ]
-
-
-# ---------------------------------------------------------------- starting the variants
-
-
-@contextlib.contextmanager
-def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
-    """One engine per distinct variant model (or each variant's external URL), the gateway in
-    front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
-    from lmstack.serving.engines import serve
-    from lmstack.serving.gateway import gateway
-
-    serving = config.serving
-    with contextlib.ExitStack() as stack:
-        started: dict[tuple[str, str], Any] = {}
-        entries = []
-        for variant in serving.ab.variants:
-            key = (variant.base_url, variant.model or serving.model)
-            if key not in started:
-                alone = variant_serving(serving, variant)
-                print(f"lmstack: A/B variant {variant.name}: {alone.model or alone.base_url}")
-                started[key] = stack.enter_context(
-                    serve(
-                        replace(config, serving=alone),
-                        cache_dir,
-                        Path(log_dir) / f"variant-{variant.name}",
-                        gateway=False,
-                    )
-                )
-            endpoint = started[key]
-            served = {**endpoint.served, "variant": variant.name}
-            entries.append(
-                {
-                    "name": variant.name,
-                    "weight": variant.weight,
-                    "upstream": endpoint.base_url,
-                    "model": endpoint.model,
-                    "served": served,
-                }
-            )
-        first = next(iter(started.values()))
-        trace_path = getattr(getattr(config, "trace", None), "path", "")
-        write_weights(entries, Path(trace_path).parent if trace_path else Path(log_dir))
-        proxied = stack.enter_context(gateway(first, config, log_dir, variants=entries))
-        yield replace(proxied, model=AB_MODEL, served={"ab": entries})
-
-
-def variant_serving(serving: Any, variant: Any) -> Any:
-    """The serving config for one variant alone: its model, or its external URL; no A/B."""
-    from lmstack.config.schema import ABConfig
-
-    if variant.base_url:
-        return replace(
-            serving,
-            name="external",
-            base_url=variant.base_url,
-            served_model_name=variant.model,
-            quantization="none",
-            ab=ABConfig(),
-        )
-    return replace(serving, model=variant.model or serving.model, ab=ABConfig())
 
 
 # ---------------------------------------------------------------- feedback

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,6 @@ def serve(
     """The configured engine, healthy, for the duration of the `with` block."""
     serving = config.serving
     if serving.ab.variants and gateway is not False:
-        from lmstack.serving.ab import serve_variants
-
         with _sigterm_as_exit(), serve_variants(config, str(cache_dir), log_dir) as endpoint:
             yield endpoint
         return
@@ -243,6 +241,67 @@ def _external(serving: Any) -> Iterator[Endpoint]:
     yield Endpoint(
         base_url, model, api_key or "EMPTY", "external", {"path": model, "url": base_url}
     )
+
+
+# ---- A/B tests: every variant's engine behind one gateway --------------------------
+
+
+@contextlib.contextmanager
+def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
+    """One engine per distinct variant model (or each variant's external URL), the gateway in
+    front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
+    from lmstack.serving.ab import AB_MODEL, write_weights
+    from lmstack.serving.gateway import gateway
+
+    serving = config.serving
+    with contextlib.ExitStack() as stack:
+        started: dict[tuple[str, str], Any] = {}
+        entries = []
+        for variant in serving.ab.variants:
+            key = (variant.base_url, variant.model or serving.model)
+            if key not in started:
+                alone = variant_serving(serving, variant)
+                print(f"lmstack: A/B variant {variant.name}: {alone.model or alone.base_url}")
+                started[key] = stack.enter_context(
+                    serve(
+                        replace(config, serving=alone),
+                        cache_dir,
+                        Path(log_dir) / f"variant-{variant.name}",
+                        gateway=False,
+                    )
+                )
+            endpoint = started[key]
+            served = {**endpoint.served, "variant": variant.name}
+            entries.append(
+                {
+                    "name": variant.name,
+                    "weight": variant.weight,
+                    "upstream": endpoint.base_url,
+                    "model": endpoint.model,
+                    "served": served,
+                }
+            )
+        first = next(iter(started.values()))
+        trace_path = getattr(getattr(config, "trace", None), "path", "")
+        write_weights(entries, Path(trace_path).parent if trace_path else Path(log_dir))
+        proxied = stack.enter_context(gateway(first, config, log_dir, variants=entries))
+        yield replace(proxied, model=AB_MODEL, served={"ab": entries})
+
+
+def variant_serving(serving: Any, variant: Any) -> Any:
+    """The serving config for one variant alone: its model, or its external URL; no A/B."""
+    from lmstack.config.schema import ABConfig
+
+    if variant.base_url:
+        return replace(
+            serving,
+            name="external",
+            base_url=variant.base_url,
+            served_model_name=variant.model,
+            quantization="none",
+            ab=ABConfig(),
+        )
+    return replace(serving, model=variant.model or serving.model, ab=ABConfig())
 
 
 def _transformers_cli() -> list[str]:
