@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from lmstack.config.schema import OBJECTIVE_SCHEMAS
+from lmstack.config.objectives import OBJECTIVES
 
 REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 SOURCE_ENV = "LMSTACK_RECIPE_SOURCE"
@@ -99,9 +99,9 @@ def for_stage(common: list[str], stage_overrides: list[str], objective: str) -> 
     for override in [*common, *stage_overrides]:
         if match := re.match(r"^objective=(\w+)$", override):
             objective = match.group(1)
-    if objective not in OBJECTIVE_SCHEMAS:
+    if objective not in OBJECTIVES:
         return common
-    known = {f.name for f in fields(OBJECTIVE_SCHEMAS[objective])}
+    known = {f.name for f in fields(OBJECTIVES[objective].schema)}
     return [
         o
         for o in common

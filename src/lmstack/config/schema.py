@@ -1128,11 +1128,3 @@ GROUP_SCHEMAS: dict[str, type] = {
     "report": ReportConfig,
     "label": LabelConfig,
 }
-OBJECTIVE_SCHEMAS: dict[str, type] = {
-    "pretrain": PretrainObjectiveConfig,
-    "sft": SFTObjectiveConfig,
-    "dpo": DPOObjectiveConfig,
-    "reward": RewardObjectiveConfig,
-    "ppo": PPOObjectiveConfig,
-    "grpo": GRPOObjectiveConfig,
-}

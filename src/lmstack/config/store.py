@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import warnings
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from lmstack.config.schema import GROUP_SCHEMAS, OBJECTIVE_SCHEMAS, Config
+from lmstack.config.objectives import objective_schemas
+from lmstack.config.schema import GROUP_SCHEMAS, Config
 
 _registered = False
+PLUGINS_ENV = "LMSTACK_PLUGINS"
 
 
 def register_configs() -> None:
@@ -21,7 +25,8 @@ def register_configs() -> None:
     store.store(name="lmstack_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
         store.store(group=group, name="schema", node=schema)
-    for name, schema in OBJECTIVE_SCHEMAS.items():
+    load_plugins()
+    for name, schema in objective_schemas().items():
         store.store(group="objective", name=f"{name}_schema", node=schema)
     _register_resolvers()
     # conf/hydra/launcher/joblib.yaml shares the joblib plugin's name on purpose (it is what
@@ -30,6 +35,13 @@ def register_configs() -> None:
         "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema"
     )
     _registered = True
+
+
+def load_plugins() -> None:
+    """Modules named in LMSTACK_PLUGINS (comma-separated), imported before composition: an
+    objective from outside lmstack registers its schema and data formats there."""
+    for name in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
+        importlib.import_module(name.strip())
 
 
 def _register_resolvers() -> None:

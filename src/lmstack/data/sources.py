@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmstack.config.objectives import OBJECTIVES
 from lmstack.data import arith
 from lmstack.errors import DataError
 
@@ -26,15 +27,6 @@ FORMAT_FIELDS = {
 }
 # fields that hold a string or a list of chat messages (TRL's conversational format)
 CHAT_FIELDS = {"prompt", "completion", "chosen", "rejected"}
-# which format a row of each objective can train on, in order of preference
-OBJECTIVE_FORMATS = {
-    "pretrain": ("text", "prompt_completion", "messages"),
-    "sft": ("prompt_completion", "messages", "preference"),
-    "dpo": ("preference",),
-    "reward": ("preference",),
-    "grpo": ("prompt",),
-    "ppo": ("prompt",),
-}
 
 
 @dataclass
@@ -72,11 +64,12 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
         raise DataError(f"data.task: unknown built-in task '{data.task}' (available: arith)")
     train_problems = arith.problems(data.train_size, data.seed, held_out=False)
     eval_problems = arith.problems(data.eval_size, data.seed, held_out=True)
-    if objective == "pretrain":
+    fmt = OBJECTIVES[objective].builtin_format if objective in OBJECTIVES else "prompt_completion"
+    if fmt == "text":
         train = [{"text": arith.pretraining_text(p)} for p in train_problems]
         held_out = [{"text": arith.pretraining_text(p)} for p in eval_problems]
         return Rows(train, held_out, "text", "builtin:arith", eval_problems)
-    if objective in ("dpo", "reward"):
+    if fmt == "preference":
         # separate seeded streams, so the held-out wrong answers do not depend on train_size
         train_rng, eval_rng = random.Random(data.seed), random.Random(data.seed + 1)
         train = [arith.preference_row(p, train_rng) for p in train_problems]
@@ -84,7 +77,6 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
         return Rows(train, held_out, "preference", "builtin:arith", eval_problems)
     train = [arith.sft_row(p) for p in train_problems]
     held_out = [arith.sft_row(p) for p in eval_problems]
-    fmt = "prompt" if objective in ("grpo", "ppo") else "prompt_completion"
     return Rows(train, held_out, fmt, "builtin:arith", eval_problems)
 
 
@@ -145,8 +137,14 @@ def _require_file(path: Path) -> None:
         raise DataError(f"data.path: no such file: {path} (resolved to {path.resolve()})")
 
 
+def row_formats(objective: str) -> tuple[str, ...]:
+    """The formats an objective trains on (config/objectives.py); any format for others."""
+    spec = OBJECTIVES.get(objective)
+    return spec.row_formats if spec else tuple(FORMAT_FIELDS)
+
+
 def detect_format(row: dict[str, Any], objective: str) -> str | None:
-    formats = OBJECTIVE_FORMATS.get(objective, tuple(FORMAT_FIELDS))
+    formats = row_formats(objective)
     if len(formats) == 1:
         # the only choice: a row short of its fields then gets "row is missing ..."
         return formats[0]
@@ -161,7 +159,7 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
         raise DataError(f"{origin}: the dataset is empty (no rows to train on)")
     if fmt == "auto":
         fmt = detect_format(rows[0], objective) or _no_format(rows[0], origin, objective)
-    allowed = OBJECTIVE_FORMATS.get(objective, tuple(FORMAT_FIELDS))
+    allowed = row_formats(objective)
     if fmt not in allowed:
         raise DataError(
             f"data.format: objective={objective} trains on {' or '.join(allowed)} rows, "
@@ -183,9 +181,7 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
 
 
 def _no_format(row: dict[str, Any], origin: str, objective: str) -> str:
-    wanted = " or ".join(
-        "{" + ", ".join(FORMAT_FIELDS[f]) + "}" for f in OBJECTIVE_FORMATS[objective]
-    )
+    wanted = " or ".join("{" + ", ".join(FORMAT_FIELDS[f]) + "}" for f in row_formats(objective))
     keys = ", ".join(key for key in row if key != "_line") or "none"
     raise DataError(
         f"{origin}:{row.get('_line', 1)}: cannot tell the row format for objective={objective}: "

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lmstack.config.objectives import OBJECTIVES
 from lmstack.errors import ConfigError
 from lmstack.models.builtin import ensure_builtin_model, file_lock
 
@@ -227,14 +228,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-# objectives whose activations (chosen and rejected per example) make memory the limit
-CHECKPOINTED_BY_DEFAULT = ("dpo",)
-
-
 def wants_gradient_checkpointing(cfg: Any) -> bool:
+    """trainer.gradient_checkpointing, or the objective's default (config/objectives.py)."""
     choice = getattr(getattr(cfg, "trainer", None), "gradient_checkpointing", None)
     if choice is None:
-        return getattr(getattr(cfg, "objective", None), "name", "") in CHECKPOINTED_BY_DEFAULT
+        spec = OBJECTIVES.get(getattr(getattr(cfg, "objective", None), "name", ""))
+        return bool(spec and spec.checkpointed_by_default)
     return bool(choice)
 
 

@@ -1,27 +1,24 @@
 """One LightningModule per objective, each in its own module.
 
-An objective module provides `setup(config, loaded, rows) -> ObjectiveSetup`: it
-encodes the rows its way, builds the loaders and the LightningModule. It may also
-provide `load_model(config, cache_dir) -> LoadedModel` (a reward model needs a
-scalar head) and `save(setup, loaded, config, run_dir)` (what the run leaves).
-A new objective is one module, one schema and one YAML file.
+An objective module declares `OBJECTIVE = Objective(setup=...)`: `setup(config, loaded, rows)
+-> ObjectiveSetup` encodes the rows its way and builds the loaders and the LightningModule;
+`load_model(config, cache_dir) -> LoadedModel` (default: the base with its adapter; a reward
+model needs a scalar head) and `save(setup, loaded, config, run_dir)` (default: the adapter or
+model, merged when asked) are the other two steps of a training run. What lmstack knows before
+importing it (schema, row formats, checkpointing default) is its ObjectiveSpec in
+config/objectives.py. A new objective is one module, one schema and one YAML file.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from types import ModuleType
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-OBJECTIVES = {
-    "pretrain": "lmstack.objectives.causal_lm",
-    "sft": "lmstack.objectives.causal_lm",
-    "dpo": "lmstack.objectives.dpo",
-    "reward": "lmstack.objectives.reward",
-    "ppo": "lmstack.objectives.ppo",
-    "grpo": "lmstack.objectives.grpo",
-}
+from lmstack.config.objectives import OBJECTIVES, Objective
+from lmstack.errors import ConfigError, DataError
+from lmstack.models.export import save_artifacts
+from lmstack.models.loading import load_for_training
 
 
 @dataclass
@@ -35,17 +32,24 @@ class ObjectiveSetup:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def objective_module(name: str) -> ModuleType:
+def load_objective(name: str) -> Objective:
+    """The implementation of a registered objective (its module imported now: torch et al.)."""
     if name not in OBJECTIVES:
-        raise ValueError(
+        raise ConfigError(
             f"objective.name: unknown objective '{name}' (have {', '.join(OBJECTIVES)})"
         )
-    return importlib.import_module(OBJECTIVES[name])
+    module = importlib.import_module(OBJECTIVES[name].module)
+    objective = getattr(module, "OBJECTIVE", None)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"{module.__name__} declares no OBJECTIVE = Objective(setup=...)")
+    return replace(
+        objective,
+        load_model=objective.load_model or load_for_training,
+        save=objective.save or save_artifacts,
+    )
 
 
 def require_examples(train: list, origin: str, max_length: int) -> None:
-    from lmstack.errors import DataError
-
     if not train:
         raise DataError(
             f"{origin}: no row has a target token left after tokenisation "

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lmstack.objectives import ObjectiveSetup, require_examples
+from lmstack.objectives import Objective, ObjectiveSetup, require_examples
 from lmstack.objectives.losses import causal_lm_loss
 
 
@@ -145,3 +145,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+# the objective's plug-in interface (lmstack.objectives.Objective)
+OBJECTIVE = Objective(setup=setup)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmstack.objectives import ObjectiveSetup
+from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import dpo_loss, packed_sequence_logprobs, sequence_logprobs
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
@@ -188,3 +188,7 @@ class DPOModule(TrainedModelModule):
         # a tie (policy == reference, as before training) counts half: chance is 0.5
         ties = (result["margins"] == 0).float().mean()
         self.log("val/reward_accuracy", result["accuracy"] + 0.5 * ties, batch_size=pairs)
+
+
+# the objective's plug-in interface (lmstack.objectives.Objective)
+OBJECTIVE = Objective(setup=setup)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmstack.objectives import ObjectiveSetup
+from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import grpo_advantages, grpo_loss
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
@@ -252,3 +252,7 @@ class GRPOModule(TrainedModelModule):
         self.log("val/reward_mean", rewards.mean(), prog_bar=True, batch_size=size)
         for key, scores in parts.items():
             self.log(f"val/reward_{key}", scores.float().mean(), batch_size=size)
+
+
+# the objective's plug-in interface (lmstack.objectives.Objective)
+OBJECTIVE = Objective(setup=setup)

@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lmstack.objectives import ObjectiveSetup
+from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
 from lmstack.objectives.losses import (
     gae_advantages,
@@ -261,3 +261,7 @@ def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
         key: value.detach().cpu() for key, value in setup.module.value_head.state_dict().items()
     }
     save_file(state, str(folder / VALUE_HEAD))
+
+
+# the objective's plug-in interface (lmstack.objectives.Objective)
+OBJECTIVE = Objective(setup=setup, save=save)

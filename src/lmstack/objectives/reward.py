@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lmstack.errors import ConfigError
-from lmstack.objectives import ObjectiveSetup
+from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import reward_bt_loss
 
@@ -197,3 +197,7 @@ def load_reward_model(run_dir: str | Path, key: str = "objective.reward_model") 
 
         model = PeftModel.from_pretrained(model, weights)
     return RewardScorer(model, tokenizer, info["max_length"])
+
+
+# the objective's plug-in interface (lmstack.objectives.Objective)
+OBJECTIVE = Objective(setup=setup, load_model=load_model, save=save)

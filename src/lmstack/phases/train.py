@@ -11,7 +11,6 @@ from typing import Any
 
 from lmstack.data.sources import Rows, load_rows
 from lmstack.distributed import is_rank_zero
-from lmstack.models.export import save_artifacts
 from lmstack.phases.context import RunContext
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
@@ -38,11 +37,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
         torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, verbose=False)
 
-    from lmstack.models.loading import load_for_training
-    from lmstack.objectives import objective_module
+    from lmstack.objectives import load_objective
 
-    objective = objective_module(config.objective.name)
-    loaded = getattr(objective, "load_model", load_for_training)(config, ctx.cache_dir)
+    objective = load_objective(config.objective.name)
+    loaded = objective.load_model(config, ctx.cache_dir)
     if is_rank_zero():
         print(
             f"lmstack: {loaded.trainable_params:,} trainable of {loaded.total_params:,} "
@@ -74,7 +72,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             # the other ranks only train: rank zero verifies and writes the run's records
             return metrics
         metrics |= verify(loaded, rows, config, "after")
-        getattr(objective, "save", save_artifacts)(setup, loaded, config, run_dir)
+        objective.save(setup, loaded, config, run_dir)
         record(logger, None, metrics)
     except BaseException:
         close_tracker(logger, failed=True)

@@ -1,0 +1,91 @@
+"""The objective plug-in registry: what lmstack knows about each objective before any of its
+code is imported. Its schema (validated at composition), the data formats it trains on, the
+rows it takes from the built-in task, whether it checkpoints activations by default, and the
+module that implements it (`OBJECTIVE = Objective(setup=...)`).
+
+Adding an objective is one module that calls `register_objective` (a built-in one is listed
+below), one schema and one YAML file (`conf/objective/NAME.yaml` opening with
+`defaults: [NAME_schema, _self_]`); docs/architecture.md has the recipe. A module outside
+lmstack is imported before composition when LMSTACK_PLUGINS names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmstack.config.schema import (
+    DPOObjectiveConfig,
+    GRPOObjectiveConfig,
+    ObjectiveConfig,
+    PPOObjectiveConfig,
+    PretrainObjectiveConfig,
+    RewardObjectiveConfig,
+    SFTObjectiveConfig,
+)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    schema: type[ObjectiveConfig]
+    module: str  # defines OBJECTIVE = lmstack.objectives.Objective(setup=..., ...)
+    # data formats (data/sources.py FORMAT_FIELDS) it trains on, in order of preference
+    row_formats: tuple[str, ...]
+    # recompute activations in the backward pass unless trainer.gradient_checkpointing says
+    checkpointed_by_default: bool = False
+
+    @property
+    def builtin_format(self) -> str:
+        """The format of the rows it gets from the built-in task: its first choice."""
+        return self.row_formats[0]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The three steps of a training run that an objective implements; None: the default
+    (lmstack.objectives.load_objective fills it in: the base with its adapter; the adapter
+    or model, merged when asked). Declared here, light, so a plug-in module can register and
+    declare itself before composition without importing torch."""
+
+    setup: Callable[[Any, Any, Any], Any]  # (config, loaded, rows) -> ObjectiveSetup
+    load_model: Callable[[Any, str], Any] | None = None  # (config, cache_dir) -> LoadedModel
+    save: Callable[[Any, Any, Any, Path], None] | None = None  # (setup, loaded, config, run_dir)
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(spec: ObjectiveSpec) -> ObjectiveSpec:
+    if not issubclass(spec.schema, ObjectiveConfig):
+        raise TypeError(f"objective {spec.name}: its schema must subclass ObjectiveConfig")
+    OBJECTIVES[spec.name] = spec
+    return spec
+
+
+def objective_schemas() -> dict[str, type[ObjectiveConfig]]:
+    return {name: spec.schema for name, spec in OBJECTIVES.items()}
+
+
+for _spec in (
+    ObjectiveSpec(
+        "pretrain",
+        PretrainObjectiveConfig,
+        "lmstack.objectives.causal_lm",
+        ("text", "prompt_completion", "messages"),
+    ),
+    ObjectiveSpec(
+        "sft",
+        SFTObjectiveConfig,
+        "lmstack.objectives.causal_lm",
+        ("prompt_completion", "messages", "preference"),
+    ),
+    # two sequences (chosen and rejected) per example make activations the memory limit
+    ObjectiveSpec("dpo", DPOObjectiveConfig, "lmstack.objectives.dpo", ("preference",), True),
+    ObjectiveSpec("reward", RewardObjectiveConfig, "lmstack.objectives.reward", ("preference",)),
+    ObjectiveSpec("ppo", PPOObjectiveConfig, "lmstack.objectives.ppo", ("prompt",)),
+    ObjectiveSpec("grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",)),
+):
+    register_objective(_spec)
