@@ -376,3 +376,13 @@ def votes_items(run_dir: Path):
     from lmstack.evaluation.votes import ITEMS_FILE_NAME, read_items
 
     return read_items(run_dir / ITEMS_FILE_NAME)
+
+
+def test_a_malformed_items_file_names_its_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "no answers"}\n')
+    result = run_cli(
+        "phase=label", f"label.items={pairs}", "logger=none", output_dir=tmp_path, check=False
+    )
+    assert result.returncode == 2
+    assert f"{pairs}:2: a labelling row needs prompt, answer_a and answer_b" in result.stderr
