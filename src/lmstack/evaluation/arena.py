@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError
+from lmstack.util.tables import markdown_table
 
 ELO_SCALE = 400 / math.log(10)
 ELO_BASE = 1000.0
@@ -172,9 +173,7 @@ def rate(
 
 def leaderboard_markdown(board: list[dict[str, Any]]) -> str:
     columns = ["rank", "model", "rating", "ci_low", "ci_high", "battles", "wins", "ties", "losses"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in board]
-    return "\n".join(lines) + "\n"
+    return markdown_table(columns, ([row[c] for c in columns] for row in board)) + "\n"
 
 
 RATER_TITLES = {

@@ -21,6 +21,7 @@ from lmstack.errors import LmstackError
 from lmstack.evaluation.suites import Inputs, Records, Session, Suite
 from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import finished_metrics, previous_results, set_status, write_json
+from lmstack.util.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -210,19 +211,17 @@ def write_comparison(folder: Path) -> Path | None:
         return None
     columns = sorted({k for _, m in rows for k in scalar_items(m)} - {"eval/score"})
     header = ["run", "model", "prompt", "target", "eval/score", *columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, m in rows:
-        values = [
-            name,
-            str(m.get("eval/model")),
-            str(m.get("prompt/name")),
-            str(m.get("eval/target")),
-        ]
-        values += [_cell(m.get(c)) for c in ("eval/score", *columns)]
-        lines.append("| " + " | ".join(values) + " |")
+    table = markdown_table(
+        header,
+        (
+            [name, m.get("eval/model"), m.get("prompt/name"), m.get("eval/target")]
+            + [_cell(m.get(c)) for c in ("eval/score", *columns)]
+            for name, m in rows
+        ),
+    )
     path = folder / "eval_comparison.md"
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(table + "\n")
     tmp.replace(path)
     return path
 

@@ -22,6 +22,7 @@ from typing import Any
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import set_status, write_json
+from lmstack.util.tables import markdown_table
 
 GROUP_KEYS = ("point", "model", "prompt_version")
 PERCENTILES = (50, 90, 99)
@@ -161,9 +162,7 @@ def write_tables(table: list[dict[str, Any]], run_dir: Path, formats: list[str])
 
 def markdown(table: list[dict[str, Any]]) -> str:
     columns = list(table[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in table]
-    return "\n".join(lines)
+    return markdown_table(columns, ([_cell(row[c]) for c in columns] for row in table))
 
 
 def _cell(value: Any) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -197,11 +198,18 @@ def _left_out_of_lock(override: str) -> bool:
 
 
 def _git_commit() -> str | None:
-    head = Path(__file__).resolve().parents[3] / ".git" / "HEAD"
+    """The code version: `git rev-parse HEAD` of the checkout lmstack runs from (a git
+    worktree too); None outside git or without git."""
+    checkout = Path(__file__).resolve().parents[3]
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (head.parent / ref[5:]).read_text().strip()
-        return ref
-    except OSError:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
         return None
+    return found.stdout.strip() if found.returncode == 0 else None

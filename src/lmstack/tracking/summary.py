@@ -41,6 +41,7 @@ from lmstack.errors import LmstackError
 from lmstack.tracking.headline import direction_of, sweep_metric_key, wanted_metric
 from lmstack.tracking.loggers import log_sweep_summary
 from lmstack.tracking.run_dir import read_json
+from lmstack.util import tables
 
 log = logging.getLogger("lmstack")
 
@@ -229,14 +230,14 @@ def markdown_table(summary_points: list[Point], swept: list[str], metric_key: st
     metrics = headline_metrics(summary_points, metric_key)
     show_overrides = not swept
     header = [*swept, *(["overrides"] if show_overrides else []), "status", *metrics, "run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for point in summary_points:
         cells = [point.overrides.get(k, "") for k in swept]
         if show_overrides:
             cells.append(" ".join(f"{k}={v}" for k, v in point.overrides.items()))
         cells += [point.status, *(_fmt(point.metrics.get(k)) for k in metrics), point.run_dir.name]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return tables.markdown_table(header, rows)
 
 
 def markdown_report(summary: Summary, optuna: dict[str, Any] | None) -> str:
