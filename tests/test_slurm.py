@@ -331,3 +331,46 @@ def test_a_slurm_sweep_whose_controller_is_down_names_sbatchs_answer(tmp_path):
     assert result.returncode == 2 and "Traceback" not in output, output
     assert "hydra/launcher=slurm: sbatch refused the sweep's jobs" in output
     assert "Unable to contact slurm controller" in output
+
+
+def test_a_two_task_slurm_point_writes_one_set_of_records_and_resumes_after_requeue(
+    tmp_path, tiny_base, slurm_cluster
+):
+    """trainer.devices=2 on the Slurm launcher: one job of 2 tasks (DDP ranks from srun);
+    rank zero alone writes the records and the one W&B run; the requeue signal reaches both
+    tasks, which leave at the same step, and the requeued job resumes from that checkpoint."""
+    args = [a for a in RESUME_ARGS if a != "logger=csv"]
+    command = ["-m", *(a for a in SLURM if a != "logger=csv"), *args, "logger=wandb"]
+    command += ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), *command, f"paths.output_dir={tmp_path}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    done = False
+    try:
+        job_id, job_dir = job_after_first_checkpoint(tmp_path, launcher)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        output = launcher.communicate(timeout=600)[0]
+        assert launcher.returncode == 0, output
+        done = True
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if not done:
+            cancel_jobs(tmp_path)
+
+    logs = "".join(path.read_text() for path in sorted(job_dir.glob("*_log.*")))
+    assert "MEMBER: 2/2" in logs, logs[-3000:]  # two ranks, wired by Lightning's SLURMEnvironment
+    saved = re.search(r"saved \S+/checkpoints/last\.ckpt at step (\d+)", logs)
+    resumed = re.search(r"resumed at step (\d+)", logs)
+    assert saved and resumed and saved.group(1) == resumed.group(1), logs[-3000:]
+    (point,) = run_dirs(tmp_path)
+    assert read_status(point) == "finished"
+    assert (point / "adapter" / "adapter_model.safetensors").exists()
+    # one W&B run (rank zero's), continued by the requeued job: one run id in its folders
+    runs = {path.name.rsplit("-", 1)[-1] for path in point.glob("wandb/offline-run-*")}
+    assert len(runs) == 1, sorted(point.glob("wandb/*"))
+    assert json.loads((point / "metrics.json").read_text())["train/loss"] > 0

@@ -237,7 +237,7 @@ def rank_command(run_dir: Path) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
-def watch_ranks(procs: list[Any], run_dir: Path, period_s: float = 1.0) -> None:
+def watch_ranks(procs: list[Any], run_dir: Path, period_s: float = 0.5) -> None:
     """A thread in rank zero: when another rank fails, record it, stop every rank, and exit
     with one message (the failed rank has printed its own error above)."""
     import threading
@@ -256,15 +256,37 @@ def watch_ranks(procs: list[Any], run_dir: Path, period_s: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="lmstack-rank-watch").start()
 
 
-def stop_run(procs: list[Any], run_dir: Path, rank: int, code: int) -> None:
+def lost_a_rank(error: BaseException, trainer: Any) -> bool:
+    """Whether `error` is rank zero's collective failing because another rank is gone."""
+    import torch.distributed as dist
+
+    if trainer is None or trainer.world_size == 1:
+        return False
+    return isinstance(error, dist.DistError) or "gloo" in str(error).lower()
+
+
+def stop_after_lost_rank(trainer: Any, run_dir: Path, error: BaseException) -> None:
+    """One message for a run whose other rank failed, instead of rank zero's traceback."""
+    import time
+
+    procs = getattr(getattr(trainer.strategy, "_launcher", None), "procs", [])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
+        time.sleep(0.1)
+    failed = [(rank + 1, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode]
+    rank, code = failed[0] if failed else ("?", f"unknown ({str(error).splitlines()[0]})")
+    stop_run(procs, run_dir, rank, code)
+
+
+def stop_run(procs: list[Any], run_dir: Path, rank: Any, code: Any) -> None:
     import signal
 
     from lmstack.tracking.run_dir import set_status
 
     message = (
-        f"lmstack: error: training process rank {rank} exited with code {code} (its error is "
-        "above); every rank of the run was stopped. Fix the cause and re-run the same command: "
-        "it resumes from the last checkpoint."
+        f"lmstack: error: training process rank {rank} exited with code {code} (its own error, "
+        "if it had one, is above); every rank of the run was stopped. Fix the cause and re-run "
+        "the same command: it resumes from the last checkpoint."
     )
     for proc in procs:
         if proc.poll() is None:
@@ -272,6 +294,17 @@ def stop_run(procs: list[Any], run_dir: Path, rank: int, code: int) -> None:
     set_status(run_dir, "failed", error=message)
     print(message, file=sys.stderr, flush=True)
     os._exit(1)
+
+
+def gathered_weights(trainer: Any) -> dict[str, Any] | None:
+    """Under a sharding strategy, the whole trained model's weights for rank zero to save
+    (a collective: every rank calls it); None when every rank holds them whole already."""
+    if trainer.world_size == 1 or not trainer.strategy.__class__.__name__.startswith(
+        ("FSDP", "DeepSpeed")
+    ):
+        return None
+    state = trainer.strategy.lightning_module_state_dict()
+    return {key.removeprefix("model."): value for key, value in state.items()}
 
 
 def all_reduce_sum(value: Any) -> Any:

@@ -84,20 +84,33 @@ class RequeueOnSignal(Callback):
         self._received = signum
 
     def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
-        if self._received is None and not trainer.received_sigterm:
+        received = self._received is not None or trainer.received_sigterm
+        if trainer.world_size > 1:
+            # every rank of a multi-task job leaves at the same step: the first to see the
+            # signal decides for all (the save below is collective)
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
             return
         self._save(trainer)
-        if self._received is None:
+        requeue = self._received is not None
+        if trainer.world_size > 1:
+            requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+        if not requeue:
             # SIGTERM: Slurm is stopping the job and requeues it if it was preempted
-            set_status(self.run_dir, "interrupted", step=trainer.global_step)
+            if trainer.is_global_zero:
+                set_status(self.run_dir, "interrupted", step=trainer.global_step)
             raise SystemExit(SIGTERM_EXIT)
+        if not trainer.is_global_zero:
+            raise SystemExit(REQUEUE_EXIT)  # rank zero requeues the job, every task with it
         set_status(self.run_dir, "requeued", step=trainer.global_step)
         self._requeue()
 
     def _save(self, trainer: Any) -> None:
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         partial = self.checkpoint.with_name(self.checkpoint.name + ".partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial)  # rank zero writes it; every rank waits for that
+        if not trainer.is_global_zero:
+            return
         # atomic: SIGKILL after KillWait never leaves a half-written last.ckpt
         os.replace(partial, self.checkpoint)
         print(f"lmstack: saved {self.checkpoint} at step {trainer.global_step}", flush=True)

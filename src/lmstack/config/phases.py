@@ -57,6 +57,8 @@ PHASES: dict[str, PhaseSpec] = {
     ),
     # the report always re-reads its source (see phases/report.py)
     "report": PhaseSpec("lmstack.phases.report", ("phase", "report", "cost", "monitor")),
+    # the memory plan of the train run the same config makes (no model loaded)
+    "plan": PhaseSpec("lmstack.phases.plan", TRAIN_READS),
     # a restarted page (same command) finds its run directory, and so its votes, again
     "label": PhaseSpec(
         "lmstack.phases.label", ("phase", "model", "quantization", "prompt", "eval", "label")

@@ -113,10 +113,15 @@ def base_key(shape: TinyLlamaConfig, pretrained: bool) -> str:
     return stable_hash({"shape": asdict(shape), "pretrained": pretrained, "build": BUILD_VERSION})
 
 
+def builtin_folder(shape: TinyLlamaConfig, pretrained: bool, cache_dir: str | Path) -> Path:
+    """Where the built-in model of this shape lives (or will, once built)."""
+    name = "tiny_base" if pretrained else "tiny_random"
+    return Path(cache_dir).resolve() / f"{name}-{base_key(shape, pretrained)}"
+
+
 def ensure_builtin_model(shape: TinyLlamaConfig, pretrained: bool, cache_dir: str | Path) -> Path:
     """The folder of the built-in model, building it on first use (safe across processes)."""
-    name = "tiny_base" if pretrained else "tiny_random"
-    folder = Path(cache_dir).resolve() / f"{name}-{base_key(shape, pretrained)}"
+    folder = builtin_folder(shape, pretrained, cache_dir)
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

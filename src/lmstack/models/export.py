@@ -6,14 +6,20 @@ from pathlib import Path
 from typing import Any
 
 
-def save_trained(model: Any, tokenizer: Any, run_dir: Path, adapter: bool) -> Path:
+def save_trained(
+    model: Any, tokenizer: Any, run_dir: Path, adapter: bool, state_dict: Any = None
+) -> Path:
     """adapter/ (PeftModel.from_pretrained loads it) or model/ after full fine-tuning.
 
     The tokenizer (with its chat template) travels with it, so serving and
-    evaluation use the template the model was trained with.
+    evaluation use the template the model was trained with. `state_dict`: the weights
+    gathered from the ranks of a sharded (FSDP) run, where `model` holds only a shard.
     """
     target = run_dir / ("adapter" if adapter else "model")
-    model.save_pretrained(target)
+    if state_dict is None:
+        model.save_pretrained(target)
+    else:
+        model.save_pretrained(target, state_dict=state_dict)
     tokenizer.save_pretrained(target)
     return target
 
@@ -55,6 +61,12 @@ def merge_adapter(base_path: str, adapter_dir: Path, target: Path, dtype: str = 
 def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
     """The adapter in PEFT format (or the full model), and a merged model when asked: what a
     trained objective leaves unless it saves its own way (an objective module's `save`)."""
-    save_trained(loaded.model, loaded.tokenizer, run_dir, adapter=config.adapter.name != "none")
+    save_trained(
+        loaded.model,
+        loaded.tokenizer,
+        run_dir,
+        adapter=config.adapter.name != "none",
+        state_dict=loaded.gathered_weights,
+    )
     if config.export.merge:
         save_merged(loaded, config, run_dir)

@@ -31,6 +31,8 @@ class LoadedModel:
     base_path: str
     trainable_params: int
     total_params: int
+    # the trained weights gathered from the ranks of a sharded (FSDP/DeepSpeed) run, for saving
+    gathered_weights: dict[str, Any] | None = None
 
 
 def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:

@@ -29,6 +29,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from lmstack.distributed import check_machine
 
     check_machine(config.trainer)
+    check_memory(ctx, rows)
 
     import lightning as L
     import torch
@@ -68,14 +69,21 @@ def run(ctx: RunContext) -> dict[str, Any]:
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
         }
         metrics |= validate(trainer, setup)
+        from lmstack.distributed import gathered_weights
+
+        loaded.gathered_weights = gathered_weights(trainer)  # FSDP/DeepSpeed: all ranks gather
         if not is_rank_zero():
             # the other ranks only train: rank zero verifies and writes the run's records
             return metrics
         metrics |= verify(loaded, rows, config, "after")
         objective.save(setup, loaded, config, run_dir)
         record(logger, None, metrics)
-    except BaseException:
+    except BaseException as error:
         close_tracker(logger, failed=True)
+        from lmstack.distributed import lost_a_rank, stop_after_lost_rank
+
+        if isinstance(error, Exception) and lost_a_rank(error, trainer):
+            stop_after_lost_rank(trainer, run_dir, error)
         raise
     close_tracker(logger)
     from lmstack.distributed import join_ranks
@@ -85,6 +93,25 @@ def run(ctx: RunContext) -> dict[str, Any]:
     set_status(run_dir, "finished")
     print_summary(metrics)
     return metrics
+
+
+def check_memory(ctx: RunContext, rows: Rows) -> None:
+    """The memory plan (phase=plan) before any model is loaded: refuse what will not fit."""
+    from lmstack.errors import ConfigError
+    from lmstack.models.memory import GB, memory_plan
+
+    plan = memory_plan(ctx.config, rows, ctx.cache_dir)
+    if plan is None:
+        return  # a hub id: its shape is known only once downloaded
+    if is_rank_zero():
+        write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())
+        print(
+            f"lmstack: memory plan {plan.total / GB:.3f} GB per device "
+            f"(biggest: {plan.biggest}; device {(plan.device_bytes or 0) / GB:.2f} GB)",
+            flush=True,
+        )
+    if not plan.fits and ctx.config.trainer.memory_check:
+        raise ConfigError(plan.refusal())
 
 
 def validate(trainer: Any, setup: Any, suffix: str = "") -> dict[str, float]:

@@ -32,6 +32,8 @@ COSMETIC_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.checkpoint_every_n_steps",
     "trainer.num_threads",
+    "trainer.device_memory_gb",
+    "trainer.memory_check",
     "trainer.gradient_checkpointing",
     "data.num_workers",
     "verify.batch_size",

@@ -1,0 +1,41 @@
+"""phase=plan: per-device memory of the train run this config makes, with no model loaded.
+
+Prints every term (weights, adapter, gradients, optimizer states, activations, logits, the
+reference or reward model, rollout KV cache) and whether it fits the device, and writes
+memory_plan.json. A train run makes the same plan first and refuses one that will not fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmstack.data.sources import load_rows
+from lmstack.errors import ConfigError
+from lmstack.models.memory import GB, memory_plan
+from lmstack.phases.context import RunContext
+from lmstack.tracking.run_dir import set_status, write_json
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    config = ctx.config
+    rows = load_rows(config.data, config.objective.name)
+    plan = memory_plan(config, rows, ctx.cache_dir)
+    if plan is None:
+        raise ConfigError(
+            f"model: the shape of '{config.model.name_or_path or config.model.init_from}' cannot "
+            "be read without loading it (a hub id or a run without a merged model); point "
+            "model.name_or_path at a local folder with its config.json"
+        )
+    print(plan.table(), flush=True)
+    verdict = "fits" if plan.fits else "does NOT fit"
+    print(f"lmstack: {verdict}: {plan.total / GB:.3f} GB per device", flush=True)
+    write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())
+    metrics = {
+        "plan/total_gb": plan.total / GB,
+        "plan/fits": plan.fits,
+        "plan/biggest": plan.biggest,
+        **{f"plan/{name.replace(' ', '_')}_gb": size / GB for name, size in plan.terms.items()},
+    }
+    write_json(ctx.run_dir / "metrics.json", metrics)
+    set_status(ctx.run_dir, "finished")
+    return metrics
