@@ -66,7 +66,7 @@ def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
         loaded.tokenizer,
         run_dir,
         adapter=config.adapter.name != "none",
-        state_dict=loaded.gathered_weights,
+        state_dict=getattr(loaded, "gathered_weights", None),
     )
     if config.export.merge:
         save_merged(loaded, config, run_dir)
