@@ -166,6 +166,16 @@ def press(driver, key: str) -> str:
     return before
 
 
+def give_reason(driver, text: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    ActionChains(driver).send_keys("r").perform()  # focuses the reason box
+    ActionChains(driver).send_keys(text).perform()  # letters typed there vote for nothing
+    assert driver.find_element("id", "reason").get_attribute("value") == text
+    ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+
+
 def click(driver, choice: str) -> str:
     from selenium.webdriver.common.by import By
 
@@ -215,6 +225,9 @@ def test_two_labellers_vote_through_a_crash_and_every_vote_is_stored_once(tmp_pa
         vote(alice, "a")
         vote(bob, "B")
         check_no_script_ran(driver, page)
+        driver.switch_to.window(alice)
+        give_reason(driver, "same answer, different words")  # R, type, Esc: then the key votes
+        reasoned = shown_item(driver)
         vote(alice, "t")
         vote(bob, "both_bad")
         driver.switch_to.window(alice)
@@ -248,6 +261,9 @@ def test_two_labellers_vote_through_a_crash_and_every_vote_is_stored_once(tmp_pa
     pairs_voted = Counter((v["labeller"], v["item_id"]) for v in stored)
     assert len(stored) == 2 * len(PAIRS) and set(pairs_voted.values()) == {1}
     assert sorted((v["labeller"], v["item_id"], v["choice"]) for v in stored) == sorted(sent)
+    reasons = {v["item_id"]: v["reason"] for v in stored if v["labeller"] == "alice"}
+    assert reasons[reasoned] == "same answer, different words"
+    assert sum(bool(reason) for reason in reasons.values()) == 1
     for vote in stored:
         assert vote["order_shown"] == order_shown(vote["labeller"], vote["item_id"])
         assert vote["winner"] == winner_of(vote["choice"], vote["order_shown"])
