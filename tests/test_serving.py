@@ -43,7 +43,9 @@ def engines_serving(path_fragment: str) -> list[psutil.Process]:
     return found
 
 
-def start_serve(run_dir: Path, output: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+def start_serve(
+    run_dir: Path, output: Path, *extra: str, timeout_s: float = 240
+) -> tuple[subprocess.Popen, dict]:
     """`python run.py phase=serve` in the background; returns it once the URL is printed."""
     command = [sys.executable, str(REPO / "run.py"), "phase=serve", f"serving.model={run_dir}"]
     command += ["logger=none", f"paths.output_dir={output}", *extra]
@@ -51,7 +53,7 @@ def start_serve(run_dir: Path, output: Path, *extra: str) -> tuple[subprocess.Po
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines = []
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line and process.poll() is not None:

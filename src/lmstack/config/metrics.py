@@ -16,6 +16,8 @@ _COUNTS: dict[str, Direction] = {
     "output_throughput": "maximize",
     "total_token_throughput": "maximize",
     "goodput": "maximize",
+    # bench.score_prompts: the built-in task's verifier score on the same endpoint
+    "task_score": "maximize",
 }
 _LATENCIES: dict[str, Direction] = {
     f"{figure}_ms_{stat}": "minimize"

@@ -25,13 +25,17 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
 LOGGERS = ("wandb", "mlflow", "csv", "none")
-ENGINES = ("hf", "vllm", "external")
-# what `serving.quantization` may ask of each engine (bnb on hf; vLLM's own methods on GPUs)
+ENGINES = ("hf", "vllm", "llamacpp", "external")
+# what `serving.quantization` may ask of each engine on some device; which of these the
+# device at hand supports is checked when the engine starts (lmstack.serving.engines).
+# none, int8 and q4 name comparable formats across engines (q4: nf4 on hf, q4_k_m on llamacpp)
 ENGINE_QUANTIZATIONS = {
-    "hf": ("none", "int8", "nf4"),
-    "vllm": ("none", "awq", "gptq", "fp8", "bitsandbytes"),
+    "hf": ("none", "int8", "nf4", "q4"),
+    "vllm": ("none", "int8", "awq", "gptq", "fp8"),
+    "llamacpp": ("none", "f16", "int8", "q8_0", "q4", "q4_k_m"),
     "external": ("none",),
 }
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 MODEL_SOURCES = ("builtin", "hf")
 # same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
@@ -503,6 +507,8 @@ class PathsConfig:
     cache_dir: str = ".cache/lmstack"
     # DPO reference log-probs (objective.precompute_ref=true)
     ref_logps_dir: str = ".cache/lmstack/ref_logps"
+    # engines' own environments and builds (`make engines`): vllm/, llamacpp/
+    engines_dir: str = ".cache/engines"
 
 
 @dataclass
@@ -564,39 +570,26 @@ class ABConfig:
 
 @dataclass
 class ServingConfig:
-    """How a model is served: an engine started as a child process, or an external URL."""
+    """What every engine shares; each engine adds its own keys in its schema below, so a key
+    of another engine (`serving=vllm serving.cb_num_blocks=4`) is unknown at composition."""
 
-    name: str = "hf"
+    name: str = MISSING
     # what to serve: a run directory, a Hugging Face folder or hub id; empty = the `model` group
     model: str = ""
-    # none | int8 | nf4 (hf, bitsandbytes) | awq | gptq | fp8 | bitsandbytes (vllm)
+    # what the engine quantizes at load (see each engine's YAML; checked against the device)
     quantization: str = "none"
     host: str = "127.0.0.1"
     # 0: a free port
     port: int = 0
     # seconds to wait for the engine's health endpoint before giving up
     startup_timeout_s: float = 180.0
-    # external: the server's base URL (…/v1) and its key (or the env var holding it)
-    base_url: str = ""
-    api_key: str = ""
-    api_key_env: str = ""
     # name the model is served under; empty = the engine's default
     served_model_name: str = ""
-    # hf: transformers' continuous batching (paged attention); vllm always batches
-    continuous_batching: bool = True
-    # hf: KV-cache blocks (256 tokens each) and tokens per batch of continuous batching;
-    # null = sized from free memory, which on a CPU means most of RAM (~14 GB for the tiny
-    # model) and every step ~20x slower; set null on GPUs to use their memory
-    cb_num_blocks: int | None = 64
-    cb_max_batch_tokens: int | None = 512
-    # hf: the engine's torch threads. -1 = all cores but one, left to the engine's own HTTP
-    # front end, the gateway and a local bench client: OpenMP threads that share their cores
-    # with those processes spin at every step (2 cores, tiny model, concurrency 16: 2 threads
-    # ~2,400 tok/s at 47 ms CPU per request, 1 thread ~2,550 tok/s at 23 ms). 0 = torch's
-    # default (one per core); n = n.
-    num_threads: int = -1
-    # vllm: serve base + LoRA adapter (--enable-lora) instead of the merged model
-    enable_lora: bool = False
+    # the engine's interpreter or command: "" = the engine's own environment made by
+    # `make engines` when there is one (.cache/engines/<engine>), else lmstack's own Python
+    python: str = ""
+    # environment variables for the engine process (added to lmstack's own)
+    env: dict[str, str] = field(default_factory=dict)
     # extra command-line arguments appended to the engine's command
     extra_args: list[str] = field(default_factory=list)
     # put lmstack's tracing gateway (an OpenAI-compatible proxy) in front of the engine
@@ -609,14 +602,100 @@ class ServingConfig:
         _require_choice(self.quantization, ENGINE_QUANTIZATIONS[self.name], "serving.quantization")
         _require(0 <= self.port < 65536, "serving.port", f"{self.port} is not a port number")
         _require(self.startup_timeout_s > 0, "serving.startup_timeout_s", "must be > 0")
+        self.ab.check(self.gateway)
+
+
+@dataclass
+class HfServingConfig(ServingConfig):
+    """transformers' own server (`transformers serve`)."""
+
+    name: str = "hf"
+    # transformers' continuous batching (paged attention)
+    continuous_batching: bool = True
+    # KV-cache blocks (256 tokens each) and tokens per batch of continuous batching;
+    # null = sized from free memory, which on a CPU means most of RAM (~14 GB for the tiny
+    # model) and every step ~20x slower; set null on GPUs to use their memory
+    cb_num_blocks: int | None = 64
+    cb_max_batch_tokens: int | None = 512
+    # the engine's torch threads. -1 = all cores but one, left to the engine's own HTTP
+    # front end, the gateway and a local bench client: OpenMP threads that share their cores
+    # with those processes spin at every step (2 cores, tiny model, concurrency 16: 2 threads
+    # ~2,400 tok/s at 47 ms CPU per request, 1 thread ~2,550 tok/s at 23 ms). 0 = torch's
+    # default (one per core); n = n.
+    num_threads: int = -1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _require(
             self.num_threads >= -1,
             "serving.num_threads",
             f"{self.num_threads}: use -1 (all cores but one), 0 (torch's default) or a count",
         )
-        if self.name == "external" and not self.ab.variants:
+        for key in ("cb_num_blocks", "cb_max_batch_tokens"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"serving.{key}", f"{value}: must be > 0 or null")
+
+
+@dataclass
+class VllmServingConfig(ServingConfig):
+    """vLLM's OpenAI-compatible server, from its own environment (its GPU wheel or CPU build)."""
+
+    name: str = "vllm"
+    startup_timeout_s: float = 600.0
+    # serve base + LoRA adapter (--enable-lora) instead of the merged model
+    enable_lora: bool = False
+    # auto | fp8: the KV cache's element type (fp8 halves it; works on CPU)
+    kv_cache_dtype: str = "auto"
+    # bytes of KV cache; null = by device: 256 MiB on a CPU (vLLM's own CPU default asks for
+    # most of the machine's RAM), vLLM's share of the GPU's memory on a GPU
+    kv_cache_memory_bytes: int | None = None
+    # eager PyTorch instead of torch.compile (+ CUDA graphs); null = by device: eager on a CPU
+    # (starts in ~1 min instead of ~3, and its compile cache did not reload), compiled on a GPU
+    enforce_eager: bool | None = None
+    # the longest prompt + answer; null = the model's own limit
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_choice(self.kv_cache_dtype, ("auto", "fp8"), "serving.kv_cache_dtype")
+        if self.kv_cache_memory_bytes is not None:
+            _require(self.kv_cache_memory_bytes > 0, "serving.kv_cache_memory_bytes", "must be > 0")
+
+
+@dataclass
+class LlamaCppServingConfig(ServingConfig):
+    """llama.cpp's server (llama-server) on a GGUF file."""
+
+    name: str = "llamacpp"
+    startup_timeout_s: float = 120.0
+    # tokens of context shared by all slots (llama-server --ctx-size)
+    ctx_size: int = 4096
+    # requests decoded together (llama-server --parallel); each gets ctx_size / parallel tokens
+    parallel: int = 4
+    # CPU threads for generation; 0 = llama.cpp's default
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.ctx_size > 0, "serving.ctx_size", "must be > 0")
+        _require(self.parallel > 0, "serving.parallel", "must be > 0")
+        _require(self.threads >= 0, "serving.threads", "must be >= 0 (0 = llama.cpp's default)")
+
+
+@dataclass
+class ExternalServingConfig(ServingConfig):
+    """Any OpenAI-compatible server already running; lmstack never starts or stops it."""
+
+    name: str = "external"
+    # the server's base URL (…/v1) and its key (or the env var holding it)
+    base_url: str = ""
+    api_key: str = ""
+    api_key_env: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.ab.variants:  # an A/B test names its own URLs
             _require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
-        self.ab.check(self.gateway)
 
 
 @dataclass
@@ -646,9 +725,13 @@ class BenchConfig:
     # the figure a sweeper gets back
     metric: str = "output_throughput"
     seed: int = 0
+    # held-out problems of the built-in task answered greedily on the same endpoint after the
+    # load and checked by its verifier: bench/task_score beside the speed (0 = skip)
+    score_prompts: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_requests >= 1, "bench.num_requests", "must be >= 1")
+        _require(self.score_prompts >= 0, "bench.score_prompts", "must be >= 0 (0 = skip)")
         if self.max_concurrency is not None:
             _require(self.max_concurrency >= 1, "bench.max_concurrency", "must be >= 1 or null")
         _require(self.request_rate > 0, "bench.request_rate", "must be > 0 (inf: all at once)")
@@ -1018,6 +1101,13 @@ class VerifyConfig:
 @dataclass
 class ExportConfig:
     merge: bool = False
+    # "" | f16 | q8_0 | q4_k_m: also write gguf/model-<type>.gguf with llama.cpp's converter
+    # and quantizer (for llama.cpp, Ollama, LM Studio)
+    gguf: str = ""
+
+    def __post_init__(self) -> None:
+        if self.gguf:
+            _require_choice(self.gguf, GGUF_TYPES, "export.gguf")
 
 
 @dataclass
@@ -1127,4 +1217,10 @@ GROUP_SCHEMAS: dict[str, type] = {
     "monitor": MonitorConfig,
     "report": ReportConfig,
     "label": LabelConfig,
+}
+SERVING_SCHEMAS: dict[str, type] = {
+    "hf": HfServingConfig,
+    "vllm": VllmServingConfig,
+    "llamacpp": LlamaCppServingConfig,
+    "external": ExternalServingConfig,
 }

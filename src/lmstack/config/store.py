@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from lmstack.config.objectives import objective_schemas
-from lmstack.config.schema import GROUP_SCHEMAS, Config
+from lmstack.config.schema import GROUP_SCHEMAS, SERVING_SCHEMAS, Config
 
 _registered = False
 PLUGINS_ENV = "LMSTACK_PLUGINS"
@@ -28,6 +28,8 @@ def register_configs() -> None:
     load_plugins()
     for name, schema in objective_schemas().items():
         store.store(group="objective", name=f"{name}_schema", node=schema)
+    for name, schema in SERVING_SCHEMAS.items():
+        store.store(group="serving", name=f"{name}_schema", node=schema)
     _register_resolvers()
     # conf/hydra/launcher/joblib.yaml shares the joblib plugin's name on purpose (it is what
     # hydra/launcher=joblib picks); Hydra then validates it against the plugin's schema, and warns

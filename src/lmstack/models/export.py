@@ -59,8 +59,9 @@ def merge_adapter(base_path: str, adapter_dir: Path, target: Path, dtype: str = 
 
 
 def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
-    """The adapter in PEFT format (or the full model), and a merged model when asked: what a
-    trained objective leaves unless it saves its own way (an objective module's `save`)."""
+    """The adapter in PEFT format (or the full model), and a merged model and a GGUF file
+    (llama.cpp's converter and quantizer, in gguf/) when asked: what a trained objective
+    leaves unless it saves its own way (an objective module's `save`)."""
     save_trained(
         loaded.model,
         loaded.tokenizer,
@@ -68,5 +69,10 @@ def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
         adapter=config.adapter.name != "none",
         state_dict=getattr(loaded, "gathered_weights", None),
     )
-    if config.export.merge:
-        save_merged(loaded, config, run_dir)
+    if config.export.merge or config.export.gguf:
+        merged = save_merged(loaded, config, run_dir)
+    if config.export.gguf:
+        from lmstack.models.gguf import export_gguf
+
+        gguf = export_gguf(merged, run_dir / "gguf", config.export.gguf, config.paths.engines_dir)
+        print(f"lmstack: GGUF ({config.export.gguf}) written to {gguf}", flush=True)

@@ -56,6 +56,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 run_load(requests[bench.warmup_requests :], endpoint, settings, progress=bar)
             )
         metrics = bench_metrics(results, duration, bench, endpoint, settings.prompt_version)
+        metrics |= task_score(endpoint, config)
     metrics |= bench_costs(config, run_dir, metrics)  # after serve(): the traces are written
     write_requests(run_dir / "requests.jsonl", results)
     write_json(run_dir / "metrics.json", metrics)
@@ -161,6 +162,25 @@ def bench_metrics(
     return metrics
 
 
+def task_score(endpoint: Any, config: Any) -> dict[str, Any]:
+    """The built-in task's verifier score of greedy answers from the benchmarked endpoint,
+    so a sweep over engines and quantizations shows what speed costs in quality."""
+    count = config.bench.score_prompts
+    if not count:
+        return {}
+    from lmstack.data import arith
+    from lmstack.evaluation.target import Sampling, ServedTarget
+
+    problems = arith.problems(count, seed=0, held_out=True)  # phase=eval's held-out problems
+    sampling = Sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0, batch_size=count)
+    target = ServedTarget(
+        endpoint.base_url, endpoint.model, config.prompt, True, sampling, api_key=endpoint.api_key
+    )
+    answers = target.answers([{"question": p.question} for p in problems])
+    scores = [arith.verify(row[0], p.answer) for p, row in zip(problems, answers, strict=True)]
+    return {"bench/task_score": sum(scores) / len(scores), "bench/task_score_n": len(scores)}
+
+
 def bench_costs(config: Any, run_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
     """cost/usd_total, cost/usd_per_request, ... from the gateway's traces (or the counts)."""
     from lmstack.serving.costs import phase_costs
@@ -191,7 +211,7 @@ def log_bench(ctx: RunContext, metrics: dict[str, Any]) -> None:
 def print_table(metrics: dict[str, Any]) -> None:
     width = max(len(key) for key in TABLE_KEYS)
     print("lmstack: bench results")
-    for key in TABLE_KEYS:
+    for key in (*TABLE_KEYS, *(["task_score"] if "bench/task_score" in metrics else [])):
         value = metrics.get(f"bench/{key}")
         text = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {text}")

@@ -30,6 +30,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     check_machine(config.trainer)
     check_memory(ctx, rows)
+    if config.export.gguf:
+        from lmstack.models.gguf import require_llamacpp
+
+        require_llamacpp(config.paths.engines_dir, "export.gguf")
 
     import lightning as L
     import torch

@@ -48,6 +48,7 @@ from typing import Any
 from lmstack.prompts import PROMPT_VERSION_HEADER
 from lmstack.serving import ab
 from lmstack.serving.ab import REQUEST_ID_HEADER, VARIANT_HEADER
+from lmstack.serving.processes import free_port, start_process, stop_process, wait_until_healthy
 from lmstack.serving.traces import TRACE_DB_NAME, FeedbackRecord, TraceRecord, stored_request
 
 log = logging.getLogger("lmstack.gateway")
@@ -72,13 +73,6 @@ def gateway(
     The trace store is `config.trace.path`, or `<log_dir>/traces.sqlite`. The gateway
     process is always stopped, and its buffered traces written, on the way out.
     """
-    from lmstack.serving.engines import (
-        free_port,
-        start_process,
-        stop_process,
-        wait_until_healthy,
-    )
-
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     trace = getattr(config, "trace", None)

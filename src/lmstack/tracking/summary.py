@@ -48,13 +48,17 @@ log = logging.getLogger("lmstack")
 OPTUNA_RESULTS = "optimization_results.yaml"
 # which metrics the plots pair (quality against cost) and the markdown table shows; which way
 # is better comes from the phases' declarations (tracking/headline.py), not from these names
-QUALITY = re.compile(r"(^|/)verify/score_after$|(^|/)eval/.*(acc|score|exact_match|win_rate)")
+QUALITY = re.compile(
+    r"(^|/)verify/score_after$|(^|/)eval/.*(acc|score|exact_match|win_rate)|^bench/task_score$"
+)
+# phase=bench's task score (bench.score_prompts), written beside each point of its plots
+TASK_SCORE = "bench/task_score"
 LATENCY = ("bench/e2el_ms_p50", "bench/ttft_ms_p50", "bench/tpot_ms_p50")
 MEMORY = re.compile(r"memory|peak_mem")
 THROUGHPUT = "bench/output_throughput"
 HEADLINE = re.compile(
     r"(^|/)(verify/score_after|val/loss|train/loss)$|^bench/(output_throughput|ttft_ms_p50|"
-    r"tpot_ms_p50|e2el_ms_p50|failed)$|memory|^eval/"
+    r"tpot_ms_p50|e2el_ms_p50|failed|task_score)$|memory|^eval/"
 )
 MAX_MARKDOWN_METRICS = 8
 MAX_SERIES = 8
@@ -415,7 +419,10 @@ def plot_pareto(summary: Summary, quality: str, cost: str) -> Path | None:
         [xy[i][0] for i in front], [xy[i][1] for i in front], "o-", color="tab:red", label="Pareto"
     )
     for point, (x, y) in zip(members, xy, strict=True):
-        axes.annotate(label(point, summary.swept), (x, y), fontsize=7, alpha=0.8)
+        text = label(point, summary.swept)
+        if quality != TASK_SCORE and _finite(point.metrics.get(TASK_SCORE)):
+            text += f" (score {point.metrics[TASK_SCORE]:.2f})"
+        axes.annotate(text, (x, y), fontsize=7, alpha=0.8)
     axes.set_xlabel(f"{cost} (lower is better)")
     axes.set_ylabel(f"{quality} (higher is better)")
     axes.set_title(f"{summary.sweep_dir.name}: {_short_metric(quality)} vs {_short_metric(cost)}")

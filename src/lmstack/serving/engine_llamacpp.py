@@ -1,0 +1,76 @@
+"""serving=llamacpp: llama.cpp's OpenAI-compatible server (llama-server) on a GGUF file.
+
+A run or Hugging Face folder is first exported to GGUF with llama.cpp's own converter and
+quantizer (lmstack.models.gguf): into the run's gguf/ folder, or for any other folder into
+the cache, keyed by its content; a .gguf file is served as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lmstack.errors import ConfigError
+from lmstack.serving.engine_api import Engine, Launch, Target, servable_model
+
+# serving.quantization -> the GGUF's type
+GGUF_TYPE = {
+    "none": "f16",
+    "f16": "f16",
+    "int8": "q8_0",
+    "q8_0": "q8_0",
+    "q4": "q4_k_m",
+    "q4_k_m": "q4_k_m",
+}
+ALL = tuple(GGUF_TYPE)
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+    quantizations: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ALL, "cuda": ALL}
+    environment = "llamacpp"
+    program = "bin/llama-server"
+
+    def fallback_executable(self, engines_dir: str) -> str:
+        raise ConfigError(
+            f"serving=llamacpp: llama.cpp is not built at {Path(engines_dir) / self.environment} "
+            "(no bin/llama-server); run `make engines`, or point serving.python at a "
+            "llama-server binary"
+        )
+
+    def target(self, config: Any, cache_dir: str) -> Target:
+        from lmstack.models.gguf import export_gguf
+
+        serving = config.serving
+        gguf_type = GGUF_TYPE[serving.quantization]
+        if serving.model.endswith(".gguf"):
+            if not Path(serving.model).is_file():
+                raise ConfigError(f"serving.model: '{serving.model}' is no GGUF file")
+            served = {"path": str(Path(serving.model).resolve()), "run_id": None}
+            return Target(served["path"], served | {"quantization": "as exported"})
+        path, served = servable_model(config, cache_dir)
+        if not Path(path).is_dir():
+            raise ConfigError(
+                f"serving.model: serving=llamacpp needs a local model, run directory or .gguf "
+                f"file; '{path}' is not one"
+            )
+        run_dir = Path(serving.model) if served.get("run_id") else None
+        out_dir = (
+            run_dir / "gguf" if run_dir else Path(cache_dir) / "gguf" / served["artifact_hash"]
+        )
+        print(f"lmstack: GGUF ({gguf_type}) of {path} in {out_dir}", flush=True)
+        gguf = export_gguf(path, out_dir, gguf_type, config.paths.engines_dir)
+        return Target(str(gguf.resolve()), served | {"gguf": str(gguf.resolve())})
+
+    def launch(
+        self, serving: Any, target: Target, executable: str, device: str, port: int, scratch: Path
+    ) -> Launch:
+        model_name = serving.served_model_name or Path(target.path).name
+        command = [executable, "--model", target.path, "--alias", model_name]
+        command += ["--host", serving.host, "--port", str(port)]
+        # --jinja: the GGUF's own chat template, rendered as transformers renders it
+        command += ["--ctx-size", str(serving.ctx_size), "--parallel", str(serving.parallel)]
+        command += ["--jinja", "--no-webui"]
+        if serving.threads:
+            command += ["--threads", str(serving.threads)]
+        return Launch(command + list(serving.extra_args), model_name)

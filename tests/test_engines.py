@@ -1,0 +1,298 @@
+"""The engines in their own environments: vLLM's CPU build and llama.cpp, end to end.
+
+One tiny SFT run is trained once. One vLLM engine serves its merged model for the chat,
+stream, bench-grid and served-eval tests (they reach it as `serving=external`, so the engine
+starts once); base + adapter, and the three engines side by side, start their own. Needs
+`make engines` (CI runs it and sets LMSTACK_REQUIRE_ENGINES=1: missing engines fail there
+instead of skipping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from test_serving import QUESTION, greedy_reply, start_serve
+
+from conftest import CACHE_DIR, FAST, REPO, assert_rejected_early, run_cli, run_dirs
+
+ENGINES_DIR = Path(os.environ.get("LMSTACK_ENGINES_DIR", REPO / ".cache" / "engines"))
+VLLM_PYTHON = ENGINES_DIR / "vllm" / "bin" / "python"
+LLAMA_SERVER = ENGINES_DIR / "llamacpp" / "bin" / "llama-server"
+BENCH = ["phase=bench", "logger=none", "bench.num_requests=6", "bench.max_tokens=8"]
+EVAL = ["phase=eval", "eval=[verifier]", "eval.num_prompts=12", "logger=none"]
+SCRATCH = CACHE_DIR / "scratch"
+
+
+def require(path: Path) -> None:
+    if path.exists():
+        return
+    message = f"needs {path}: run `make engines`"
+    if os.environ.get("LMSTACK_REQUIRE_ENGINES"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def engine_processes() -> list[str]:
+    """Command lines of live vLLM and llama.cpp engines."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        argv = process.info["cmdline"] or [""]
+        if "vllm.entrypoints.openai.api_server" in argv or argv[0].endswith("/llama-server"):
+            found.append(" ".join(argv))
+    return found
+
+
+def assert_nothing_left() -> None:
+    assert not engine_processes(), engine_processes()
+    assert not SCRATCH.exists() or not any(SCRATCH.iterdir()), list(SCRATCH.iterdir())
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("sft")
+    run_cli(*FAST, "logger=none", "trainer.num_threads=1", output_dir=output)
+    (run_dir,) = run_dirs(output)
+    return run_dir
+
+
+# ---- bad input: answered before (or as) an engine starts, nothing left running ----
+
+
+def test_another_engines_key_is_unknown(tmp_path):
+    result = run_cli(
+        *BENCH, "serving=vllm", "serving.cb_num_blocks=-5", output_dir=tmp_path, check=False
+    )
+    assert_rejected_early(result, "cb_num_blocks")
+
+
+def test_quantization_the_engine_cannot_do_here(tmp_path):
+    require(VLLM_PYTHON)
+    result = run_cli(
+        *BENCH, "serving=vllm", "serving.quantization=fp8", output_dir=tmp_path, check=False
+    )
+    assert_rejected_early(
+        result, "serving.quantization: 'fp8' is not supported by serving=vllm", "cpu"
+    )
+
+
+def test_missing_engine_environment(tmp_path):
+    empty = tmp_path / "no-engines"
+    for engine in ("vllm", "llamacpp"):
+        result = run_cli(
+            *BENCH, f"serving={engine}", output_dir=tmp_path, check=False,
+            env={"LMSTACK_ENGINES_DIR": str(empty)},
+        )  # fmt: skip
+        assert_rejected_early(result, f"serving={engine}", "make engines")
+    result = run_cli(
+        *BENCH, "serving=vllm", f"serving.python={empty}/python", output_dir=tmp_path, check=False
+    )
+    assert_rejected_early(result, "serving.python", "make engines")
+
+
+def test_broken_engine_environment_shows_the_engines_own_log(tmp_path, tiny_base):
+    """lmstack's own Python has no vLLM: the engine dies at start-up, exit 2 with its log."""
+    result = run_cli(
+        *BENCH, "serving=vllm", f"serving.python={REPO / '.venv' / 'bin' / 'python'}",
+        output_dir=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "exited with code" in result.stderr and "No module named 'vllm'" in result.stderr
+    assert "Traceback" not in result.stderr.split("last log lines")[0]
+    assert_nothing_left()
+
+
+# ---- vLLM (CPU build) serving a trained run ----
+
+
+@pytest.fixture(scope="module")
+def vllm_endpoint(sft_run, tmp_path_factory):
+    """`phase=serve serving=vllm` on the run's merged model, through the tracing gateway."""
+    require(VLLM_PYTHON)
+    output = tmp_path_factory.mktemp("vllm-serve")
+    process, endpoint = start_serve(sft_run, output, "serving=vllm", timeout_s=900)
+    try:
+        yield endpoint
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+        assert_nothing_left()
+
+
+def test_vllm_chats_and_streams_the_runs_greedy_answer(sft_run, vllm_endpoint):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=vllm_endpoint["base_url"], api_key="EMPTY")
+    messages = [{"role": "user", "content": QUESTION}]
+    ask = {"model": vllm_endpoint["model"], "messages": messages, "max_tokens": 16}
+    reply = client.chat.completions.create(**ask, temperature=0)
+    pieces = client.chat.completions.create(**ask, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices)
+    expected = greedy_reply(sft_run / "merged", QUESTION, 16)
+    assert reply.choices[0].message.content == expected
+    assert streamed == expected
+    assert vllm_endpoint["engine"] == "vllm"
+    assert (
+        vllm_endpoint["served"]["run_id"]
+        == json.loads((sft_run / "status.json").read_text())["run_id"]
+    )
+
+
+def external(endpoint: dict) -> list[str]:
+    """The running vLLM engine, reached as any OpenAI-compatible server."""
+    return [
+        "serving=external",
+        f"serving.base_url={endpoint['base_url']}",
+        f"serving.served_model_name={endpoint['model']}",
+        "serving.gateway=false",
+    ]
+
+
+def test_vllm_bench_grid_over_concurrency(vllm_endpoint, tmp_path):
+    run_cli(
+        "-m", *BENCH, *external(vllm_endpoint), "bench.max_concurrency=1,4", output_dir=tmp_path
+    )
+    points = run_dirs(tmp_path)
+    assert len(points) == 2
+    for point in points:
+        metrics = json.loads((point / "metrics.json").read_text())
+        assert metrics["bench/completed"] == 6 and metrics["bench/failed"] == 0
+        assert metrics["bench/output_tokens"] == 6 * 8  # ignore_eos: every answer full length
+        assert metrics["bench/ttft_ms_p50"] > 0 and metrics["bench/output_throughput"] > 0
+    assert list((tmp_path / "sweeps").rglob("summary.md"))
+
+
+def verifier_answers(output: Path) -> list[str]:
+    (path,) = output.rglob("verifier_answers.jsonl")
+    return [json.loads(line)["responses"][0] for line in path.read_text().splitlines()]
+
+
+def test_vllm_served_eval_gives_the_in_process_greedy_answers(sft_run, vllm_endpoint, tmp_path):
+    run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
+    run_cli(
+        *EVAL, f"model.init_from={sft_run}", "eval.target=served", *external(vllm_endpoint),
+        output_dir=tmp_path / "served",
+    )  # fmt: skip
+    local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
+    assert len(local) == 12 and served == local
+
+
+def test_vllm_serves_base_plus_adapter_without_merging(sft_run, tmp_path):
+    require(VLLM_PYTHON)
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run, ignore=shutil.ignore_patterns("merged", "merge.lock", "gguf"))
+    expected = greedy_reply(sft_run / "merged", QUESTION, 16)  # the merged model's answer
+    process, endpoint = start_serve(
+        run, tmp_path / "out", "serving=vllm", "serving.enable_lora=true", "serving.gateway=false",
+        timeout_s=900,
+    )  # fmt: skip
+    try:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=endpoint["base_url"], api_key="EMPTY")
+        reply = client.chat.completions.create(
+            model=endpoint["model"],
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=16,
+            temperature=0,
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert reply.choices[0].message.content == expected
+    assert not (run / "merged").exists(), "enable_lora merged the adapter"
+    (log,) = (tmp_path / "out").rglob("engine-vllm.log")
+    assert "--enable-lora" in log.read_text().splitlines()[0]
+    assert_nothing_left()
+
+
+# ---- llama.cpp on a GGUF export ----
+
+
+def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_path):
+    require(LLAMA_SERVER)
+    run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
+    run_cli(
+        *EVAL, f"model.init_from={sft_run}", "eval.target=served", "serving=llamacpp",
+        f"serving.model={sft_run}", output_dir=tmp_path / "served",
+    )  # fmt: skip
+    local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
+    assert len(local) == 12 and served == local
+    assert (sft_run / "gguf" / "model-f16.gguf").is_file()
+    assert_nothing_left()
+
+
+def test_q4_gguf_agrees_with_the_run_on_most_answers(sft_run, tmp_path):
+    """q4_k_m rounds the weights: at least 9 of 12 greedy answers stay the same."""
+    require(LLAMA_SERVER)
+    run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
+    run_cli(
+        *EVAL, f"model.init_from={sft_run}", "eval.target=served", "serving=llamacpp",
+        f"serving.model={sft_run}", "serving.quantization=q4_k_m", output_dir=tmp_path / "q4",
+    )  # fmt: skip
+    local, q4 = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "q4")
+    agree = sum(a == b for a, b in zip(local, q4, strict=True))
+    assert agree >= 9, (agree, local, q4)
+    assert (sft_run / "gguf" / "model-q4_k_m.gguf").stat().st_size < (
+        sft_run / "gguf" / "model-f16.gguf"
+    ).stat().st_size
+
+
+def test_gguf_export_at_training_loads_in_transformers(tmp_path):
+    require(LLAMA_SERVER)
+    run_cli(*FAST, "logger=none", "trainer.num_threads=1", "export.gguf=f16", output_dir=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = run / "gguf"
+    model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file="model-f16.gguf")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
+    ids = tokenizer("Ann has 3 apples", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got, want = model(ids).logits, merged(ids).logits
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(got, want, atol=0.05)  # f16 weights
+
+
+def test_bad_gguf_export_type_and_unknown_architecture(tmp_path, tiny_base):
+    result = run_cli(*FAST, "logger=none", "export.gguf=q3", output_dir=tmp_path, check=False)
+    assert_rejected_early(result, "export.gguf: 'q3' is not one of f16, q8_0, q4_k_m")
+    require(LLAMA_SERVER)
+    odd = tmp_path / "odd-model"
+    shutil.copytree(tiny_base, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(config))
+    result = run_cli(
+        *BENCH, "serving=llamacpp", f"serving.model={odd}", output_dir=tmp_path, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "export.gguf: llama.cpp's converter does not know the architecture" in result.stderr
+    assert "NoSuchModelForCausalLM" in result.stderr
+    assert_nothing_left()
+
+
+# ---- the engines side by side ----
+
+
+def test_bench_across_three_engines_ends_in_one_summary(sft_run, tmp_path):
+    require(VLLM_PYTHON)
+    require(LLAMA_SERVER)
+    run_cli(
+        "-m", *BENCH, "serving=hf,vllm,llamacpp", f"serving.model={sft_run}",
+        "serving.gateway=false", output_dir=tmp_path,
+    )  # fmt: skip
+    points = run_dirs(tmp_path)
+    engines = sorted(json.loads((p / "metrics.json").read_text())["bench/engine"] for p in points)
+    assert engines == ["hf", "llamacpp", "vllm"]
+    (summary,) = (tmp_path / "sweeps").rglob("summary.md")
+    assert summary.read_text().count("| finished |") == 3 or "finished" in summary.read_text()
+    assert list(summary.parent.glob("*.png"))
+    assert_nothing_left()
