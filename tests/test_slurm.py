@@ -333,6 +333,7 @@ def test_a_slurm_sweep_whose_controller_is_down_names_sbatchs_answer(tmp_path):
     assert "Unable to contact slurm controller" in output
 
 
+@SLOW  # about 3 min on 2 cores (two DDP tasks, a requeue); the suite budget
 def test_a_two_task_slurm_point_writes_one_set_of_records_and_resumes_after_requeue(
     tmp_path, tiny_base, slurm_cluster
 ):
