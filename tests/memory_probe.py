@@ -83,9 +83,8 @@ def measure(overrides: list[str], steps: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from lmstack.data.sources import load_rows
-    from lmstack.models.loading import load_for_training
     from lmstack.models.memory import memory_plan
-    from lmstack.objectives import objective_module
+    from lmstack.objectives import load_objective
 
     config = compose(overrides)
     cache_dir = str(Path(config.paths.cache_dir).expanduser().resolve())
@@ -93,9 +92,9 @@ def measure(overrides: list[str], steps: int = 3) -> dict:
     plan = memory_plan(config, rows, cache_dir)
     torch.set_num_threads(1)
     L.seed_everything(config.seed, verbose=False)
-    objective = objective_module(config.objective.name)
+    objective = load_objective(config.objective.name)
     before = live_tensor_bytes()
-    loaded = getattr(objective, "load_model", load_for_training)(config, cache_dir)
+    loaded = objective.load_model(config, cache_dir)
     setup = objective.setup(config, loaded, rows)
     resident = live_tensor_bytes() - before
     on_gpu = config.trainer.accelerator in ("gpu", "cuda")
