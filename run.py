@@ -12,10 +12,12 @@ import hydra
 from lmstack.config.help import render_help, wants_help
 from lmstack.config.recipes import rewrite_recipe_argument
 from lmstack.config.store import register_configs
+from lmstack.tracking.identity import register_resolvers
 
 if wants_help(sys.argv):  # answered from conf/ in well under a second (see config/help.py)
     sys.exit(print(render_help(Path(__file__).parent / "conf"), end=""))
 register_configs()
+register_resolvers()
 sys.argv = rewrite_recipe_argument(sys.argv)
 
 

@@ -24,6 +24,13 @@ from lmstack.distributed import is_rank_zero, process_rank
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
 from lmstack.tracking.headline import sweep_metric_key, wanted_metric
+from lmstack.tracking.identity import data_fingerprint, run_id
+from lmstack.tracking.run_dir import (
+    finished_metrics,
+    resolved_config,
+    set_status,
+    write_run_records,
+)
 
 log = logging.getLogger("lmstack")
 EXIT_BAD_INPUT = 2
@@ -88,14 +95,6 @@ def validate(cfg: DictConfig) -> Any:
 
 
 def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
-    from lmstack.tracking.identity import data_fingerprint, run_id
-    from lmstack.tracking.run_dir import (
-        finished_metrics,
-        resolved_config,
-        set_status,
-        write_run_records,
-    )
-
     config = validate(cfg)
     identity = run_id(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,8 +146,6 @@ def slurm_job() -> dict[str, str]:
 
 
 def _record(run_dir: Path, status: str, detail: str) -> None:
-    from lmstack.tracking.run_dir import set_status
-
     if run_dir.exists():
         (run_dir / "error.log").write_text(detail)
         set_status(run_dir, status, error=detail.strip().splitlines()[-1] if detail else "")

@@ -1,4 +1,5 @@
-"""Registers the schemas in Hydra's ConfigStore and lmstack's OmegaConf resolvers."""
+"""Registers the schemas in Hydra's ConfigStore (the run directory's `${run_id:}` and
+`${sweep_id:}` resolvers are the run identity's: tracking/identity.register_resolvers)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import warnings
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from lmstack.config.objectives import objective_schemas
 from lmstack.config.schema import GROUP_SCHEMAS, SERVING_SCHEMAS, Config
@@ -30,7 +30,6 @@ def register_configs() -> None:
         store.store(group="objective", name=f"{name}_schema", node=schema)
     for name, schema in SERVING_SCHEMAS.items():
         store.store(group="serving", name=f"{name}_schema", node=schema)
-    _register_resolvers()
     # conf/hydra/launcher/joblib.yaml shares the joblib plugin's name on purpose (it is what
     # hydra/launcher=joblib picks); Hydra then validates it against the plugin's schema, and warns
     warnings.filterwarnings(
@@ -44,12 +43,3 @@ def load_plugins() -> None:
     objective from outside lmstack registers its schema and data formats there."""
     for name in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
         importlib.import_module(name.strip())
-
-
-def _register_resolvers() -> None:
-    from lmstack.tracking.identity import run_id_resolver, sweep_id_resolver
-
-    OmegaConf.register_new_resolver("run_id", run_id_resolver, replace=True)
-    # cached: Hydra copies the launching process's resolver cache into every point's config,
-    # so a point run in another process (joblib, Slurm) lands in the same sweep dir
-    OmegaConf.register_new_resolver("sweep_id", sweep_id_resolver, replace=True, use_cache=True)

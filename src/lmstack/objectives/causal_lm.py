@@ -12,15 +12,15 @@ from typing import Any
 import lightning as L
 import torch
 
+from lmstack.data.loading import build_eval_loader, build_train_loader
+from lmstack.data.tokenize import encode_row, fit_length, has_target, truncation_metrics
+from lmstack.distributed import all_reduce_sum
 from lmstack.objectives import Objective, ObjectiveSetup, require_examples
-from lmstack.objectives.losses import causal_lm_loss
+from lmstack.objectives.losses import causal_lm_loss, token_logprobs
 
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Rows as token ids with target labels, in packed (or padded) batches."""
-    from lmstack.data.loading import build_eval_loader, build_train_loader
-    from lmstack.data.tokenize import encode_row, fit_length, has_target, truncation_metrics
-
     data, tokenizer = config.data, loaded.tokenizer
     completion_only = getattr(config.objective, "completion_only", True)
     over = 0
@@ -105,8 +105,6 @@ def global_token_mean_loss(logits: torch.Tensor, labels: torch.Tensor, world: in
     """
     if world == 1:
         return causal_lm_loss(logits, labels)
-    from lmstack.distributed import all_reduce_sum
-    from lmstack.objectives.losses import token_logprobs
 
     logps, mask = token_logprobs(logits, labels)
     total = all_reduce_sum(mask.sum().detach())

@@ -9,21 +9,24 @@ one (no second copy of the base weights), else a frozen copy taken at the start.
 
 from __future__ import annotations
 
+import fcntl
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmstack.data.loading import collate_preference
 from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import dpo_loss, packed_sequence_logprobs, sequence_logprobs
+from lmstack.objectives.pairs import preference_setup
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
+from lmstack.tracking.identity import stable_hash
 
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Preference pairs, batched as all chosen rows then all rejected rows."""
-    from lmstack.objectives.pairs import preference_setup
-
     module = DPOModule(loaded.model, config.objective, config.trainer.max_steps)
 
     def prepare(pairs: list[dict]) -> dict:
@@ -39,7 +42,6 @@ def reference_cache_key(examples: list[dict], loaded: Any, config: Any) -> str:
     quantization), the exact token ids (data, tokenizer, template, max_length) and
     whether log-probs are averaged (ipo). Beta, loss variant and seed are not in it,
     so a sweep over them reuses one computation."""
-    from lmstack.tracking.identity import stable_hash
 
     return stable_hash(
         {
@@ -54,8 +56,6 @@ def reference_cache_key(examples: list[dict], loaded: Any, config: Any) -> str:
 
 def folder_fingerprint(path: str) -> Any:
     """Name, size and modification time of a model folder's files (a hub id as it is)."""
-    from pathlib import Path
-
     folder = Path(path)
     if not folder.is_dir():
         return path
@@ -66,7 +66,6 @@ def folder_fingerprint(path: str) -> Any:
 def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, config: Any):
     """Reference log-probs of every pair, computed once and cached on disk; each pair
     then carries its own, so training runs no reference forward pass."""
-    from pathlib import Path
 
     cache = Path(config.paths.ref_logps_dir) / f"{reference_cache_key(examples, loaded, config)}.pt"
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +78,6 @@ def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, c
 @contextmanager
 def cache_lock(cache: Any):
     """An exclusive lock on `<cache>.lock` while held."""
-    import fcntl
-
     with open(cache.with_suffix(".lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -90,8 +87,6 @@ def cache_lock(cache: Any):
 
 
 def _load_or_compute(cache: Any, module: DPOModule, examples: list[dict], loaded: Any, config: Any):
-    from lmstack.data.loading import collate_preference
-
     hit = cache.exists()
     if hit:
         logps = torch.load(cache)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lmstack.data.loading import build_eval_loader, build_train_loader
+from lmstack.data.tokenize import encode_preference, fit_length, has_target, truncation_metrics
 from lmstack.objectives import ObjectiveSetup, require_examples
 
 
@@ -13,7 +15,6 @@ def encode_pairs(
 ) -> tuple[list[dict], int]:
     """Each row as a chosen and a rejected chat fitted to max_length (``truncation``),
     dropping pairs that cannot be compared; and how many pairs were over max_length."""
-    from lmstack.data.tokenize import encode_preference, fit_length, has_target
 
     pairs = [encode_preference(row, tokenizer, None) for row in items]
     pairs, over = fit_length(pairs, max_length, truncation)
@@ -34,8 +35,6 @@ def preference_setup(
 
     ``prepare(pairs) -> metrics`` may annotate the encoded pairs first (DPO attaches
     precomputed reference log-probs)."""
-    from lmstack.data.loading import build_eval_loader, build_train_loader
-    from lmstack.data.tokenize import truncation_metrics
 
     data, tokenizer = config.data, loaded.tokenizer
     train, over_train = encode_pairs(rows.train, tokenizer, data.max_length, data.truncation)

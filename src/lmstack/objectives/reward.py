@@ -16,10 +16,23 @@ from typing import Any
 
 import torch
 
+from lmstack.data.loading import collate_padded
+from lmstack.data.tokenize import encode_prompt_completion
 from lmstack.errors import ConfigError
+from lmstack.models.export import save_trained
+from lmstack.models.loading import (
+    LoadedModel,
+    attach_adapter,
+    count_parameters,
+    load_base,
+    load_tokenizer,
+    resolve_base_path,
+)
 from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import reward_bt_loss
+from lmstack.objectives.pairs import preference_setup
+from lmstack.tracking.run_dir import write_json
 
 MARKER = "reward_model.json"
 
@@ -28,15 +41,6 @@ def load_model(config: Any, cache_dir: str):
     """The base as ``AutoModelForSequenceClassification(num_labels=1)`` with the adapter on
     (task SEQ_CLS, so the fresh score head trains and saves with it)."""
     from transformers import AutoModelForSequenceClassification
-
-    from lmstack.models.loading import (
-        LoadedModel,
-        attach_adapter,
-        count_parameters,
-        load_base,
-        load_tokenizer,
-        resolve_base_path,
-    )
 
     if config.export.merge:
         raise ConfigError(
@@ -78,8 +82,6 @@ def quiet_transformers():
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Preference pairs, batched as all chosen rows then all rejected rows (one forward)."""
-    from lmstack.objectives.pairs import preference_setup
-
     module = RewardModule(loaded.model, config.objective, config.trainer.max_steps)
     return preference_setup(config, loaded, rows, module)
 
@@ -116,8 +118,6 @@ class RewardModule(TrainedModelModule):
 def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
     """adapter/ (LoRA and score head, PEFT format) or model/, then the reward_model.json
     marker that :func:`load_reward_model` checks for."""
-    from lmstack.models.export import save_trained
-    from lmstack.tracking.run_dir import write_json
 
     adapter = config.adapter.name != "none"
     folder = save_trained(loaded.model, loaded.tokenizer, run_dir, adapter=adapter)
@@ -154,8 +154,6 @@ class RewardScorer(torch.nn.Module):
     ) -> torch.Tensor:
         """``(N,)`` float32 scores, each of the chat ``[user: prompt, assistant: completion]``
         rendered with the run's own chat template, as in training; on the model's device."""
-        from lmstack.data.loading import collate_padded
-        from lmstack.data.tokenize import encode_prompt_completion
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")

@@ -9,9 +9,22 @@ import logging
 import time
 from typing import Any
 
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from lmstack.data.sources import Rows, load_rows
-from lmstack.distributed import is_rank_zero
+from lmstack.distributed import (
+    adopt_launcher,
+    build_strategy,
+    check_machine,
+    is_rank_zero,
+    join_ranks,
+)
+from lmstack.evaluation.verifier import verifier_score
+from lmstack.objectives import load_objective
 from lmstack.phases.context import RunContext
+from lmstack.slurm import trainer_callbacks, trainer_plugins
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
@@ -26,7 +39,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # data first: bad input fails here, before any model is loaded
     rows = load_rows(config.data, config.objective.name)
-    from lmstack.distributed import check_machine
 
     check_machine(config.trainer)
     check_memory(ctx, rows)
@@ -35,14 +47,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
         require_llamacpp(config.paths.engines_dir, "export.gguf")
 
-    import lightning as L
-    import torch
-
     if config.trainer.num_threads > 0:
         torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, verbose=False)
-
-    from lmstack.objectives import load_objective
 
     objective = load_objective(config.objective.name)
     loaded = objective.load_model(config, ctx.cache_dir)
@@ -90,7 +97,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
             stop_after_lost_rank(trainer, run_dir, error)
         raise
     close_tracker(logger)
-    from lmstack.distributed import join_ranks
 
     join_ranks(trainer)
     write_json(run_dir / "metrics.json", metrics)
@@ -129,11 +135,6 @@ def validate(trainer: Any, setup: Any, suffix: str = "") -> dict[str, float]:
 def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
     """With manual optimization (ppo) the module clips gradients itself; Lightning
     refuses a gradient_clip_val then."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lmstack.distributed import adopt_launcher, build_strategy
-    from lmstack.slurm import trainer_callbacks, trainer_plugins
 
     trainer_cfg = ctx.config.trainer
     logger = False
@@ -188,7 +189,6 @@ def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
         return {}
     if not is_rank_zero():  # the ranks hold the same weights: one verifies
         return {}
-    from lmstack.evaluation.verifier import verifier_score
 
     problems = rows.problems[: config.verify.num_prompts]
     result = verifier_score(

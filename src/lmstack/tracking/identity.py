@@ -159,3 +159,11 @@ def sweep_id_resolver() -> str:
     """
     args = sorted(arg for arg in sys.argv[1:] if arg not in ("-m", "--multirun"))
     return f"sweep-{stable_hash(args, 8)}"
+
+
+def register_resolvers() -> None:
+    """`${run_id:}` and `${sweep_id:}` for hydra.run.dir and hydra.sweep.dir (run.py)."""
+    OmegaConf.register_new_resolver("run_id", run_id_resolver, replace=True)
+    # cached: Hydra copies the launching process's resolver cache into every point's config,
+    # so a point run in another process (joblib, Slurm) lands in the same sweep dir
+    OmegaConf.register_new_resolver("sweep_id", sweep_id_resolver, replace=True, use_cache=True)
