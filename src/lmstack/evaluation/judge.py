@@ -28,6 +28,7 @@ from typing import Any
 from lmstack.data import arith
 from lmstack.errors import ConfigError, DataError, LmstackError
 from lmstack.prompts import PROMPT_VERSION_HEADER, load_prompt, prompt_version, render_messages
+from lmstack.util import openai_api
 
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]|Rating:\s*(\d+(?:\.\d+)?)")
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
@@ -73,53 +74,51 @@ def connect(judge_cfg: Any, served: Any = None) -> JudgeEndpoint:
 
 
 def first_model(base_url: str, api_key: str, timeout_s: float) -> str:
-    import httpx
-
     url = f"{base_url}/models"
     try:
-        response = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout_s)
-    except httpx.HTTPError as error:
+        models = openai_api.model_ids(base_url, api_key, timeout_s)
+    except openai_api.Unreachable as error:
         raise LmstackError(
             f"eval.judge.base_url: the judge at {url} cannot be reached ({error}); "
             "no judge results were written"
         ) from None
-    models = response.json().get("data", []) if response.status_code == 200 else []
+    except openai_api.ErrorAnswer as error:
+        models, answer = [], f"HTTP {error.status_code}"
+    else:
+        answer = "HTTP 200"
     if not models:
         raise LmstackError(
-            f"eval.judge.model: {url} lists no model (HTTP {response.status_code}); "
-            "name one with eval.judge.model"
+            f"eval.judge.model: {url} lists no model ({answer}); name one with eval.judge.model"
         )
-    return models[0]["id"]
+    return models[0]
 
 
 def ask(endpoint: JudgeEndpoint, messages: list[dict[str, str]], version: str, max_tokens: int):
     """The judge's reply text (greedy). Unreachable or failing after retries: LmstackError."""
-    import httpx
-
     url = f"{endpoint.base_url}/chat/completions"
-    body = {
-        "model": endpoint.model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-    }
-    headers = {"Authorization": f"Bearer {endpoint.api_key}", PROMPT_VERSION_HEADER: version}
+    judge = openai_api.client(endpoint.base_url, endpoint.api_key, endpoint.timeout_s)
     problem = ""
     for _ in range(endpoint.max_retries + 1):
         try:
-            response = httpx.post(url, json=body, headers=headers, timeout=endpoint.timeout_s)
-        except httpx.HTTPError as error:
+            reply = judge.chat.completions.create(
+                model=endpoint.model,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                extra_headers={PROMPT_VERSION_HEADER: version},
+            )
+        except openai_api.Unreachable as error:
             problem = f"cannot be reached ({type(error).__name__}: {error})"
             continue
-        if response.status_code < 400:
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                problem = f"answered something that is not a chat completion: {response.text[:200]}"
-                continue
-        problem = f"answered HTTP {response.status_code}: {response.text[:200]}"
-        if response.status_code < 500:
-            break
+        except openai_api.ErrorAnswer as error:
+            problem = f"answered {openai_api.describe(error)}"
+            if error.status_code < 500:
+                break
+            continue
+        try:
+            return reply.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError):
+            problem = f"answered something that is not a chat completion: {str(reply)[:200]}"
     raise LmstackError(
         f"eval.judge.base_url: the judge at {url} {problem}; no judge results were written"
     )

@@ -22,6 +22,7 @@ from lmstack.prompts import (
     render_messages,
     render_text,
 )
+from lmstack.util import openai_api
 
 
 @dataclass
@@ -211,34 +212,32 @@ class ServedTarget:
             "top_p": self.sampling.top_p,
             "seed": seed,
         }
+        server = openai_api.client(self.base_url, self.api_key, self.timeout_s)
+        headers = {PROMPT_VERSION_HEADER: prompt_version(self.prompt)}
         if self.chat:
-            body["messages"] = chat_of(self.prompt, fields)
-            reply = post_json(f"{self.base_url}/chat/completions", body, self._headers())
-            text = reply["choices"][0]["message"]["content"] or ""
+            url = f"{self.base_url}/chat/completions"
+            messages = chat_of(self.prompt, fields)
+            reply = _answer(url, server.chat.completions.create, body, messages=messages,
+                            extra_headers=headers)  # fmt: skip
+            text = reply.choices[0].message.content or ""
         else:
-            body |= {"prompt": render_text(self.prompt, text_fields(fields)), "stop": ["\n"]}
-            reply = post_json(f"{self.base_url}/completions", body, self._headers())
-            text = reply["choices"][0]["text"] or ""
+            url = f"{self.base_url}/completions"
+            prompt = render_text(self.prompt, text_fields(fields))
+            reply = _answer(url, server.completions.create, body, prompt=prompt, stop=["\n"],
+                            extra_headers=headers)  # fmt: skip
+            text = reply.choices[0].text or ""
         return cut_at_stop(text, self.chat)
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self.api_key}",
-            PROMPT_VERSION_HEADER: prompt_version(self.prompt),
-        }
 
-
-def post_json(url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float = 300):
-    """One POST; an unreachable server or an error answer is an LmstackError naming the URL."""
-    import httpx
-
+def _answer(url: str, create: Any, body: dict[str, Any], **more: Any) -> Any:
+    """One request through the openai client; no answer or an error answer is an LmstackError
+    naming the URL."""
     try:
-        response = httpx.post(url, json=body, headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as error:
+        return create(**body, **more)
+    except openai_api.Unreachable as error:
         raise LmstackError(f"{url}: the server cannot be reached ({error})") from None
-    if response.status_code >= 400:
-        raise LmstackError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
-    return response.json()
+    except openai_api.ErrorAnswer as error:
+        raise LmstackError(f"{url}: {openai_api.describe(error)}") from None
 
 
 def run_concurrently(calls: list[Any], concurrency: int) -> list[Any]:

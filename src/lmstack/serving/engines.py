@@ -36,6 +36,7 @@ from lmstack.serving.processes import (
     stop_process,
     wait_until_healthy,
 )
+from lmstack.util import openai_api
 
 # the engines lmstack starts, by serving.name (serving=external starts none)
 ENGINES: dict[str, Engine] = {
@@ -155,8 +156,6 @@ def scratch_folder(cache_dir: str, engine: str) -> Iterator[Path]:
 @contextlib.contextmanager
 def _external(serving: Any) -> Iterator[Endpoint]:
     """An already running server: checked through /v1/models, never started or stopped."""
-    import httpx
-
     api_key = serving.api_key or (
         os.environ.get(serving.api_key_env) if serving.api_key_env else ""
     )
@@ -165,15 +164,12 @@ def _external(serving: Any) -> Iterator[Endpoint]:
             f"serving.api_key_env: the environment variable {serving.api_key_env} is unset"
         )
     base_url = serving.base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        answer = httpx.get(f"{base_url}/models", headers=headers, timeout=10)
-        answer.raise_for_status()
-    except httpx.HTTPError as error:
+        listed = openai_api.model_ids(base_url, api_key, 10.0)
+    except (openai_api.Unreachable, openai_api.ErrorAnswer) as error:
         raise EngineError(
-            f"serving.base_url: {base_url}/models did not answer ({type(error).__name__}: {error})"
+            f"serving.base_url: {base_url}/models did not answer ({openai_api.describe(error)})"
         ) from None
-    listed = [entry.get("id") for entry in answer.json().get("data", [])]
     model = serving.served_model_name or (listed[0] if listed else "")
     if not model:
         raise EngineError(f"serving.served_model_name: {base_url} lists no models; name one")
