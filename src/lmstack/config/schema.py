@@ -974,11 +974,6 @@ class EvalConfig:
 TRACE_REDACTIONS = ("none", "prompts", "all")
 COST_MODES = ("hourly", "per_token")
 MONITOR_FORMATS = ("none", "json", "regex")
-REFUSAL_PATTERNS = (
-    r"\bI (?:can(?:no|')t|am unable to|won't)\b",
-    r"\bI'm (?:sorry|unable)\b",
-    r"\bas an AI\b",
-)
 REPORT_FORMATS = ("md", "csv")
 
 
@@ -1028,8 +1023,9 @@ class MonitorConfig:
     format: str = "none"
     format_regex: str = ""
     json_schema: dict[str, Any] = field(default_factory=dict)
-    # an answer matching any of these (case-insensitive regexes) counts as a refusal
-    refusal_patterns: list[str] = field(default_factory=lambda: list(REFUSAL_PATTERNS))
+    # an answer matching any of these (case-insensitive regexes) counts as a refusal; the
+    # patterns themselves are conf/monitor/default.yaml's (every monitor option builds on it)
+    refusal_patterns: list[str] = field(default_factory=list)
     # latency service-level objectives in milliseconds; null = not checked
     slo_latency_ms: float | None = None
     slo_ttft_ms: float | None = None
