@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import FAST, run_cli, run_dirs
+from conftest import CACHE_DIR, FAST, run_cli, run_dirs
 
 
 def test_dpo_starts_from_the_sft_run(tmp_path):
@@ -20,7 +20,10 @@ def test_dpo_starts_from_the_sft_run(tmp_path):
         output_dir=dpo_out,
     )
     assert "merging the adapter" in result.stdout
-    assert (sft_dir / "merged" / "tokenizer_config.json").exists()
+    # merged into the cache, not into the SFT run's folder (nobody asked for it there)
+    assert not (sft_dir / "merged").exists()
+    (merged,) = CACHE_DIR.glob(f"merged_runs/{sft_dir.name}-*/merged")
+    assert (merged / "tokenizer_config.json").exists()
     (dpo_dir,) = run_dirs(dpo_out)
     sft = json.loads((sft_dir / "metrics.json").read_text())
     dpo = json.loads((dpo_dir / "metrics.json").read_text())

@@ -93,7 +93,7 @@ def test_greedy_eval_in_process_and_served_agree(tmp_path, sft_sweep):
         assert abs(local[key] - served[key]) <= tolerance, (key, local[key], served[key])
     answers = [
         [json.loads(line)["responses"][0] for line in path.read_text().splitlines()]
-        for path in sorted(tmp_path.glob("*/runs/*/verifier_answers.jsonl"))
+        for path in sorted(tmp_path.glob("*/runs/*/verifier_samples.jsonl"))
     ]
     assert sum(a == b for a, b in zip(*answers)) >= 15, answers
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FAST, REPO, assert_rejected_early, run_cli, run_dirs
+from conftest import CACHE_DIR, FAST, REPO, assert_rejected_early, run_cli, run_dirs
 
 QUESTION = "Ann has 3 apples and gets 4 more. How many apples does Ann have now?"
 BENCH = ["phase=bench", "logger=none", "bench.num_requests=6", "bench.max_tokens=8"]
@@ -104,7 +104,8 @@ def test_openai_client_chats_with_a_served_run(sft_run, tmp_path):
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     # the served model answers exactly as the run's model does with the run's chat template
-    expected = greedy_reply(sft_run / "merged", QUESTION, 16)
+    (merged,) = CACHE_DIR.glob(f"merged_runs/{sft_run.name}-*/merged")  # merged for serving
+    expected = greedy_reply(merged, QUESTION, 16)
     assert reply.choices[0].message.content == expected
     assert streamed == expected
     assert (

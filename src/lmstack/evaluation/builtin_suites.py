@@ -594,57 +594,88 @@ def judge_battles(session: Session, names, rows: list[EvalRow], answers):
 
 # ---------------------------------------------------------------- the registry
 
-register(
-    Suite(
-        "verifier",
-        suite_verifier,
-        "verifier/score",
-        rank=10,
-        needs=("answers",),
-        check=check_verifier,
-    )
-)
-register(
-    Suite("format", suite_format, "format/rate", rank=60, needs=("answers",), check=check_format)
-)
-register(
-    Suite(
-        "lm_eval", suite_lm_eval, "lm_eval/score", rank=20, needs=("answers",), check=check_lm_eval
-    )
-)
-register(
-    Suite(
-        "judge", suite_judge, "judge/score", rank=30, needs=("answers", "judge"), check=check_judge
-    )
-)
-register(
-    Suite(
-        "calibration",
-        suite_calibration,
-        "calibration/agreement",
-        rank=50,
-        needs=("judge",),
-        check=check_calibration,
-    )
-)
-register(
-    Suite(
-        "arena",
-        suite_arena,
-        None,
-        check=check_arena,
-        needs=lambda cfg: ("judge",) if cfg.arena.judge == "judge" else (),
-    )
-)
-register(
-    Suite(
-        "faithfulness",
-        suite_faithfulness,
-        "faithfulness/support_rate",
-        rank=40,
-        check=check_faithfulness,
-        needs=lambda cfg: (
-            ("answers", "judge") if cfg.faithfulness.method == "judge" else ("answers",)
+
+def register_builtin_suites() -> None:
+    from lmstack.config import schema
+
+    def needs_of_arena(cfg: Any) -> tuple[str, ...]:
+        return ("judge",) if cfg.arena.judge == "judge" else ()
+
+    def needs_of_faithfulness(cfg: Any) -> tuple[str, ...]:
+        return ("answers", "judge") if cfg.faithfulness.method == "judge" else ("answers",)
+
+    for suite in (
+        Suite(
+            "verifier",
+            suite_verifier,
+            "verifier/score",
+            rank=10,
+            needs=("answers",),
+            check=check_verifier,
+            schema=schema.ScorerConfig,
+            options_key="scorer",
         ),
-    )
-)
+        Suite(
+            "format",
+            suite_format,
+            "format/rate",
+            rank=60,
+            needs=("answers",),
+            check=check_format,
+            schema=schema.FormatConfig,
+            options_key="format",
+        ),
+        Suite(
+            "lm_eval",
+            suite_lm_eval,
+            "lm_eval/score",
+            rank=20,
+            needs=("answers",),
+            check=check_lm_eval,
+            schema=schema.LmEvalConfig,
+            options_key="lm_eval",
+        ),
+        Suite(
+            "judge",
+            suite_judge,
+            "judge/score",
+            rank=30,
+            needs=("answers", "judge"),
+            check=check_judge,
+            schema=schema.JudgeConfig,
+            options_key="judge",
+        ),
+        Suite(
+            "calibration",
+            suite_calibration,
+            "calibration/agreement",
+            rank=50,
+            needs=("judge",),
+            check=check_calibration,
+            schema=schema.JudgeConfig,
+            options_key="judge",
+        ),
+        Suite(
+            "arena",
+            suite_arena,
+            None,
+            needs=needs_of_arena,
+            check=check_arena,
+            schema=schema.ArenaConfig,
+            options_key="arena",
+        ),
+        Suite(
+            "faithfulness",
+            suite_faithfulness,
+            "faithfulness/support_rate",
+            rank=40,
+            needs=needs_of_faithfulness,
+            check=check_faithfulness,
+            schema=schema.FaithfulnessConfig,
+            options_key="faithfulness",
+        ),
+    ):
+        register(suite)
+
+
+register_builtin_suites()

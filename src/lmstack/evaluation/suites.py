@@ -39,8 +39,10 @@ class Suite:
     # "answers": the model under test answers the prompts; "judge": an LLM judge (or a
     # function of the eval config giving them, for needs that depend on options)
     needs: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
-    # the options dataclass (built-in suites: a field of EvalConfig; plugins: eval.options.NAME)
+    # the options dataclass, and where they live: a field of EvalConfig (built-in suites:
+    # "format" for eval.format) or, by default, eval.options.NAME (plugins)
     schema: type | None = None
+    options_key: str = ""
     # (eval config, inputs) -> None, raising ConfigError/DataError; runs before any model loads
     check: Callable[[Any, Any], None] | None = None
 
@@ -83,7 +85,10 @@ def selected(suites: dict[str, bool]) -> list[Suite]:
 
 
 def options(eval_cfg: Any, suite: Suite) -> Any:
-    """A plugin suite's options: eval.options.<name> checked against its schema."""
+    """A suite's options: its EvalConfig field, or eval.options.<name> checked against its
+    schema (plugins)."""
+    if suite.options_key:
+        return getattr(eval_cfg, suite.options_key)
     if suite.schema is None:
         return None
     from omegaconf import OmegaConf

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ class LoadedModel:
 def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
     """The folder (or hub id) that holds the base weights and tokenizer."""
     if model_cfg.init_from:
-        return str(model_from_run(Path(model_cfg.init_from)))
+        return str(model_from_run(Path(model_cfg.init_from), cache_dir))
     if model_cfg.source == "builtin":
         return str(ensure_builtin_model(model_cfg.builtin, model_cfg.pretrained, cache_dir))
     path = model_cfg.name_or_path
@@ -51,9 +52,12 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
     return str(Path(path).expanduser()) if looks_local else path
 
 
-def model_from_run(run_dir: Path) -> Path:
+def model_from_run(run_dir: Path, cache_dir: str | None = None) -> Path:
     """The model an earlier run produced, as a Hugging Face folder with that run's tokenizer
-    and chat template: its merged/ or model/ folder, merging its adapter on first use.
+    and chat template: its merged/ or model/ folder, or its adapter merged on first use into
+    the cache (`<cache_dir>/merged_runs/<run>-<adapter hash>/merged`; no cache_dir: the
+    configured default, $LMSTACK_CACHE_DIR or .cache/lmstack): the run's own folder is never
+    written to unasked (a merged real model is hundreds of MB).
 
     Merging (rather than training the same adapter on) keeps the reference model of
     DPO, PPO and GRPO right: with a fresh adapter on the merged weights, "adapter
@@ -84,11 +88,24 @@ def model_from_run(run_dir: Path) -> Path:
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"model.init_from: '{run_dir}' holds no adapter/, model/ or merged/")
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    with file_lock(run_dir / "merge.lock"):
-        if not (run_dir / "merged" / "config.json").is_file():
-            print(f"lmstack: merging the adapter of {run_dir} into its base", flush=True)
-            merge_adapter(base_path, adapter, run_dir / "merged")
-    return run_dir / "merged"
+    target = merged_cache_dir(run_dir, adapter, cache_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / "merge.lock"):
+        if not (target / "config.json").is_file():
+            print(f"lmstack: merging the adapter of {run_dir} into its base ({target})", flush=True)
+            merge_adapter(base_path, adapter, target)
+    return target
+
+
+def merged_cache_dir(run_dir: Path, adapter: Path, cache_dir: str | None) -> Path:
+    """Where a run's merged model is cached: keyed by the adapter's weights, so a re-trained
+    run merges again."""
+    from lmstack.tracking.identity import file_fingerprint
+
+    weights = sorted(adapter.glob("adapter_model.*"))
+    key = file_fingerprint(weights[0]) if weights else "none"
+    root = Path(cache_dir or os.environ.get("LMSTACK_CACHE_DIR", ".cache/lmstack")).expanduser()
+    return root / "merged_runs" / f"{run_dir.resolve().name}-{key}" / "merged"
 
 
 def compute_dtype(quant_cfg: Any) -> torch.dtype:

@@ -187,10 +187,31 @@ class PPOModule(L.LightningModule):
             logps.detach(), values.detach(), whiten(advantages, rollout.mask), returns, kl
         )
 
+    def save_rollout_samples(self, batch: dict[str, Any], rollout: Rollout) -> None:
+        """Prompts, completions, references and reward-model scores every trainer log step
+        (samples/ppo.jsonl, a W&B table, two on the console)."""
+        from lmstack.objectives.reward_functions import save_samples
+
+        done = getattr(self, "rollouts_done", 0)
+        self.rollouts_done = done + 1
+        if self._trainer is None or done % max(1, self.trainer.log_every_n_steps):
+            return
+        texts = self.tokenizer.batch_decode(
+            rollout.completions.masked_fill(~rollout.mask, self.tokenizer.pad_token_id),
+            skip_special_tokens=True,
+        )
+        answers = batch.get("answer") or [None] * len(texts)
+        samples = [
+            {"prompt": p, "completion": t, "reference": a, "reward": float(s)}
+            for p, t, a, s in zip(batch["prompt"], texts, answers, rollout.scores)
+        ]
+        save_samples(self, samples[:4], done)
+
     # optimisation
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
+        self.save_rollout_samples(batch, rollout)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         objective, targets = self.objective, None
         for _ in range(objective.ppo_epochs):

@@ -209,6 +209,15 @@ def write_comparison(folder: Path) -> Path | None:
             rows.append((status.parent.name, metrics))
     if not rows:
         return None
+    path = folder / "eval_comparison.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(comparison_markdown(rows))
+    tmp.replace(path)
+    return path
+
+
+def comparison_markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """One row per evaluation (name, its metrics), one column per figure any of them has."""
     columns = sorted({k for _, m in rows for k in scalar_items(m)} - {"eval/score"})
     header = ["run", "model", "prompt", "target", "eval/score", *columns]
     table = markdown_table(
@@ -219,11 +228,7 @@ def write_comparison(folder: Path) -> Path | None:
             for name, m in rows
         ),
     )
-    path = folder / "eval_comparison.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(table + "\n")
-    tmp.replace(path)
-    return path
+    return table + "\n"
 
 
 def _cell(value: Any) -> str:

@@ -31,6 +31,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     common = inherited_overrides()
     stage_dirs: dict[str, str] = {}
     metrics: dict[str, Any] = {"run_id": ctx.run_id}
+    evaluations: list[tuple[str, dict[str, Any]]] = []
     for index, stage in enumerate(stages, start=1):
         overrides = [substitute(o, stage_dirs, stage.name) for o in stage.overrides]
         print(
@@ -45,11 +46,26 @@ def run(ctx: RunContext) -> dict[str, Any]:
             f"{stage.name}/{k}": v for k, v in stage_metrics.items() if isinstance(v, int | float)
         }
         metrics[f"{stage.name}/run_dir"] = run_dir
+        if "eval/suites" in stage_metrics:
+            evaluations.append((stage.name, stage_metrics))
+    if evaluations:
+        write_comparison(ctx.run_dir, evaluations)
     write_json(ctx.run_dir / "metrics.json", metrics)
     set_status(ctx.run_dir, "finished")
     for name, run_dir in stage_dirs.items():
         print(f"  {name}: {run_dir}")
     return metrics
+
+
+def write_comparison(run_dir: Path, evaluations: list[tuple[str, dict[str, Any]]]) -> None:
+    """comparison.md: the pipeline's evaluation stages side by side (a prompting baseline
+    beside the fine-tuned runs, say), printed too."""
+    from lmstack.phases.eval import comparison_markdown
+
+    table = comparison_markdown(evaluations)
+    path = run_dir / "comparison.md"
+    path.write_text(table)
+    print(f"lmstack: the pipeline's evaluations ({path}):\n{table}", flush=True)
 
 
 def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:

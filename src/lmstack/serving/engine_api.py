@@ -107,7 +107,7 @@ def servable_model(config: Any, cache_dir: str) -> tuple[str, dict[str, Any]]:
     if not source:
         path = resolve_base_path(config.model, cache_dir)
     elif (Path(source) / "status.json").is_file():
-        path = str(model_from_run(Path(source)))
+        path = str(model_from_run(Path(source), cache_dir))
         run_id = (read_json(Path(source) / "status.json") or {}).get("run_id")
     elif (Path(source) / "config.json").is_file():
         path = source
