@@ -48,5 +48,8 @@ def write_rows(folder: Path, train: int = 400, held_out: int = 24, seed: int = 0
     with open(held_path, "w") as handle:
         for _ in range(held_out):
             prompt, record = task_row(rng)
-            handle.write(json.dumps({"prompt": prompt, "reference": record}) + "\n")
+            # the facts the answer must be grounded in (the faithfulness suite reads them)
+            context = prompt.removeprefix("To JSON: ")
+            row = {"prompt": prompt, "reference": record, "context": context}
+            handle.write(json.dumps(row) + "\n")
     return train_path, held_path

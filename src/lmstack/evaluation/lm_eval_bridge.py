@@ -97,30 +97,74 @@ def task_manager(tasks: list[str], include_paths: list[str], cache_dir: str):
         for task in missing:
             close = difflib.get_close_matches(task, manager.all_tasks, n=3)
             hints.append(f"'{task}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        broken = unreadable_task_files(include_paths)
         raise ConfigError(
             f"eval.lm_eval.tasks: unknown task {'; '.join(hints)}. Looked in: "
             + "; ".join(searched)
             + ". Add a folder of task YAMLs with eval.lm_eval.include_paths=[...]"
+            + (f". These task files cannot be read: {'; '.join(broken)}" if broken else "")
         )
     return check_task_files(manager, tasks)
 
 
+def unreadable_task_files(folders: list[str]) -> list[str]:
+    """`file: line N: problem` for each task YAML in the folders that does not parse (the
+    harness skips such a file, so its task looks unknown)."""
+    import yaml
+
+    class TagTolerantLoader(yaml.SafeLoader):
+        pass
+
+    # harness task files use tags such as !function; their values do not matter here
+    TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    broken = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.load(path.read_text(), Loader=TagTolerantLoader)  # a safe loader
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                line = f"line {mark.line + 1}: " if mark else ""
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                broken.append(f"{path}: {line}{problem}")
+    return broken
+
+
 def check_task_files(manager: Any, tasks: list[str]) -> Any:
     """Builds every requested task once, so a broken task file fails here, before any model
-    loads, with a message naming the file and what in it is wrong."""
+    loads, with a message naming the file and what in it is wrong (the harness's own last
+    complaint, which names the key, when it logged one)."""
     for task in tasks:
+        complaints = HarnessComplaints()
+        logging.getLogger("lm_eval").addHandler(complaints)
         try:
             manager.load([task])
         except Exception as error:  # the harness raises many kinds for a bad task file
-            entry = manager.task_index.get(task, {})
-            where = entry.get("yaml_path", "?") if isinstance(entry, dict) else "?"
+            entry = manager.task_index.get(task)
+            where = getattr(entry, "yaml_path", None) or (
+                entry.get("yaml_path") if isinstance(entry, dict) else None
+            )
             detail = f"{type(error).__name__}: {error}"
-            if isinstance(error, KeyError):
-                detail = f"missing or unknown key {error}"
+            if complaints.messages:
+                detail += f"; lm-eval said: {complaints.messages[-1]}"
             raise ConfigError(
-                f"eval.lm_eval.tasks: task '{task}' in {where} cannot be built ({detail})"
+                f"eval.lm_eval.tasks: task '{task}' in {where or 'its task file'} cannot be "
+                f"built ({detail})"
             ) from None
+        finally:
+            logging.getLogger("lm_eval").removeHandler(complaints)
     return manager
+
+
+class HarnessComplaints(logging.Handler):
+    """The harness's warnings while a task is built (they name the offending key)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def generation_override(lm_cfg: Any) -> dict[str, Any]:
