@@ -63,9 +63,8 @@ def register(suite: Suite) -> Suite:
 
 
 def load_plugins(modules: list[str]) -> None:
-    """Imports each `eval.plugins` module; importing registers its suites."""
-    import lmstack.evaluation.builtin_suites  # noqa: F401  (registers the built-in suites)
-
+    """Imports each `eval.plugins` module; importing registers its suites (the built-in ones
+    register when lmstack.evaluation.builtin_suites is imported)."""
     for index, name in enumerate(modules):
         try:
             importlib.import_module(name)

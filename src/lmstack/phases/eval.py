@@ -96,6 +96,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def check_inputs(ctx: RunContext) -> tuple[list[Suite], Inputs]:
     """Everything that can be checked without a model: fails in about a second."""
+    import lmstack.evaluation.builtin_suites  # noqa: F401  (registers the built-in suites)
     from lmstack.evaluation.suites import load_plugins, read_inputs, selected
 
     eval_cfg = ctx.config.eval
