@@ -320,9 +320,10 @@ def test_reference_scorers_by_hand():
 
 
 def test_the_registry_holds_every_builtin_suite_the_schema_names():
-    from lmstack.config.schema import EVAL_SUITES
     import lmstack.evaluation.builtin_suites  # noqa: F401  (registers the built-in suites)
+    from lmstack.config.schema import EVAL_SUITES
     from lmstack.evaluation.suites import REGISTRY
+
     assert set(EVAL_SUITES) <= set(REGISTRY)
     for suite in REGISTRY.values():
         assert suite.schema is not None and callable(suite.run)
