@@ -13,6 +13,7 @@ machine gets exit 2 (test_scale_out_a_machine_cannot_run_exits_2).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +87,20 @@ def test_ddp_dpo_with_cached_reference_matches_one_process(tmp_path, tiny_base):
     assert (two.stdout + two.stderr).count("reference log-probs from the cache") == 1
     run_cli(*ONE, *SHORT, *dpo, output_dir=tmp_path / "one")
     assert_same_training(tmp_path / "ddp", tmp_path / "one", steps=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["reward", "grpo"])
+def test_other_objectives_train_under_ddp(objective, tmp_path, tiny_base):
+    """Reward pairs and GRPO prompts split by rank (a GRPO group stays on its rank); one set
+    of records."""
+    args = [*DDP, *SHORT, f"objective={objective}", "trainer.max_steps=2", "data.batch_size=4"]
+    result = run_cli(*args, output_dir=tmp_path)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/loss"] == metrics["train/loss"]  # a number, not nan
+    assert (run_dir / "adapter").exists() and '"finished"' in (run_dir / "status.json").read_text()
 
 
 RESUME = [
