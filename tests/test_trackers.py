@@ -23,8 +23,10 @@ TINY = [
 
 
 def test_mlflow_sweep_is_a_parent_run_with_its_points_nested(tmp_path):
+    """With points in parallel processes (joblib), which find no store yet and race to make it."""
     mlflow = pytest.importorskip("mlflow")
-    run_cli("-m", "adapter.r=2,4", "logger=mlflow", *TINY, output_dir=tmp_path)
+    launcher = "hydra/launcher=joblib"
+    run_cli("-m", "adapter.r=2,4", "logger=mlflow", launcher, *TINY, output_dir=tmp_path)
 
     uri, _ = mlflow_store({"store_dir": str(tmp_path / "mlflow")})
     client = mlflow.MlflowClient(uri)

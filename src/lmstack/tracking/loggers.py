@@ -304,12 +304,25 @@ def _mlflow_experiment(uri: str, artifacts: str | None, experiment: str) -> str:
     # the store's schema migrations and "creating it" notices would bury lmstack's output
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
-    if found := client.get_experiment_by_name(experiment):
-        return found.experiment_id
-    return client.create_experiment(experiment, artifact_location=artifacts)
+    with _store_lock(uri):
+        client = MlflowClient(uri)  # creates (migrates) a new SQLite store
+        if found := client.get_experiment_by_name(experiment):
+            return found.experiment_id
+        return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Parallel points (joblib, Slurm) that find no local store would each create one and
+    collide in its schema migration (and in creating the experiment): one at a time."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _sweep_parent_run(uri: str, artifacts: str | None, experiment: str, sweep_dir: Path) -> str:
