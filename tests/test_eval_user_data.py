@@ -108,14 +108,15 @@ def user_rows(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_every_suite_asks_the_users_prompts(tmp_path, user_rows, tiny_base):
     """verifier (JSON fields), format (JSON schema), judge (reference-guided, and pairwise
-    against the base), arena, faithfulness (rows with a context): every prompt the model, the
-    judge and the arena saw is one of the user's rows, and each suite saves its samples."""
+    against the base), arena, faithfulness (rows with a context), lm-eval (a task made from the
+    rows): every prompt the model, the judge, the arena and the harness saw is one of the
+    user's rows, and each suite saves its samples."""
     _, held_out = user_rows
     prompts = [json.loads(line)["prompt"] for line in held_out.open()]
     with judge_server("oracle") as (url, seen):
         evaluate(
             tmp_path,
-            "eval=[verifier,format,judge,arena,faithfulness]",
+            "eval=[verifier,format,judge,arena,faithfulness,lm_eval]",
             f"eval.data.path={held_out}",
             "eval.scorer.name=json_fields",
             f"eval.format.json_schema={schema_file(tmp_path)}",
@@ -138,7 +139,11 @@ def test_every_suite_asks_the_users_prompts(tmp_path, user_rows, tiny_base):
     assert metrics["arena/battles"] == 6
     assert metrics["faithfulness/n"] == 12 and metrics["faithfulness/method"] == "support"
     assert isinstance(metrics["faithfulness/support_rate"], float)
-    for suite in ("verifier", "format", "judge", "judge_pairwise", "arena", "faithfulness"):
+    # lm-eval runs a generative exact-match task written from the user's rows
+    assert metrics["lm_eval/score_metric"].endswith("/exact_match"), metrics["lm_eval/score_metric"]
+    assert metrics["lm_eval/score"] == 0.0  # the untuned base writes no JSON
+    suites = ("verifier", "format", "judge", "judge_pairwise", "arena", "faithfulness", "lm_eval")
+    for suite in suites:
         rows = samples(run_dir, suite)
         assert rows and {row["prompt"] for row in rows} <= set(prompts), suite
     verifier = samples(run_dir, "verifier")

@@ -127,17 +127,37 @@ def suite_format(session: Session) -> dict[str, Any]:
 # ---------------------------------------------------------------- lm-eval
 
 
+def harness_settings(eval_cfg: Any, inputs: Inputs) -> Any:
+    """eval.lm_eval, or on the user's rows with the built-in tasks left as they are, a
+    generative exact-match task written from those rows (lm_eval_bridge.user_task)."""
+    import dataclasses
+
+    from lmstack.config.schema import LmEvalConfig
+    from lmstack.evaluation.lm_eval_bridge import user_task
+
+    lm_cfg = eval_cfg.lm_eval
+    if inputs.builtin or list(lm_cfg.tasks) != LmEvalConfig().tasks:
+        return lm_cfg
+    require_references(inputs.rows, inputs.origin, "the lm-eval task made from your rows")
+    folder, name = user_task(inputs.rows, inputs.cache_dir, eval_cfg.max_new_tokens)
+    return dataclasses.replace(
+        lm_cfg, tasks=[name], include_paths=[str(folder), *lm_cfg.include_paths]
+    )
+
+
 def check_lm_eval(eval_cfg: Any, inputs: Inputs) -> None:
     from lmstack.evaluation.lm_eval_bridge import task_manager
 
-    lm_cfg = eval_cfg.lm_eval
+    lm_cfg = harness_settings(eval_cfg, inputs)
     task_manager(list(lm_cfg.tasks), list(lm_cfg.include_paths), inputs.cache_dir)
 
 
 def suite_lm_eval(session: Session) -> dict[str, Any]:
     from lmstack.evaluation import lm_eval_bridge
 
-    lm_cfg = session.eval.lm_eval
+    lm_cfg = harness_settings(session.eval, session.inputs)
+    if lm_cfg is not session.eval.lm_eval:
+        print(f"lmstack: lm-eval runs task {lm_cfg.tasks[0]}, made from your rows", flush=True)
     if session.target.kind == "served":
         from lmstack.models.loading import resolve_base_path
 
@@ -163,7 +183,9 @@ def suite_lm_eval(session: Session) -> dict[str, Any]:
     versions = {task: str(v) for task, v in (results.get("versions") or {}).items()}
     flat = lm_eval_bridge.flatten(results)
     first_task = f"lm_eval/{lm_cfg.tasks[0]}/"
-    primary = [k for k in flat if k.startswith(first_task) and "stderr" not in k]
+    primary = [
+        k for k in flat if k.startswith(first_task) and not k.endswith(("stderr", "sample_len"))
+    ]
     return {
         **flat,
         "lm_eval/score": flat[primary[0]] if primary else None,

@@ -74,6 +74,38 @@ def local_task_dir(cache_dir: str) -> Path:
     return target
 
 
+def user_task(rows: list[Any], cache_dir: str, max_gen_toks: int) -> tuple[Path, str]:
+    """(folder, task name) of a generative exact-match task written from the user's eval rows
+    (their prompt text, their reference as text), keyed by the rows' content."""
+    from lmstack.tracking.identity import stable_hash
+
+    records = [{"prompt": row.text(), "reference": row.reference_text()} for row in rows]
+    name = f"lmstack_user_{stable_hash([records, max_gen_toks], 10)}"
+    folder = Path(cache_dir) / "lm_eval_tasks" / "user" / name
+    if not (folder / f"{name}.yaml").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        data = folder / "rows.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        task = {
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test",
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{reference}}",
+            "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": max_gen_toks},
+            "metric_list": [
+                {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
+            ],
+            "metadata": {"version": 1.0},
+        }
+        staging = folder / f"{name}.yaml.partial"
+        staging.write_text(json.dumps(task, indent=1))  # JSON is YAML
+        staging.replace(folder / f"{name}.yaml")
+    return folder, name
+
+
 def task_manager(tasks: list[str], include_paths: list[str], cache_dir: str):
     """A TaskManager that knows every requested task, or a ConfigError listing where the
     tasks were looked for. The harness's own (thousands of) tasks are indexed only when a
@@ -197,7 +229,17 @@ def evaluate_in_process(local: Any, lm_cfg: Any, cache_dir: str, seed: int) -> d
         batch_size=lm_cfg.batch_size,
         max_length=local.model.config.max_position_embeddings,
     )
-    return _evaluate(model, manager, lm_cfg, seed)
+    # the harness asks for max_length = prompt + the task's max_gen_toks; a max_new_tokens in
+    # the model's own generation config would win over it silently and cut every answer short
+    generation = getattr(local.model, "generation_config", None)
+    saved = getattr(generation, "max_new_tokens", None)
+    if generation is not None:
+        generation.max_new_tokens = None
+    try:
+        return _evaluate(model, manager, lm_cfg, seed)
+    finally:
+        if generation is not None:
+            generation.max_new_tokens = saved
 
 
 def evaluate_served(
@@ -284,12 +326,13 @@ def samples_table(results: dict[str, Any], limit: int = 20) -> list[dict[str, An
     for task, samples in results.get("samples", {}).items():
         for sample in samples[:limit]:
             responses = sample.get("filtered_resps") or sample.get("resps") or []
+            doc = sample.get("doc", {})
             rows.append(
                 {
                     "task": task,
-                    "question": sample.get("doc", {}).get("question", ""),
-                    "target": str(sample.get("target")),
-                    "response": str(responses[0] if responses else ""),
+                    "prompt": doc.get("question", doc.get("prompt", "")),
+                    "reference": str(sample.get("target")),
+                    "completion": str(responses[0] if responses else ""),
                     "score": sample.get("exact_match", sample.get("acc")),
                 }
             )
