@@ -168,6 +168,7 @@ def test_unparseable_judge_warns_and_exits_non_zero_keeping_its_results(tmp_path
         )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "12 of 12 judge verdicts could not be parsed" in result.stdout
+    assert "lmstack: warning: no value for judge/score" in result.stdout
     assert "eval/score: the headline metric judge/score could not be computed" in result.stderr
     assert "Traceback" not in result.stderr
     run_dir = only_run(tmp_path)

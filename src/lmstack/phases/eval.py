@@ -71,6 +71,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
                     metrics["eval/failed_suite"] = suite.name
                     write_json(run_dir / "metrics.json", metrics)
                 raise
+    missing = sorted(k for k, v in metrics.items() if v is None and k.partition("/")[2])
+    if missing:
+        print(f"lmstack: warning: no value for {', '.join(missing)}", flush=True)
     key, score, higher = headline(suites, metrics)
     metrics |= {"eval/score": score, "eval/score_metric": key, "eval/higher_is_better": higher}
     metrics |= served_costs(config, run_dir / "serving")  # after the engine stopped: traces written
