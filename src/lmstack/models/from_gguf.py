@@ -53,11 +53,16 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gguf_folder(gguf_file: Path, cache_dir: str | Path) -> Path:
+    """Where the Hugging Face folder of a GGUF file is cached (by the file's content hash)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", gguf_file.stem)
+    return Path(cache_dir).resolve() / f"gguf-{stem}-{file_digest(gguf_file)[:12]}"
+
+
 def ensure_gguf_model(path: str, cache_dir: str | Path) -> Path:
     """The cached Hugging Face folder of a GGUF file, converting it on first use."""
     gguf_file = resolve_gguf_file(path)
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", gguf_file.stem)
-    folder = Path(cache_dir).resolve() / f"gguf-{stem}-{file_digest(gguf_file)[:12]}"
+    folder = gguf_folder(gguf_file, cache_dir)
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

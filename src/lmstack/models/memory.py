@@ -208,7 +208,12 @@ def model_shape(config: Any, cache_dir: str) -> ModelShape | None:
             num_kv_heads=shape.num_kv_heads,
             head_dim=shape.hidden_size // heads,
         )
-    path = Path(model.name_or_path).expanduser() / "config.json"
+    if model.source == "gguf":  # known once converted (the first run converts it)
+        from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
+
+        path = gguf_folder(resolve_gguf_file(model.path), cache_dir) / "config.json"
+    else:
+        path = Path(model.name_or_path).expanduser() / "config.json"
     return _read_shape(path) if path.is_file() else None
 
 
