@@ -410,12 +410,48 @@ def add_training_arguments(parser: Any) -> None:
         default=True,
         help="also run lmstack with trainer.gradient_checkpointing=true",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, on every side")
+    add_model_arguments(parser)
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+
+
+REAL_MODELS = ("smollm2_135m",)
+
+
+def add_model_arguments(parser: Any) -> None:
+    """--model (random or the real model) and --threads (default: 1 on the random model,
+    all cores on the real one, as its users run it); a child gets the model's folder."""
+    parser.add_argument(
+        "--model",
+        default="random",
+        help="random (a random Llama with lmstack's 512-token tokenizer) or smollm2_135m "
+        "(SmolLM2-135M-Instruct, 49k vocabulary; `make smollm2`)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads, on every side "
+        "(default: 1 on the random model, all cores on a real one)",
+    )
+
+
+def model_folder(args: Any, shape: dict[str, int] | None = None) -> Path:
+    """The folder --model names (the real one converted from its wheel's GGUF on first use);
+    fills in --threads' default for it."""
+    if args.model in REAL_MODELS:
+        from lmstack.models.from_gguf import SMOLLM2_135M, ensure_gguf_model
+
+        folder = ensure_gguf_model(SMOLLM2_135M, CACHE)
+    elif args.model == "random":
+        folder = build_model(shape)
+    else:
+        raise SystemExit(f"--model: '{args.model}' is not one of random, {', '.join(REAL_MODELS)}")
+    if args.threads is None:
+        args.threads = os.cpu_count() if args.model in REAL_MODELS else 1
+    return folder
 
 
 def comparison_model(args: Any) -> tuple[Path, int, Any, float]:
@@ -423,7 +459,7 @@ def comparison_model(args: Any) -> tuple[Path, int, Any, float]:
     from hardware import matmul_gflops
     from transformers import AutoTokenizer
 
-    model = build_model()
+    model = model_folder(args)
     params = parameter_count(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     peak = args.peak_gflops or matmul_gflops(args.threads)

@@ -8,6 +8,7 @@ Tokens are the real tokens of both sequences of each pair; the time is the
 training loop's (each side precomputes reference log-probs before it).
 
     .venv/bin/python benchmarks/dpo.py
+    .venv/bin/python benchmarks/dpo.py --model smollm2_135m --cases chat   # real model
     .venv/bin/python benchmarks/dpo.py --rows 32 --repeats 1   # a quick look
 """
 

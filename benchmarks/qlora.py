@@ -1,9 +1,11 @@
-"""QLoRA against LoRA on a random Llama of >= 100M parameters, through lmstack's own loading
-path (`load_for_training`: bitsandbytes NF4 base, compute dtype chosen per device, peft
-adapter): weight memory (the model's footprint), peak process memory and training-step time.
+"""QLoRA against LoRA on a random Llama of >= 100M parameters (or --model smollm2_135m),
+through lmstack's own loading path (`load_for_training`: bitsandbytes NF4 base, compute
+dtype chosen per device, peft adapter): weight memory (the model's footprint), peak process
+memory and training-step time.
 
     .venv/bin/python benchmarks/qlora.py
     .venv/bin/python benchmarks/qlora.py --steps 3 --repeats 1   # a quick look
+    .venv/bin/python benchmarks/qlora.py --model smollm2_135m     # the real model, all cores
 """
 
 from __future__ import annotations
@@ -101,14 +103,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per packed row")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, on every side")
+    common.add_model_arguments(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
-    model = common.build_model(SHAPE)
+    model = common.model_folder(args, SHAPE)
     params = common.parameter_count(model)
     print(f"model: {params / 1e6:.1f}M parameters ({model.name})")
     sides = [common.Side("lora", side("lora", model, args))]

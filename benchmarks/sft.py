@@ -8,6 +8,7 @@ tokens per second of the training loop, peak RSS of the process, and model-FLOPs
 utilisation against this machine's measured matmul rate.
 
     .venv/bin/python benchmarks/sft.py                       # ~10 min on 2 busy cores
+    .venv/bin/python benchmarks/sft.py --model smollm2_135m --cases chat   # real model
     .venv/bin/python benchmarks/sft.py --rows 64 --repeats 1 # a quick look
 """
 

@@ -164,7 +164,9 @@ def test_yaml_files_open_with_a_comment():
 
 # recipes of one run (not a pipeline), and what they leave to the command line
 SINGLE_RUN_RECIPES = ("smollm2_sft_lora",)
-RECIPE_REQUIRED = {"smollm2_sft_lora": ["data.path=/tmp/chat.jsonl"]}
+RECIPE_REQUIRED = {
+    "smollm2_sft_lora": ["data.path=/tmp/chat.jsonl"],
+}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -178,7 +180,10 @@ def test_every_recipe_and_its_stages_compose(recipe):
     assert config.phase.name == "pipeline" and config.phase.stages
     for stage in config.phase.stages:
         overrides = [PLACEHOLDER.sub("/tmp/earlier-run", o) for o in stage.overrides]
-        stage_config = validate(compose_config(f"recipe={recipe}", "phase=train", *overrides))
+        required = RECIPE_REQUIRED.get(recipe, [])
+        stage_config = validate(
+            compose_config(f"recipe={recipe}", *required, "phase=train", *overrides)
+        )
         assert stage_config.objective.name in stage.overrides[0]
 
 

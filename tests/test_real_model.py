@@ -5,7 +5,10 @@ Hugging Face folder; model=gguf for any GGUF; and the bad models a user may poin
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -144,3 +147,157 @@ def test_data_chat_template_lets_such_a_model_train_and_travels_with_the_run(
     (run_dir,) = run_dirs(tmp_path / "out")
     saved = (run_dir / "adapter" / "chat_template.jinja").read_text()
     assert saved == template.read_text()  # serving the run renders with the same template
+
+
+# ---- learning on the real model (slow: minutes on 2 CPU cores) ---------------------------
+
+SYSTEM_PROMPT = "You are a terse calculator. Reply only with 'ANSWER: <number>'."
+ANSWER = re.compile(r"^ANSWER: \d+$")
+
+
+def sums(count: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randint(2, 60), rng.randint(2, 60)) for _ in range(count)]
+
+
+def chat_rows(path, count: int = 72) -> None:
+    """Chats in a format the instruct model does not use by itself ("ANSWER: 47")."""
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"ANSWER: {a + b}"},
+            ]
+        }
+        for a, b in sums(count, seed=0)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def conversational_preference_rows(path, count: int = 72) -> None:
+    """TRL's conversational preference format: the terse answer over a rambling one."""
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": "You are a terse calculator."},
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+            ],
+            "chosen": [{"role": "assistant", "content": f"ANSWER: {a + b}"}],
+            "rejected": [
+                {
+                    "role": "assistant",
+                    "content": f"Well, let me think about {a} and {b} for a while first.",
+                }
+            ],
+        }
+        for a, b in sums(count, seed=1)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+REAL = ["logger=none", "trainer.enable_progress_bar=false", "data.eval_fraction=0.12"]
+
+
+def metrics_of(output) -> dict:
+    (run_dir,) = run_dirs(output)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_smollm2_sft_lora_learns_the_chat_format_and_is_served_with_chatml(smollm2, tmp_path):
+    """SFT + LoRA with the recipe: the held-out loss at least halves in 20 steps, and the
+    served run (hf engine, OpenAI client) answers in the trained format through ChatML."""
+    from openai import OpenAI
+    from test_serving import start_serve
+
+    chat = tmp_path / "chat.jsonl"
+    chat_rows(chat)
+    run_cli(
+        "recipe=smollm2_sft_lora",
+        f"data.path={chat}",
+        "trainer.max_steps=20",
+        *REAL,
+        output_dir=tmp_path / "sft",
+        timeout=3600,
+    )
+    metrics = metrics_of(tmp_path / "sft")
+    assert metrics["val/loss"] <= 0.5 * metrics["val/loss_before"], metrics
+    (run_dir,) = run_dirs(tmp_path / "sft")
+
+    question = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "What is 17 plus 25?"},
+    ]
+    process, endpoint = start_serve(run_dir, tmp_path / "serve", "serving.gateway=false")
+    try:
+        client = OpenAI(base_url=endpoint["base_url"], api_key="EMPTY")
+        reply = client.chat.completions.create(
+            model=endpoint["model"], messages=question, max_tokens=12, temperature=0
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    answer = reply.choices[0].message.content.strip()
+    assert ANSWER.match(answer), answer  # the trained format, not the base model's prose
+    (merged,) = CACHE_DIR.glob(f"merged_runs/{run_dir.name}-*/merged")
+    tokenizer_template = (merged / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in tokenizer_template  # served with the GGUF's ChatML template
+    assert answer == greedy_reply_with(merged, question, 12).strip()
+
+
+def greedy_reply_with(model_dir, messages, max_new_tokens) -> str:
+    """What the run's own model and chat template answer to `messages`, in process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_smollm2_dpo_on_conversational_pairs_raises_held_out_reward_accuracy(smollm2, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    conversational_preference_rows(pairs)
+    run_cli(
+        "model=smollm2_135m",
+        "objective=dpo",
+        "data=jsonl",
+        f"data.path={pairs}",
+        "data.batch_size=4",
+        "trainer.max_steps=12",
+        "verify.enabled=false",
+        *REAL,
+        output_dir=tmp_path / "dpo",
+        timeout=3600,
+    )
+    metrics = metrics_of(tmp_path / "dpo")
+    assert metrics["val/reward_accuracy"] >= 0.8, metrics
+    assert metrics["val/reward_accuracy"] >= metrics["val/reward_accuracy_before"] + 0.3, metrics
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_learns_like_lora_and_full_fine_tuning_runs(smollm2, tmp_path):
+    """Same rows, steps and settings: QLoRA's held-out loss within 25% of LoRA's
+    (before the repack fix it stayed near its starting loss); full fine-tuning runs."""
+    chat = tmp_path / "chat.jsonl"
+    chat_rows(chat)
+    common = ["recipe=smollm2_sft_lora", f"data.path={chat}", "trainer.max_steps=10", *REAL]
+    losses = {}
+    for name, extra in {
+        "lora": [],
+        "qlora": ["adapter=qlora"],
+        "full": ["adapter=none", "objective.lr=2e-5", "trainer.max_steps=3"],
+    }.items():
+        run_cli(*common, *extra, output_dir=tmp_path / name, timeout=3600)
+        metrics = metrics_of(tmp_path / name)
+        losses[name] = (metrics["val/loss_before"], metrics["val/loss"])
+    assert losses["qlora"][1] <= 1.25 * losses["lora"][1], losses
+    assert losses["qlora"][1] <= 0.5 * losses["qlora"][0], losses
+    assert losses["full"][1] < losses["full"][0], losses

@@ -115,8 +115,11 @@ def merged_cache_dir(run_dir: Path, adapter: Path, cache_dir: str | None) -> Pat
 def compute_dtype(quant_cfg: Any) -> torch.dtype:
     if quant_cfg.compute_dtype != "auto":
         return DTYPES[quant_cfg.compute_dtype]
-    # bfloat16 4-bit matmuls are ~30x slower than float32 on CPUs without AVX-512
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    # bfloat16 4-bit matmuls are ~30x slower than float32 on CPUs without AVX-512 bf16 and
+    # faster with it: measured once per CPU (models/cpu_dtype.py)
+    from lmstack.models.cpu_dtype import compute_dtype_4bit
+
+    return compute_dtype_4bit()
 
 
 def quantization_config(quant_cfg: Any):
@@ -205,6 +208,16 @@ def load_base(
 
     quant = quantization_config(quant_cfg)
     dtype = compute_dtype(quant_cfg) if quant is not None else DTYPES[model_cfg.dtype]
+    if quant is not None:
+        from lmstack.models.cpu_dtype import probe_note
+
+        auto = quant_cfg.compute_dtype == "auto"
+        print(
+            f"lmstack: 4-bit compute dtype {str(dtype).removeprefix('torch.')} "
+            f"(quantization.compute_dtype={quant_cfg.compute_dtype}"
+            f"{probe_note() if auto else ''})",
+            flush=True,
+        )
     load = partial(
         (auto_class or AutoModelForCausalLM).from_pretrained,
         path,

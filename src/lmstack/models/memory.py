@@ -208,13 +208,18 @@ def model_shape(config: Any, cache_dir: str) -> ModelShape | None:
             num_kv_heads=shape.num_kv_heads,
             head_dim=shape.hidden_size // heads,
         )
-    if model.source == "gguf":  # known once converted (the first run converts it)
+    path = model_folder(model, cache_dir) / "config.json"
+    return _read_shape(path) if path.is_file() else None
+
+
+def model_folder(model: Any, cache_dir: str) -> Path:
+    """The folder (or hub id) of a model=hf or model=gguf base; a GGUF's converted folder
+    exists once the first run has converted it."""
+    if model.source == "gguf":
         from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
 
-        path = gguf_folder(resolve_gguf_file(model.path), cache_dir) / "config.json"
-    else:
-        path = Path(model.name_or_path).expanduser() / "config.json"
-    return _read_shape(path) if path.is_file() else None
+        return gguf_folder(resolve_gguf_file(model.path), cache_dir)
+    return Path(model.name_or_path).expanduser()
 
 
 def _read_shape(path: Path) -> ModelShape | None:
@@ -406,7 +411,7 @@ def tokenizer_file(config: Any, cache_dir: str) -> Path | None:
         from lmstack.models.builtin import builtin_folder
 
         return builtin_folder(model.builtin, model.pretrained, cache_dir) / "tokenizer.json"
-    return Path(model.name_or_path).expanduser() / "tokenizer.json"
+    return model_folder(model, cache_dir) / "tokenizer.json"
 
 
 def device_memory(config: Any) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from lmstack.distributed import (
     join_ranks,
 )
 from lmstack.evaluation.verifier import verifier_score
+from lmstack.models.cpu_dtype import probe_note, training_precision
 from lmstack.objectives import load_objective
 from lmstack.phases.context import RunContext
 from lmstack.slurm import trainer_callbacks, trainer_plugins
@@ -148,6 +149,10 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         save_top_k=1,
     )
     clip_val = trainer_cfg.gradient_clip_val or None
+    precision = training_precision(trainer_cfg.precision, trainer_cfg.accelerator, ctx.cache_dir)
+    if trainer_cfg.precision == "auto" and is_rank_zero():
+        note = probe_note(ctx.cache_dir)
+        print(f"lmstack: training precision {precision} (trainer.precision=auto{note})", flush=True)
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
         max_epochs=trainer_cfg.max_epochs,
@@ -157,7 +162,7 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         strategy=build_strategy(trainer_cfg),
         # lmstack's batch sampler gives each rank its share of the global batch itself
         use_distributed_sampler=False,
-        precision=trainer_cfg.precision,
+        precision=precision,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         gradient_clip_val=clip_val if automatic_optimization else None,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
