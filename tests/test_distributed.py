@@ -90,16 +90,22 @@ def test_ddp_dpo_with_cached_reference_matches_one_process(tmp_path, tiny_base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["reward", "grpo"])
+@pytest.mark.parametrize("objective", ["reward", "grpo", "ppo"])
 def test_other_objectives_train_under_ddp(objective, tmp_path, tiny_base):
-    """Reward pairs and GRPO prompts split by rank (a GRPO group stays on its rank); one set
-    of records."""
-    args = [*DDP, *SHORT, f"objective={objective}", "trainer.max_steps=2", "data.batch_size=4"]
-    result = run_cli(*args, output_dir=tmp_path)
+    """Reward pairs and GRPO/PPO prompts split by rank (a GRPO group stays on its rank); one
+    set of records."""
+    args = [*SHORT, f"objective={objective}", "trainer.max_steps=2", "data.batch_size=4"]
+    if objective == "ppo":  # PPO scores with a reward-model run, trained first in one process
+        run_cli(*SHORT, "objective=reward", "trainer.max_steps=2", output_dir=tmp_path / "rw")
+        (reward_run,) = run_dirs(tmp_path / "rw")
+        args.append(f"objective.reward_model={reward_run}")
+    result = run_cli(*DDP, *args, output_dir=tmp_path / "run")
+    tmp_path = tmp_path / "run"
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
     (run_dir,) = run_dirs(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["train/loss"] == metrics["train/loss"]  # a number, not nan
+    loss = metrics["train/policy_loss" if objective == "ppo" else "train/loss"]
+    assert loss == loss  # a number, not nan
     assert (run_dir / "adapter").exists() and '"finished"' in (run_dir / "status.json").read_text()
 
 

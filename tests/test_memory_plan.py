@@ -56,6 +56,7 @@ def assert_within(results: dict[str, dict], tolerance: float = 0.25) -> None:
         assert abs(error) <= tolerance, (overrides, result)
 
 
+@pytest.mark.slow  # ~40 s on a quiet 2-core machine (4 short trainings): the suite's budget
 def test_plan_is_within_25_percent_of_the_measured_peak_builtin(tiny_base):
     results = probe(*(f"{config} {SMALL_DATA}" for config in CONFIGS.values()))
     assert len(results) == len(CONFIGS)
