@@ -168,7 +168,7 @@ def test_vllm_bench_grid_over_concurrency(vllm_endpoint, tmp_path):
 
 
 def verifier_answers(output: Path) -> list[str]:
-    (path,) = output.rglob("verifier_answers.jsonl")
+    (path,) = output.rglob("verifier_samples.jsonl")
     return [json.loads(line)["responses"][0] for line in path.read_text().splitlines()]
 
 

@@ -229,3 +229,53 @@ def test_grpo_with_a_reward_that_is_always_zero_stops_naming_it(tmp_path):
     assert "in each of the first 2 steps" in result.stderr
     assert '"prompt": "To JSON: name=' in result.stderr  # a sample, from the user's rows
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_grpo_with_a_reference_reward_lifts_the_held_out_score_on_the_users_rows(tmp_path):
+    """The user's JSON task (tests/user_task.py): 120 full fine-tuning steps on their chat rows
+    leave a model that writes JSON but mostly copies the wrong values (held-out JSON-field
+    score 0.05), then 40 GRPO updates with the json_fields reward against each row's
+    reference (LoRA, 8 prompts x 8 samples at temperature 1, no KL) lift the greedy held-out
+    score to 0.17 (measured: +0.12; asked: +0.08). ~8 min on 2 shared cores."""
+    from user_task import write_rows
+
+    train, _ = write_rows(tmp_path / "sft_rows", train=400, held_out=24)
+    _, prompts = write_rows(tmp_path / "grpo_rows", train=0, held_out=400, seed=1)
+    quiet = ("logger=none", "trainer.enable_progress_bar=false", "trainer.num_threads=1")
+    run_cli(
+        "data=jsonl",
+        f"data.path={train}",
+        "adapter=none",
+        "objective.lr=2e-3",
+        "trainer.max_steps=120",
+        "trainer.checkpoint_every_n_steps=120",
+        "verify.enabled=false",
+        *quiet,
+        output_dir=tmp_path / "sft",
+        timeout=1200,
+    )
+    (sft_run,) = run_dirs(tmp_path / "sft")
+    run_cli(
+        "objective=grpo",
+        "data=jsonl",
+        f"data.path={prompts}",
+        f"model.init_from={sft_run}",
+        "objective.rewards=[{name:json_fields}]",
+        "objective.temperature=1.0",
+        "objective.group_size=8",
+        "objective.max_new_tokens=48",
+        "objective.lr=1e-3",
+        "objective.beta=0",
+        "data.batch_size=8",
+        "trainer.max_steps=40",
+        *quiet,
+        output_dir=tmp_path / "grpo",
+        timeout=1500,
+    )
+    (run_dir,) = run_dirs(tmp_path / "grpo")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    before, after = metrics["val/reward_json_fields_before"], metrics["val/reward_json_fields"]
+    assert after >= before + 0.08, (before, after)
+    samples = [json.loads(line) for line in (run_dir / "samples" / "grpo.jsonl").open()]
+    assert samples[0]["reference"]["name"] and "reward_json_fields" in samples[0]

@@ -83,11 +83,10 @@ def identity_payload(cfg: DictConfig) -> dict[str, Any]:
         "builtin_build": BUILTIN_BUILD_VERSION,
     }
     eval_data = ((resolved.get("eval") or {}).get("data") or {}).get("path")
-    if eval_data:
-        # the user's eval rows by content: an edited file is a new evaluation
-        payload["eval_data"] = data_fingerprint(
-            {"source": "parquet" if eval_data.endswith(".parquet") else "jsonl", "path": eval_data}
-        )
+    if eval_data and Path(eval_data).is_file():
+        # the user's eval rows by content: an edited file is a new evaluation (a hub dataset's
+        # name and split are in the config already)
+        payload["eval_data"] = f"file:{file_fingerprint(eval_data)}"
     return payload
 
 
