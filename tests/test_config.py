@@ -166,6 +166,7 @@ def test_yaml_files_open_with_a_comment():
 SINGLE_RUN_RECIPES = ("smollm2_sft_lora",)
 RECIPE_REQUIRED = {
     "smollm2_sft_lora": ["data.path=/tmp/chat.jsonl"],
+    "user_task_sft": ["data.path=/tmp/train.jsonl", "eval.data.path=/tmp/heldout.jsonl"],
 }
 
 
@@ -184,7 +185,10 @@ def test_every_recipe_and_its_stages_compose(recipe):
         stage_config = validate(
             compose_config(f"recipe={recipe}", *required, "phase=train", *overrides)
         )
-        assert stage_config.objective.name in stage.overrides[0]
+        if "phase=eval" in stage.overrides:
+            assert stage_config.phase.name == "eval" and stage_config.eval.data.path
+        else:
+            assert stage_config.objective.name in stage.overrides[0]
 
 
 def test_recipes_open_with_a_comment_and_the_command():
