@@ -52,8 +52,17 @@ def test_sft_run_scores_above_the_untuned_base_on_the_local_lm_eval_tasks(tmp_pa
     """Measured (limit 30): exact match 0.00 (base) -> 0.77 (30 SFT steps); multiple choice
     accuracy 0.57 -> 1.00."""
     common = ("eval=lm_eval", "eval.lm_eval.limit=30", "trainer.num_threads=1")
-    evaluate(tmp_path / "base", *common, "logger=none")
-    evaluate(tmp_path / "sft", *common, "logger=wandb", f"model.init_from={sft_sweep[30]}")
+    base_run = evaluate(tmp_path / "base", *common, "logger=none")
+    # the tasks' own generation length (32) by default; an override says so aloud
+    sft_run = evaluate(
+        tmp_path / "sft",
+        *common,
+        "logger=wandb",
+        f"model.init_from={sft_sweep[30]}",
+        "eval.lm_eval.max_gen_toks=32",
+    )
+    assert "overrides the generation length" not in base_run.stdout
+    assert "eval.lm_eval.max_gen_toks=32 overrides the generation length" in sft_run.stdout
     base, sft = eval_metrics(tmp_path / "base"), eval_metrics(tmp_path / "sft")
     gen, mc = "lm_eval/lmstack_arith_gen/exact_match_answer", "lm_eval/lmstack_arith_mc/acc"
     assert sft[gen] >= base[gen] + 0.4, (base[gen], sft[gen])
