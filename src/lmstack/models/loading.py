@@ -329,7 +329,9 @@ def wants_gradient_checkpointing(cfg: Any) -> bool:
 def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     path = resolve_base_path(cfg.model, cache_dir)
     require_causal_lm_folder(path, cfg.model)
-    tokenizer = load_tokenizer(path, cfg.model, getattr(cfg.data, "chat_template", None))
+    tokenizer = load_tokenizer(
+        path, cfg.model, getattr(getattr(cfg, "data", None), "chat_template", None)
+    )
     base = load_base(path, cfg.model, cfg.quantization)
     model = attach_adapter(base, cfg.adapter, quantized=cfg.quantization.name != "none")
     if wants_gradient_checkpointing(cfg):

@@ -16,7 +16,6 @@ from lmstack.data.loading import build_eval_loader, build_train_loader
 from lmstack.data.tokenize import encode_row, fit_length, has_target, truncation_metrics
 from lmstack.distributed import all_reduce_sum
 from lmstack.objectives import Objective, ObjectiveSetup, require_examples
-from lmstack.objectives.losses import causal_lm_loss, token_logprobs
 
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
@@ -83,20 +82,48 @@ class CausalLMModule(TrainedModelModule):
             use_cache=False,
         ).logits
 
+    def target_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N,)`` log-probabilities of the batch's N target tokens, with logits computed at
+        those positions only: with a real vocabulary (49k) the full ``(B, T, V)`` logits of
+        prompt and padding positions are most of a step's memory and much of its time."""
+        labels = batch["labels"]
+        keep = target_positions(labels)
+        if not keep.any():
+            raise ValueError("causal LM batch has no supervised token (every label is -100)")
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+        if logits.dim() == 3:  # an architecture that returns every position's logits
+            logits = logits[keep]
+        targets = labels[:, 1:][keep[:, :-1]]
+        return -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = global_token_mean_loss(self(batch), batch["labels"], self.trainer.world_size)
-        targets = (batch["labels"][:, 1:] != -100).sum()
+        logps = self.target_logprobs(batch)
+        loss = global_token_mean(logps, self.trainer.world_size)
         # under DDP each rank's loss is its share of the global mean: their mean is the loss
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/target_tokens", targets.float(), reduce_fx="sum", sync_dist=True)
+        targets = torch.tensor(float(logps.numel()), device=logps.device)
+        self.log("train/target_tokens", targets, reduce_fx="sum", sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = causal_lm_loss(self(batch), batch["labels"])
+        loss = -self.target_logprobs(batch).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=1)
 
 
-def global_token_mean_loss(logits: torch.Tensor, labels: torch.Tensor, world: int) -> torch.Tensor:
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: position t predicts a target (``labels[:, t + 1] != -100``)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def global_token_mean(logps: torch.Tensor, world: int) -> torch.Tensor:
     """This rank's part of the mean cross-entropy over every target token of the global batch.
 
     DDP averages gradients over ranks, so each rank returns `world * sum_local / N_global`
@@ -104,10 +131,8 @@ def global_token_mean_loss(logits: torch.Tensor, labels: torch.Tensor, world: in
     process's loss on the whole batch, however unevenly the tokens fall across ranks.
     """
     if world == 1:
-        return causal_lm_loss(logits, labels)
-
-    logps, mask = token_logprobs(logits, labels)
-    total = all_reduce_sum(mask.sum().detach())
+        return -logps.mean()
+    total = all_reduce_sum(torch.tensor(float(logps.numel()), device=logps.device))
     return -logps.sum() * world / total
 
 

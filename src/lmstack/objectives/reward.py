@@ -48,7 +48,9 @@ def load_model(config: Any, cache_dir: str):
             "(the adapter folder already holds the score head)"
         )
     path = resolve_base_path(config.model, cache_dir)
-    tokenizer = load_tokenizer(path, config.model, getattr(config.data, "chat_template", None))
+    tokenizer = load_tokenizer(
+        path, config.model, getattr(getattr(config, "data", None), "chat_template", None)
+    )
     with quiet_transformers():
         base = load_base(
             path,

@@ -1,0 +1,47 @@
+"""SFT computes logits only where a target token is predicted (the vocabulary projection of
+prompt and padding positions is skipped); the loss and its gradients are those of the full
+logits' cross-entropy, for padded and packed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmstack.data.loading import collate_packed, collate_padded
+from lmstack.objectives.causal_lm import CausalLMModule
+from lmstack.objectives.losses import causal_lm_loss
+
+
+@pytest.fixture(scope="module")
+def module(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa")
+    return CausalLMModule(model, objective=None, total_steps=1)
+
+
+def examples() -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for length, prompt in ((12, 5), (9, 3), (15, 10)):
+        ids = torch.randint(5, 300, (length,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+@pytest.mark.parametrize("collate", ["padded", "packed"])
+def test_completion_only_logits_give_the_full_loss_and_gradients(module, collate):
+    batch = collate_packed(examples()) if collate == "packed" else collate_padded(examples(), 0)
+    model = module.model
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, full_grads = loss_and_grads(lambda: causal_lm_loss(module(batch), batch["labels"]))
+    kept, kept_grads = loss_and_grads(lambda: -module.target_logprobs(batch).mean())
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    for got, want in zip(kept_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
