@@ -101,6 +101,10 @@ def test_ppo_end_to_end_logs_reward_score_and_kl(tmp_path, reward_run):
         assert key in metrics, key
     assert metrics["train/kl"] > -1.0  # a sampled estimate; near 0 after a few steps
     assert (run_dir / "adapter" / "value_head.safetensors").is_file()
+    # sampled completions with their prompt, reference and reward-model score, from step 0
+    samples = [json.loads(line) for line in (run_dir / "samples" / "ppo.jsonl").open()]
+    assert samples[0]["step"] == 0 and samples[0]["prompt"] and "reward" in samples[0]
+    assert samples[0]["reference"] is not None  # the built-in rows carry their answer
 
 
 @pytest.mark.slow
