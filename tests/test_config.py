@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from enum import Enum
 from functools import cache
 from pathlib import Path
 
@@ -219,6 +220,8 @@ def changed(cfg: DictConfig, dotted: str, value) -> DictConfig:
     other = copy.deepcopy(cfg)
     if isinstance(value, bool):
         new = not value
+    elif isinstance(value, Enum):  # a closed set of choices: another member
+        new = next(member for member in type(value) if member != value)
     elif isinstance(value, int | float):
         new = value + 1
     else:

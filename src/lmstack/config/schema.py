@@ -12,6 +12,7 @@ composition, and config errors must answer in about a second.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from omegaconf import MISSING
@@ -20,11 +21,57 @@ from lmstack.config.metrics import BENCH_FIGURES
 from lmstack.config.phases import PHASES
 from lmstack.errors import ConfigError
 
-ADAPTERS = ("none", "lora", "dora", "qlora")
-QUANTIZATIONS = ("none", "int8", "nf4")
-DATA_SOURCES = ("builtin", "jsonl", "parquet", "hub")
+
+class Choice(StrEnum):
+    """A closed set of choices: Hydra refuses any other value at composition, naming the key
+    and the choices; a member compares, hashes, formats and serialises as its string."""
+
+
+class Adapter(Choice):
+    none = "none"
+    lora = "lora"
+    dora = "dora"
+    qlora = "qlora"
+
+
+class Quantization(Choice):
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
+class DataSource(Choice):
+    builtin = "builtin"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    hub = "hub"
+
+
+class Logger(Choice):
+    wandb = "wandb"
+    mlflow = "mlflow"
+    csv = "csv"
+    none = "none"
+
+
+class WandbMode(Choice):
+    auto = "auto"  # online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class SweepDirection(Choice):
+    auto = "auto"
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+ADAPTERS = tuple(Adapter)
+QUANTIZATIONS = tuple(Quantization)
+DATA_SOURCES = tuple(DataSource)
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
-LOGGERS = ("wandb", "mlflow", "csv", "none")
+LOGGERS = tuple(Logger)
 ENGINES = ("hf", "vllm", "llamacpp", "external")
 # what `serving.quantization` may ask of each engine on some device; which of these the
 # device at hand supports is checked when the engine starts (lmstack.serving.engines).
@@ -153,7 +200,7 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    name: str = "lora"
+    name: Adapter = Adapter.lora
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -171,7 +218,6 @@ class AdapterConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
-        _require_choice(self.name, ADAPTERS, "adapter.name")
         _require(self.r > 0, "adapter.r", f"rank must be positive, got {self.r}")
         _require(0.0 <= self.dropout < 1.0, "adapter.dropout", f"{self.dropout} not in [0, 1)")
         if self.name != "none":
@@ -180,14 +226,13 @@ class AdapterConfig:
 
 @dataclass
 class QuantizationConfig:
-    name: str = "none"
+    name: Quantization = Quantization.none
     # auto: float32 on CPU (bfloat16 4-bit matmuls are ~30x slower without AVX-512),
     # bfloat16 on CUDA.
     compute_dtype: str = "auto"
     double_quant: bool = True
 
     def __post_init__(self) -> None:
-        _require_choice(self.name, QUANTIZATIONS, "quantization.name")
         _require_choice(
             self.compute_dtype,
             ("auto", "float32", "bfloat16", "float16"),
@@ -379,7 +424,7 @@ class GRPOObjectiveConfig(ObjectiveConfig):
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"
+    source: DataSource = DataSource.builtin
     # jsonl/parquet: a local file; hub: a dataset name (or a local dataset folder)
     path: str | None = None
     subset: str | None = None
@@ -405,7 +450,6 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        _require_choice(self.source, DATA_SOURCES, "data.source")
         _require_choice(self.format, DATA_FORMATS, "data.format")
         _require_choice(self.truncation, ("truncate", "drop"), "data.truncation")
         if self.source != "builtin":
@@ -498,19 +542,15 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
+    name: Logger = Logger.wandb
     project: str = "lmstack"
     entity: str | None = None
-    # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise
-    mode: str = "auto"
+    # wandb: auto is online when WANDB_API_KEY is set (or wandb is logged in), else offline
+    mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
     # mlflow: the local store (SQLite database + artifacts), unless tracking_uri names a server
     store_dir: str = "outputs/mlflow"
     tracking_uri: str = ""
-
-    def __post_init__(self) -> None:
-        _require_choice(self.name, LOGGERS, "logger.name")
-        _require_choice(self.mode, ("auto", "offline", "online", "disabled"), "logger.mode")
 
 
 @dataclass
@@ -1134,11 +1174,8 @@ class SweepConfig:
     # "" = the phase's own: bench/<bench.metric> for bench, else the first of
     # verify/score_after, val/loss, train/loss, eval/score (a pipeline: its last stage's)
     metric: str = ""
-    # maximize | minimize | auto (by the name: loss, latency, memory, time -> minimize)
-    direction: str = "auto"
-
-    def __post_init__(self) -> None:
-        _require_choice(self.direction, ("auto", "maximize", "minimize"), "sweep.direction")
+    # maximize | minimize | auto (the direction the phase declares for the metric)
+    direction: SweepDirection = SweepDirection.auto
 
 
 @dataclass

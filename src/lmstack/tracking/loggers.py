@@ -195,7 +195,7 @@ def _get(logger_cfg: Any, key: str, default: Any = None) -> Any:
 
 def wandb_mode(requested: str) -> str:
     if requested != "auto":
-        return requested
+        return str(requested)  # a plain string for wandb's settings (not the schema's enum)
     return "online" if _wandb_key_available() else "offline"
 
 
