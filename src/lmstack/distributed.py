@@ -50,14 +50,12 @@ def world_size(trainer_cfg: Any) -> int:
 def check_machine(trainer_cfg: Any) -> None:
     """What the config asks of this machine, checked before any model is loaded: the
     strategy's library and devices, and as many devices as asked for."""
-    import torch
-
     strategy, devices = trainer_cfg.strategy, trainer_cfg.devices
-    cuda = torch.cuda.device_count()
     accelerator = trainer_cfg.accelerator
+    cuda = 0 if accelerator == "cpu" else _cuda_devices()
     on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and cuda > 0)
     if strategy.startswith("deepspeed"):
-        _require_deepspeed(strategy, cuda)
+        _require_deepspeed(strategy, cuda if accelerator != "cpu" else 0)
     if strategy == "fsdp" and not on_gpu:
         raise ConfigError(
             f"trainer.strategy={strategy} with trainer.accelerator={accelerator}: Lightning runs "
@@ -88,6 +86,12 @@ def check_machine(trainer_cfg: Any) -> None:
             f"trainer.precision={trainer_cfg.precision} with trainer.accelerator={accelerator}: "
             "float16 needs a CUDA GPU. On CPUs use trainer.precision=32-true (or bf16-mixed)."
         )
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _require_deepspeed(strategy: str, cuda: int) -> None:

@@ -124,6 +124,12 @@ def dispatch(ctx: RunContext) -> dict[str, Any]:
     phase = ctx.config.phase.name
     if phase not in PHASES:
         raise ConfigError(f"phase.name: unknown phase '{phase}' (available: {', '.join(PHASES)})")
+    if phase == "train":
+        # data, devices and the memory plan, before the train phase imports torch and
+        # Lightning: a run that cannot work is refused in about a second
+        from lmstack.phases.plan import preflight
+
+        ctx.rows = preflight(ctx)
     return importlib.import_module(PHASES[phase].module).run(ctx)
 
 

@@ -17,3 +17,5 @@ class RunContext:
     cache_dir: str
     resolved: dict[str, Any]  # resolved config with secrets redacted
     multirun: bool = False
+    # phase=train: the rows its preflight loaded (launch.py), so they are read once
+    rows: Any = None

@@ -16,6 +16,33 @@ from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import set_status, write_json
 
 
+def preflight(ctx: RunContext) -> Any:
+    """What a train run checks before torch and Lightning are imported: its data, the
+    devices it asks for, and the memory plan (refused when it will not fit). Returns the
+    rows, or None for a finished run that is not to be trained again."""
+    from lmstack.distributed import check_machine, is_rank_zero
+    from lmstack.tracking.run_dir import finished_metrics
+
+    config = ctx.config
+    if not config.run.rerun and finished_metrics(ctx.run_dir):
+        return None
+    rows = load_rows(config.data, config.objective.name)
+    check_machine(config.trainer)
+    plan = memory_plan(config, rows, ctx.cache_dir)
+    if plan is None:
+        return rows  # a hub id: its shape is known only once downloaded
+    if is_rank_zero():
+        write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())
+        print(
+            f"lmstack: memory plan {plan.total / GB:.3f} GB per device "
+            f"(biggest: {plan.biggest}; device {(plan.device_bytes or 0) / GB:.2f} GB)",
+            flush=True,
+        )
+    if not plan.fits and config.trainer.memory_check:
+        raise ConfigError(plan.refusal())
+    return rows
+
+
 def run(ctx: RunContext) -> dict[str, Any]:
     config = ctx.config
     rows = load_rows(config.data, config.objective.name)

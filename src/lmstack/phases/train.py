@@ -13,11 +13,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lmstack.data.sources import Rows, load_rows
+from lmstack.data.sources import Rows
 from lmstack.distributed import (
     adopt_launcher,
     build_strategy,
-    check_machine,
     is_rank_zero,
     join_ranks,
 )
@@ -25,6 +24,7 @@ from lmstack.evaluation.verifier import verifier_score
 from lmstack.models.cpu_dtype import probe_note, training_precision
 from lmstack.objectives import load_objective
 from lmstack.phases.context import RunContext
+from lmstack.phases.plan import preflight
 from lmstack.slurm import trainer_callbacks, trainer_plugins
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
@@ -38,11 +38,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if done is not None:
         return done
 
-    # data first: bad input fails here, before any model is loaded
-    rows = load_rows(config.data, config.objective.name)
-
-    check_machine(config.trainer)
-    check_memory(ctx, rows)
+    # data, the machine and the memory plan first (launch.py runs this before the heavy
+    # imports): bad input fails here, before any model is loaded
+    rows = ctx.rows if ctx.rows is not None else preflight(ctx)
     if config.export.gguf:
         from lmstack.models.gguf import require_llamacpp
 
@@ -104,25 +102,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
     set_status(run_dir, "finished")
     print_summary(metrics)
     return metrics
-
-
-def check_memory(ctx: RunContext, rows: Rows) -> None:
-    """The memory plan (phase=plan) before any model is loaded: refuse what will not fit."""
-    from lmstack.errors import ConfigError
-    from lmstack.models.memory import GB, memory_plan
-
-    plan = memory_plan(ctx.config, rows, ctx.cache_dir)
-    if plan is None:
-        return  # a hub id: its shape is known only once downloaded
-    if is_rank_zero():
-        write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())
-        print(
-            f"lmstack: memory plan {plan.total / GB:.3f} GB per device "
-            f"(biggest: {plan.biggest}; device {(plan.device_bytes or 0) / GB:.2f} GB)",
-            flush=True,
-        )
-    if not plan.fits and ctx.config.trainer.memory_check:
-        raise ConfigError(plan.refusal())
 
 
 def validate(trainer: Any, setup: Any, suffix: str = "") -> dict[str, float]:
