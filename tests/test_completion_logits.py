@@ -45,3 +45,23 @@ def test_completion_only_logits_give_the_full_loss_and_gradients(module, collate
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
     for got, want in zip(kept_grads, full_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "mean"])
+@pytest.mark.parametrize("collate", ["padded", "packed"])
+def test_dpo_sequence_logprobs_from_completion_logits_match_the_full_ones(module, collate, average):
+    from lmstack.objectives.dpo import completion_sequence_logprobs
+    from lmstack.objectives.losses import packed_sequence_logprobs, sequence_logprobs
+
+    batch = collate_packed(examples()) if collate == "packed" else collate_padded(examples(), 0)
+    with torch.no_grad():
+        logits = module(batch)
+        if collate == "packed":
+            want = packed_sequence_logprobs(
+                logits, batch["labels"], batch["position_ids"], average=average
+            )
+        else:
+            want = sequence_logprobs(logits, batch["labels"], average=average)
+        got = completion_sequence_logprobs(module.model, batch, average)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

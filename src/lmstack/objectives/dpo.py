@@ -18,8 +18,8 @@ import torch
 
 from lmstack.data.loading import collate_preference
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.causal_lm import TrainedModelModule
-from lmstack.objectives.losses import dpo_loss, packed_sequence_logprobs, sequence_logprobs
+from lmstack.objectives.causal_lm import TrainedModelModule, target_positions
+from lmstack.objectives.losses import dpo_loss
 from lmstack.objectives.pairs import preference_setup
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 from lmstack.tracking.identity import stable_hash
@@ -111,6 +111,43 @@ def _load_or_compute(cache: Any, module: DPOModule, examples: list[dict], loaded
     return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
 
 
+def completion_sequence_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool
+) -> torch.Tensor:
+    """``(S,)`` summed (or averaged) completion log-probs of the batch's S sequences: S padded
+    rows, or the sequences packed in one row (``position_ids``). Logits are computed only at
+    positions that predict a completion token (with a 49k vocabulary the full ``(B, T, V)``
+    logits of prompts and padding are most of a step's memory); equal to
+    `sequence_logprobs` / `packed_sequence_logprobs` of the full logits."""
+    labels = batch["labels"]
+    keep = target_positions(labels)
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits
+    if logits.dim() == 3:  # an architecture that returns every position's logits
+        logits = logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    if "position_ids" in batch:  # the sequence that label position t + 1 belongs to
+        starts = batch["position_ids"][0] == 0
+        owner = torch.zeros_like(labels)
+        owner[0, :-1] = (starts.cumsum(0) - 1)[1:]
+        count = int(starts.sum())
+    else:
+        owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        count = labels.shape[0]
+    groups = owner[keep]
+    total = logps.new_zeros(count).index_add(0, groups, logps)
+    if not average:
+        return total
+    tokens = logps.new_zeros(count).index_add(0, groups, torch.ones_like(logps))
+    return total / tokens.clamp(min=1.0)
+
+
 class DPOModule(TrainedModelModule):
     def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
         super().__init__(model, objective, total_steps)
@@ -128,19 +165,8 @@ class DPOModule(TrainedModelModule):
         Summed over completion tokens, or averaged over them for ``loss=ipo``; from 2P padded
         rows, or from one packed row (``position_ids`` in the batch, padding-free).
         """
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-        ).logits
         average = self.objective.loss == "ipo"
-        if "position_ids" in batch:
-            logps = packed_sequence_logprobs(
-                logits, batch["labels"], batch["position_ids"], average=average
-            )
-        else:
-            logps = sequence_logprobs(logits, batch["labels"], average=average)
+        logps = completion_sequence_logprobs(model, batch, average)
         return logps.chunk(2)
 
     @torch.no_grad()
