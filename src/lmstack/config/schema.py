@@ -83,6 +83,7 @@ ENGINE_QUANTIZATIONS = {
     "external": ("none",),
 }
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+ROLLOUT_ENGINES = ("in_process", "vllm")
 MODEL_SOURCES = ("builtin", "hf", "gguf")
 # same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
@@ -317,6 +318,9 @@ class PPOObjectiveConfig(ObjectiveConfig):
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
+    # where rollouts are sampled: in_process (the policy itself) or vllm (a vLLM engine that
+    # gets the policy's adapter after every update; the trainer computes every log-prob)
+    rollout_engine: str = "in_process"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -334,6 +338,7 @@ class PPOObjectiveConfig(ObjectiveConfig):
         _require(self.ppo_epochs >= 1, "objective.ppo_epochs", "must be >= 1")
         _require(self.max_new_tokens > 0, "objective.max_new_tokens", "must be positive")
         _require(0 < self.top_p <= 1, "objective.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require_choice(self.rollout_engine, ROLLOUT_ENGINES, "objective.rollout_engine")
 
 
 # reward functions objective=grpo can sum (see lmstack.objectives.reward_functions)
@@ -392,6 +397,9 @@ class GRPOObjectiveConfig(ObjectiveConfig):
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
+    # where rollouts are sampled: in_process (the policy itself) or vllm (a vLLM engine that
+    # gets the policy's adapter after every update; the trainer computes every log-prob)
+    rollout_engine: str = "in_process"
     # a total reward that is the same for every completion in each of the first N steps stops
     # the run with an error naming the reward (0: warn only)
     reward_check_steps: int = 5
@@ -417,6 +425,7 @@ class GRPOObjectiveConfig(ObjectiveConfig):
         _require(self.max_new_tokens > 0, "objective.max_new_tokens", "must be positive")
         _require(self.temperature > 0, "objective.temperature", "must be positive")
         _require(0 < self.top_p <= 1, "objective.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require_choice(self.rollout_engine, ROLLOUT_ENGINES, "objective.rollout_engine")
         _require(len(self.rewards) > 0, "objective.rewards", "is empty")
         for index, reward in enumerate(self.rewards):
             reward.check(f"objective.rewards[{index}]")

@@ -14,6 +14,7 @@ policy with its adapter switched off, or a frozen copy after full fine-tuning (n
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,11 @@ class GRPOModule(TrainedModelModule):
         self.reference = frozen_reference(model, needed=objective.beta > 0)
         self.reward_guard = RewardGuard(reward_functions, objective.reward_check_steps)
         self.rollouts_done = 0
+        # objective.rollout_engine=vllm: the train phase attaches lmstack.serving.rollouts'
+        # engine here (sample(batch, n, ...) and update(model)); None samples in process
+        self.rollout_engine = None
+        # sampling time and generated tokens: rollout tokens/s, in process or on the engine
+        self.rollout_seconds, self.rollout_tokens = 0.0, 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -124,18 +130,27 @@ class GRPOModule(TrainedModelModule):
     def sample(self, batch: dict[str, Any], num_samples: int, greedy: bool = False):
         """``(completion ids, mask, decoded texts)`` for each prompt's samples."""
         objective = self.objective
-        completions = sample_completions(
-            self.model,
-            batch,
-            num_samples,
-            objective.max_new_tokens,
-            self.pad_token_id,
-            self.eos_token_id,
-            sample=not greedy,
-            temperature=objective.temperature,
-            top_p=objective.top_p,
-        )
+        started = time.perf_counter()
+        if self.rollout_engine is not None and not greedy:
+            completions = self.rollout_engine.sample(
+                batch, num_samples, objective.max_new_tokens, objective.temperature, objective.top_p
+            )
+        else:
+            completions = sample_completions(
+                self.model,
+                batch,
+                num_samples,
+                objective.max_new_tokens,
+                self.pad_token_id,
+                self.eos_token_id,
+                sample=not greedy,
+                temperature=objective.temperature,
+                top_p=objective.top_p,
+            )
         mask = completion_mask(completions, self.eos_token_id)
+        if not greedy:
+            self.rollout_seconds += time.perf_counter() - started
+            self.rollout_tokens += int(mask.sum())
         texts = self.tokenizer.batch_decode(
             completions.masked_fill(~mask, self.pad_token_id), skip_special_tokens=True
         )
@@ -211,6 +226,8 @@ class GRPOModule(TrainedModelModule):
                 self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
             optimizer.step()
             scheduler.step()
+        if self.rollout_engine is not None:  # the next rollouts come from this policy
+            self.rollout_engine.update(self.model)
         self.log_rollout(rollout, result)
 
     def watch_rewards(self, batch: dict[str, Any], rollout: Rollout) -> None:

@@ -110,6 +110,8 @@ class PPOModule(L.LightningModule):
         # checkpoints hold only the trained weights; the base (and the reference) is reloaded
         self.strict_loading = False
         self.reference = frozen_reference(model)
+        # objective.rollout_engine=vllm: attached by the train phase (lmstack.serving.rollouts)
+        self.rollout_engine = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -119,6 +121,12 @@ class PPOModule(L.LightningModule):
     # rollouts
 
     def sample(self, batch: dict[str, Any], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        objective = self.objective
+        if self.rollout_engine is not None and not greedy:
+            completions = self.rollout_engine.sample(
+                batch, 1, objective.max_new_tokens, objective.temperature, objective.top_p
+            )
+            return completions, completion_mask(completions, self.tokenizer.eos_token_id)
         completions = sample_completions(
             self.model,
             batch,
@@ -231,6 +239,8 @@ class PPOModule(L.LightningModule):
                 self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
             optimizer.step()
             scheduler.step()
+        if self.rollout_engine is not None:  # the next rollouts come from this policy
+            self.rollout_engine.update(self.model)
         self.log_update(rollout, targets, policy, value_loss)
 
     def log_update(self, rollout: Rollout, targets: Targets, policy: dict, value_loss) -> None:

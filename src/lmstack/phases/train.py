@@ -5,8 +5,10 @@ Reads top to bottom; every step is a plain function call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -41,6 +43,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # data, the machine and the memory plan first (launch.py runs this before the heavy
     # imports): bad input fails here, before any model is loaded
     rows = ctx.rows if ctx.rows is not None else preflight(ctx)
+    if getattr(config.objective, "rollout_engine", "in_process") == "vllm":
+        from lmstack.serving.rollouts import check_rollout_engine
+
+        check_rollout_engine(config)
     if config.export.gguf:
         from lmstack.models.gguf import require_llamacpp
 
@@ -73,7 +79,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         metrics |= validate(trainer, setup, suffix="_before")
-        trainer.fit(setup.module, setup.train_loader, ckpt_path=last_checkpoint(ctx))
+        with rollout_engine(ctx, loaded, setup.module):
+            trainer.fit(setup.module, setup.train_loader, ckpt_path=last_checkpoint(ctx))
+        metrics |= rollout_speed(setup.module)
         metrics["train/seconds"] = round(time.perf_counter() - started, 2)
         metrics |= {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
@@ -190,6 +198,34 @@ def verify(loaded: Any, rows: Rows, config: Any, when: str) -> dict[str, Any]:
     for example in result["examples"][:1]:
         print(f"  e.g. {example['prompt']!r} -> {example['answer']!r}", flush=True)
     return {f"verify/score_{when}": result["score"], f"verify/examples_{when}": result["examples"]}
+
+
+@contextlib.contextmanager
+def rollout_engine(ctx: RunContext, loaded: Any, module: Any) -> Iterator[None]:
+    """objective.rollout_engine=vllm: a vLLM engine samples the rollouts for the whole fit
+    (GRPO and PPO); it is stopped with the fit, however the fit ends."""
+    if getattr(ctx.config.objective, "rollout_engine", "in_process") != "vllm":
+        yield
+        return
+    from lmstack.serving.rollouts import vllm_rollouts
+
+    with vllm_rollouts(ctx.config, loaded, ctx.cache_dir, ctx.run_dir) as engine:
+        module.rollout_engine = engine
+        try:
+            yield
+        finally:
+            module.rollout_engine = None
+
+
+def rollout_speed(module: Any) -> dict[str, float]:
+    """Generated rollout tokens per second of sampling (GRPO), in process or on vLLM."""
+    seconds = getattr(module, "rollout_seconds", 0.0)
+    if not seconds:
+        return {}
+    return {
+        "train/rollout_tokens": float(module.rollout_tokens),
+        "train/rollout_tokens_per_s": round(module.rollout_tokens / seconds, 2),
+    }
 
 
 def print_summary(metrics: dict[str, Any]) -> None:

@@ -113,6 +113,12 @@ class VllmEngine(Engine):
 
 def lora_rank(adapter: Path) -> int:
     """vLLM allocates LoRA slots for --max-lora-rank (default 16); one of its sizes >= r."""
-    rank = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
+    return lora_rank_size(
+        int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
+    )
+
+
+def lora_rank_size(rank: int) -> int:
+    """The smallest of vLLM's --max-lora-rank sizes that holds rank `rank`."""
     sizes = (8, 16, 32, 64, 128, 256, 320, 512)
     return next((size for size in sizes if size >= rank), rank)
