@@ -49,6 +49,7 @@ def engine_processes() -> list[str]:
 
 
 def assert_nothing_left() -> None:
+    """No vLLM or llama.cpp engine alive, no engine scratch folder left."""
     assert not engine_processes(), engine_processes()
     assert not SCRATCH.exists() or not any(SCRATCH.iterdir()), list(SCRATCH.iterdir())
 
@@ -110,7 +111,7 @@ def test_broken_engine_environment_shows_the_engines_own_log(tmp_path, tiny_base
 # ---- vLLM (CPU build) serving a trained run ----
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def vllm_endpoint(sft_run, tmp_path_factory):
     """`phase=serve serving=vllm` on the run's merged model, through the tracing gateway."""
     require(VLLM_PYTHON)
@@ -124,25 +125,6 @@ def vllm_endpoint(sft_run, tmp_path_factory):
         assert_nothing_left()
 
 
-def test_vllm_chats_and_streams_the_runs_greedy_answer(sft_run, vllm_endpoint):
-    from openai import OpenAI
-
-    client = OpenAI(base_url=vllm_endpoint["base_url"], api_key="EMPTY")
-    messages = [{"role": "user", "content": QUESTION}]
-    ask = {"model": vllm_endpoint["model"], "messages": messages, "max_tokens": 16}
-    reply = client.chat.completions.create(**ask, temperature=0)
-    pieces = client.chat.completions.create(**ask, temperature=0, stream=True)
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices)
-    expected = greedy_reply(sft_run / "merged", QUESTION, 16)
-    assert reply.choices[0].message.content == expected
-    assert streamed == expected
-    assert vllm_endpoint["engine"] == "vllm"
-    assert (
-        vllm_endpoint["served"]["run_id"]
-        == json.loads((sft_run / "status.json").read_text())["run_id"]
-    )
-
-
 def external(endpoint: dict) -> list[str]:
     """The running vLLM engine, reached as any OpenAI-compatible server."""
     return [
@@ -153,40 +135,66 @@ def external(endpoint: dict) -> list[str]:
     ]
 
 
-def test_vllm_bench_grid_over_concurrency(vllm_endpoint, tmp_path):
-    run_cli(
-        "-m", *BENCH, *external(vllm_endpoint), "bench.max_concurrency=1,4", output_dir=tmp_path
-    )
-    points = run_dirs(tmp_path)
-    assert len(points) == 2
-    for point in points:
-        metrics = json.loads((point / "metrics.json").read_text())
-        assert metrics["bench/completed"] == 6 and metrics["bench/failed"] == 0
-        assert metrics["bench/output_tokens"] == 6 * 8  # ignore_eos: every answer full length
-        assert metrics["bench/ttft_ms_p50"] > 0 and metrics["bench/output_throughput"] > 0
-    assert list((tmp_path / "sweeps").rglob("summary.md"))
-
-
 def verifier_answers(output: Path) -> list[str]:
     (path,) = output.rglob("verifier_samples.jsonl")
     return [json.loads(line)["responses"][0] for line in path.read_text().splitlines()]
 
 
-def test_vllm_served_eval_gives_the_in_process_greedy_answers(sft_run, vllm_endpoint, tmp_path):
-    run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
-    run_cli(
-        *EVAL, f"model.init_from={sft_run}", "eval.target=served", *external(vllm_endpoint),
-        output_dir=tmp_path / "served",
-    )  # fmt: skip
-    local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
-    assert len(local) == 12 and served == local
+class TestOneVllmEngine:
+    """Tests sharing one vLLM engine (started once, stopped after the last of them)."""
+
+    def test_vllm_chats_and_streams_the_runs_greedy_answer(self, sft_run, vllm_endpoint):
+        from openai import OpenAI
+
+        client = OpenAI(base_url=vllm_endpoint["base_url"], api_key="EMPTY")
+        messages = [{"role": "user", "content": QUESTION}]
+        ask = {"model": vllm_endpoint["model"], "messages": messages, "max_tokens": 16}
+        reply = client.chat.completions.create(**ask, temperature=0)
+        pieces = client.chat.completions.create(**ask, temperature=0, stream=True)
+        streamed = "".join(
+            chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices
+        )
+        expected = greedy_reply(sft_run / "merged", QUESTION, 16)
+        assert reply.choices[0].message.content == expected
+        assert streamed == expected
+        assert vllm_endpoint["engine"] == "vllm"
+        assert (
+            vllm_endpoint["served"]["run_id"]
+            == json.loads((sft_run / "status.json").read_text())["run_id"]
+        )
+
+    def test_vllm_bench_grid_over_concurrency(self, vllm_endpoint, tmp_path):
+        run_cli(
+            "-m", *BENCH, *external(vllm_endpoint), "bench.max_concurrency=1,4", output_dir=tmp_path
+        )
+        points = run_dirs(tmp_path)
+        assert len(points) == 2
+        for point in points:
+            metrics = json.loads((point / "metrics.json").read_text())
+            assert metrics["bench/completed"] == 6 and metrics["bench/failed"] == 0
+            assert metrics["bench/output_tokens"] == 6 * 8  # ignore_eos: every answer full length
+            assert metrics["bench/ttft_ms_p50"] > 0 and metrics["bench/output_throughput"] > 0
+        assert list((tmp_path / "sweeps").rglob("summary.md"))
+
+    def test_vllm_served_eval_gives_the_in_process_greedy_answers(
+        self, sft_run, vllm_endpoint, tmp_path
+    ):
+        run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
+        run_cli(
+            *EVAL, f"model.init_from={sft_run}", "eval.target=served", *external(vllm_endpoint),
+            output_dir=tmp_path / "served",
+        )  # fmt: skip
+        local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
+        assert len(local) == 12 and served == local
 
 
 def test_vllm_serves_base_plus_adapter_without_merging(sft_run, tmp_path):
     require(VLLM_PYTHON)
     run = tmp_path / "run"
     shutil.copytree(sft_run, run, ignore=shutil.ignore_patterns("merged", "merge.lock", "gguf"))
-    expected = greedy_reply(sft_run / "merged", QUESTION, 16)  # the merged model's answer
+    from lmstack.models.loading import model_from_run
+
+    expected = greedy_reply(model_from_run(sft_run), QUESTION, 16)  # the merged model's answer
     process, endpoint = start_serve(
         run, tmp_path / "out", "serving=vllm", "serving.enable_lora=true", "serving.gateway=false",
         timeout_s=900,
@@ -301,9 +309,29 @@ def test_bench_across_three_engines_ends_in_one_summary(sft_run, tmp_path):
 # ---- vLLM rollouts for GRPO and PPO ----
 
 
+def greedy_gap(model, batch: dict, completions, eos_token_id: int) -> float:
+    """How far the completions are from the model's own greedy choices: the largest gap, over
+    every kept token, between the best log-prob and the chosen token's (0: all greedy)."""
+    import torch
+
+    from lmstack.objectives.rollout import completion_mask
+
+    mask = completion_mask(completions, eos_token_id)
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    input_ids = torch.cat([prompt_ids, completions], dim=1)
+    attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    logps = logits[:, prompt_ids.shape[1] - 1 : -1].log_softmax(-1)
+    chosen = logps.gather(-1, completions[..., None]).squeeze(-1)
+    return float(((logps.max(-1).values - chosen) * mask).max())
+
+
 def test_vllm_rollout_engine_follows_the_policys_weights(tmp_path):
-    """After an update the engine answers greedily as the policy does, token for token; the
-    first adapter it was given answers otherwise (so the update really changed its weights)."""
+    """After an update the engine's greedy answers are the policy's own greedy choices (up to
+    near-ties between two kernels: every chosen token within 0.05 nats of the policy's best);
+    the answers it gave before the update are not (so the update reached its weights)."""
     require(VLLM_PYTHON)
     import torch
     from test_config import compose_config
@@ -312,22 +340,18 @@ def test_vllm_rollout_engine_follows_the_policys_weights(tmp_path):
     from lmstack.data.prompts import PromptCollator, encode_prompts
     from lmstack.launch import validate
     from lmstack.models.loading import load_for_training
-    from lmstack.objectives.rollout import sample_completions
     from lmstack.serving.rollouts import vllm_rollouts
 
     config = validate(compose_config("objective=grpo", "objective.rollout_engine=vllm"))
     loaded = load_for_training(config, str(CACHE_DIR))
     tokenizer, model = loaded.tokenizer, loaded.model
+    model.eval()
+    eos = tokenizer.eos_token_id
     rows = [{"prompt": p.question} for p in arith.problems(6, seed=0, held_out=True)]
     batch = PromptCollator(tokenizer.pad_token_id)(encode_prompts(rows, tokenizer, 200, "test"))
 
-    def in_process() -> torch.Tensor:
-        return sample_completions(
-            model, batch, 1, 12, tokenizer.pad_token_id, tokenizer.eos_token_id, sample=False
-        )
-
     with vllm_rollouts(config, loaded, str(CACHE_DIR), tmp_path) as engine:
-        assert torch.equal(engine.sample(batch, 1, 12, greedy=True), in_process())
+        assert greedy_gap(model, batch, engine.sample(batch, 1, 12, greedy=True), eos) < 0.05
         torch.manual_seed(0)
         with torch.no_grad():  # a policy update that changes the answers
             for name, weight in model.named_parameters():
@@ -335,12 +359,13 @@ def test_vllm_rollout_engine_follows_the_policys_weights(tmp_path):
                     weight.add_(torch.randn_like(weight) * 0.5)
         before = engine.sample(batch, 1, 12, greedy=True)
         engine.update(model)
-        after, policy = engine.sample(batch, 1, 12, greedy=True), in_process()
-        assert torch.equal(after, policy)
-        assert not torch.equal(before, policy)
-        assert (
-            engine.name == "policy-1" and not (tmp_path / "rollout-adapters" / "policy-0").exists()
-        )
+        after = engine.sample(batch, 1, 12, greedy=True)
+        assert greedy_gap(model, batch, after, eos) < 0.05
+        assert greedy_gap(model, batch, before, eos) > 0.5
+        assert engine.name == "policy-1"
+        assert not (tmp_path / "rollout-adapters" / "policy-0").exists()
+        sampled = engine.sample(batch, 4, 12, temperature=1.0)
+        assert sampled.shape == (6 * 4, 12)
     assert not (tmp_path / "rollout-adapters").exists()
     assert_nothing_left()
 
