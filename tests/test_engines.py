@@ -231,7 +231,7 @@ def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_
     )  # fmt: skip
     local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
     assert len(local) == 12 and served == local
-    assert (sft_run / "gguf" / "model-f16.gguf").is_file()
+    assert list(CACHE_DIR.glob("gguf/*/model-f16.gguf")) and not (sft_run / "gguf").exists()
     assert_nothing_left()
 
 
@@ -246,9 +246,12 @@ def test_q4_gguf_agrees_with_the_run_on_most_answers(sft_run, tmp_path):
     local, q4 = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "q4")
     agree = sum(a == b for a, b in zip(local, q4, strict=True))
     assert agree >= 9, (agree, local, q4)
-    assert (sft_run / "gguf" / "model-q4_k_m.gguf").stat().st_size < (
-        sft_run / "gguf" / "model-f16.gguf"
-    ).stat().st_size
+    (described,) = [
+        json.loads(p.read_text())["eval/described"] for p in (tmp_path / "q4").rglob("metrics.json")
+    ]
+    q4_file = Path(described["gguf"])
+    assert q4_file.name == "model-q4_k_m.gguf"
+    assert q4_file.stat().st_size < (q4_file.parent / "model-f16.gguf").stat().st_size
 
 
 def test_gguf_export_at_training_loads_in_transformers(tmp_path):

@@ -1,8 +1,8 @@
 """serving=llamacpp: llama.cpp's OpenAI-compatible server (llama-server) on a GGUF file.
 
 A run or Hugging Face folder is first exported to GGUF with llama.cpp's own converter and
-quantizer (lmstack.models.gguf): into the run's gguf/ folder, or for any other folder into
-the cache, keyed by its content; a .gguf file is served as it is.
+quantizer (lmstack.models.gguf) into the cache, keyed by the model's content (a run's own
+gguf/ from export.gguf is used as it is); a .gguf file is served as it is.
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ class LlamaCppEngine(Engine):
                 f"file; '{path}' is not one"
             )
         run_dir = Path(serving.model) if served.get("run_id") else None
-        out_dir = (
-            run_dir / "gguf" if run_dir else Path(cache_dir) / "gguf" / served["artifact_hash"]
-        )
+        exported = run_dir / "gguf" / f"model-{gguf_type}.gguf" if run_dir else None
+        if exported is not None and exported.is_file():  # written by export.gguf at training
+            return Target(str(exported.resolve()), served | {"gguf": str(exported.resolve())})
+        # a run's own folder is never written to unasked: other GGUFs go to the cache
+        out_dir = Path(cache_dir) / "gguf" / served["artifact_hash"]
         print(f"lmstack: GGUF ({gguf_type}) of {path} in {out_dir}", flush=True)
         gguf = export_gguf(path, out_dir, gguf_type, config.paths.engines_dir)
         return Target(str(gguf.resolve()), served | {"gguf": str(gguf.resolve())})
