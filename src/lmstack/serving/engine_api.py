@@ -66,9 +66,14 @@ class Engine:
                 serving.python if Path(serving.python).is_file() else None
             )
             if found is None:
+                hint = (
+                    f" (`make engines` builds {Path(engines_dir) / self.environment})"
+                    if self.environment
+                    else ""
+                )
                 raise ConfigError(
                     f"serving.python: '{serving.python}' is neither a file nor a command on "
-                    f"PATH (run `make engines` to build .cache/engines/{self.environment})"
+                    f"PATH{hint}"
                 )
             return str(Path(found).absolute())
         own = Path(engines_dir) / self.environment / self.program
