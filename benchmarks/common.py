@@ -272,9 +272,10 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
+def write_results(name: str, payload: dict[str, Any], model: str = "random") -> Path:
+    """benchmarks/results/<name>.json, or <name>-<model>.json for a real --model."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}.json" if model == "random" else f"{name}-{model}.json")
     payload = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),

@@ -124,6 +124,7 @@ def compare(args) -> None:
             "table": rows_out,
             "cases": results,
         },
+        args.model,
     )
 
 

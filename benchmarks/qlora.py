@@ -149,6 +149,7 @@ def main() -> None:
             "medians": medians,
             "samples": {s.name: s.samples for s in sides},
         },
+        args.model,
     )
 
 

@@ -123,6 +123,7 @@ def compare(args) -> None:
             "table": rows_out,
             "cases": results,
         },
+        args.model,
     )
 
 
