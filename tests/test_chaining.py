@@ -35,4 +35,5 @@ def test_dpo_starts_from_the_sft_run(tmp_path):
 def test_init_from_a_folder_that_is_not_a_run(tmp_path):
     result = run_cli(f"model.init_from={tmp_path}", "logger=none", output_dir=tmp_path, check=False)
     assert result.returncode == 2
-    assert "is not an lmstack run directory" in result.stderr
+    assert "is neither an lmstack run directory" in result.stderr
+    assert "adapter_config.json" in result.stderr

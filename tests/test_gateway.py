@@ -158,8 +158,11 @@ def read_response(connection: socket.socket) -> tuple[bytes, bytes]:
 def test_plain_http_edge_cases_are_answered(engine, tmp_path):
     """What curl and other plain HTTP clients send: Expect: 100-continue with a large body,
     other /v1 routes, unknown routes, bytes that are not HTTP."""
-    messages = [{"role": "user", "content": "x" * 2000}]
-    body = json.dumps({"model": engine.model, "messages": messages, "max_tokens": 2}).encode()
+    # a large body whose prompt still fits the tiny model's 256-token context ("user" is an
+    # OpenAI field the engine ignores)
+    messages = [{"role": "user", "content": QUESTION}]
+    request = {"model": engine.model, "messages": messages, "max_tokens": 2, "user": "x" * 2000}
+    body = json.dumps(request).encode()
     with gateway(engine, make_config("logger=none"), tmp_path) as proxied:
         address = ("127.0.0.1", int(proxied.base_url.rsplit(":", 1)[1].split("/")[0]))
         with socket.create_connection(address, timeout=30) as connection:
@@ -181,7 +184,7 @@ def test_plain_http_edge_cases_are_answered(engine, tmp_path):
             connection.sendall(b"NOT HTTP AT ALL\r\n\r\n")
             assert connection.recv(4096).startswith(b"HTTP/1.1 400 Bad Request")
     (row,) = read_traces(tmp_path / TRACE_DB_NAME)  # only the completion is traced
-    assert row["status"] == 200 and row["prompt_tokens"] > 2000
+    assert row["status"] == 200 and json.loads(row["params"])["user"] == "x" * 2000
 
 
 def test_unreachable_upstream_is_a_502_with_a_trace(engine, tmp_path):

@@ -7,8 +7,10 @@ a single run; a point marked failed (and the sweep going on) in a multirun.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -27,6 +29,7 @@ from lmstack.tracking.headline import sweep_metric_key, wanted_metric
 from lmstack.tracking.identity import data_fingerprint, run_id
 from lmstack.tracking.run_dir import (
     finished_metrics,
+    provenance,
     resolved_config,
     set_status,
     write_run_records,
@@ -64,22 +67,94 @@ def run_task(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     quiet_library_warnings()
+    identity = ""
+    with stop_signals() as received:
+        try:
+            ctx = build_context(cfg, run_dir, multirun)
+            identity = ctx.run_id
+            announce(ctx.run_id, run_dir, "starts in")
+            metrics = dispatch(ctx)
+            announce(ctx.run_id, run_dir, "finished; results in")
+            return sweep_metric(metrics, ctx.config)
+        except LmstackError as error:
+            # bad input exits 2; an error class may name its own code (a run with no score: 1)
+            code = getattr(error, "exit_code", EXIT_BAD_INPUT)
+            return _fail(run_dir, multirun, f"lmstack: error: {error}", code, identity)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Lightning turns Ctrl-C during fit into sys.exit(1), and the serving code SIGTERM
+            # into SystemExit(143): which signal stopped the run is what `received` noted
+            signum = received[0] if received else _signal_of(stop)
+            if signum is None:
+                raise
+            _interrupted(run_dir, identity, signum, multirun)
+        except Exception:
+            if not multirun:
+                _record(run_dir, "failed", traceback.format_exc())
+                announce(identity, run_dir, "failed; see error.log in")
+                raise
+            return _fail(run_dir, multirun, traceback.format_exc(), 1, identity)
+
+
+def announce(identity: str, run_dir: Path, what: str) -> None:
+    """Where the run is, at its start and its end, so nobody has to list outputs/ for it."""
+    if identity and is_rank_zero():
+        print(f"lmstack: run {identity} {what} {run_dir.resolve()}", flush=True)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM and SIGINT unwind the run like Ctrl-C (so engines stop and the status is
+    recorded); yields the list of the signals received. Under Slurm SIGTERM is left to the
+    requeue machinery (lmstack/slurm.py), which checkpoints and records it itself."""
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    caught = [s for s in STOP_SIGNALS if not (s == signal.SIGTERM and _slurm_job_step())]
+
+    def note_and_stop(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        if len(received) == 1:  # a second signal must not cut short the recording of the first
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, note_and_stop) for s in caught}
     try:
-        ctx = build_context(cfg, run_dir, multirun)
-        metrics = dispatch(ctx)
-        return sweep_metric(metrics, ctx.config)
-    except LmstackError as error:
-        # bad input exits 2; an error class may name its own code (a run with no score: 1)
-        code = getattr(error, "exit_code", EXIT_BAD_INPUT)
-        return _fail(run_dir, multirun, f"lmstack: error: {error}", exit_code=code)
-    except KeyboardInterrupt:
-        _record(run_dir, "interrupted", "interrupted by the user; re-run the command to resume")
-        raise
-    except Exception:
-        if not multirun:
-            _record(run_dir, "failed", traceback.format_exc())
-            raise
-        return _fail(run_dir, multirun, traceback.format_exc(), exit_code=1)
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _slurm_job_step() -> bool:
+    """What lmstack.slurm.under_slurm() says, without importing Lightning to ask."""
+    return bool(os.environ.get("SLURM_NTASKS")) and os.environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
+
+
+def _signal_of(stop: BaseException) -> int | None:
+    """The signal behind an exit: Ctrl-C itself, or an exit status of 128 + signal."""
+    if isinstance(stop, KeyboardInterrupt):
+        return signal.SIGINT
+    code = stop.code if isinstance(stop.code, int) else None
+    if code is not None and code - 128 in STOP_SIGNALS:
+        return code - 128
+    return None
+
+
+def _interrupted(run_dir: Path, identity: str, signum: int, multirun: bool) -> None:
+    name = signal.Signals(signum).name
+    _record(run_dir, "interrupted", f"stopped by {name}; re-run the command to resume")
+    announce(identity, run_dir, f"interrupted by {name}; its records are in")
+    if multirun and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C stops the whole sweep
+    sys.exit(128 + signum)
 
 
 def validate(cfg: DictConfig) -> Any:
@@ -99,13 +174,18 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
     identity = run_id(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)
+    fingerprint = data_fingerprint(resolved["data"])
     rank_zero = is_rank_zero()  # the other ranks of a multi-process run write no records
     if rank_zero and (config.run.rerun or not finished_metrics(run_dir)):
-        write_run_records(cfg, run_dir, identity, data_fingerprint(resolved["data"]))
+        write_run_records(cfg, run_dir, identity, fingerprint)
+        # a new attempt: an earlier one's error no longer describes this run
+        (run_dir / "error.log").unlink(missing_ok=True)
         set_status(run_dir, "running", run_id=identity, **slurm_job())
     if rank_zero and (report := os.environ.get(RUN_DIR_REPORT)):
         # a pipeline stage tells the pipeline where it ran
         Path(report).write_text(str(run_dir.resolve()))
+    # what trackers record as the run's config: its provenance filled in, as in its lock file
+    resolved["lock"] = provenance(identity, fingerprint)
     return RunContext(
         cfg=cfg,
         config=config,
@@ -157,11 +237,12 @@ def _record(run_dir: Path, status: str, detail: str) -> None:
         set_status(run_dir, status, error=detail.strip().splitlines()[-1] if detail else "")
 
 
-def _fail(run_dir: Path, multirun: bool, message: str, exit_code: int) -> None:
+def _fail(run_dir: Path, multirun: bool, message: str, exit_code: int, identity: str = "") -> None:
     if not is_rank_zero():  # one rank of a multi-process run: say which
         message = f"rank {process_rank()}: {message}"
     _record(run_dir, "failed", message)
     print(message, file=sys.stderr, flush=True)
+    announce(identity, run_dir, "failed; see error.log in")
     if not multirun:
         sys.exit(exit_code)
     log.error("sweep point %s failed; the other points go on", run_dir.name)

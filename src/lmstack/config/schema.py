@@ -179,7 +179,11 @@ class ModelConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     # start from an earlier run's directory (its adapter or merged model, and its tokenizer)
+    # or from a PEFT adapter folder (adapter_config.json + weights, e.g. trained with TRL)
     init_from: str | None = None
+    # the base of a PEFT adapter folder given as init_from, name_or_path or serving.model
+    # (default: what its adapter_config.json names)
+    base: str | None = None
     builtin: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ import os
 import warnings
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.object_type import ObjectType
 
 from lmstack.config.objectives import objective_schemas
 from lmstack.config.schema import GROUP_SCHEMAS, SERVING_SCHEMAS, Config
@@ -30,6 +31,7 @@ def register_configs() -> None:
         store.store(group="objective", name=f"{name}_schema", node=schema)
     for name, schema in SERVING_SCHEMAS.items():
         store.store(group="serving", name=f"{name}_schema", node=schema)
+    _hide_internal_options()
     # conf/hydra/launcher/joblib.yaml shares the joblib plugin's name on purpose (it is what
     # hydra/launcher=joblib picks); Hydra then validates it against the plugin's schema, and warns
     warnings.filterwarnings(
@@ -43,3 +45,26 @@ def load_plugins() -> None:
     objective from outside lmstack registers its schema and data formats there."""
     for name in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
         importlib.import_module(name.strip())
+
+
+def is_internal_option(name: str) -> bool:
+    """The schema nodes above: building blocks of a group's YAML files, not choices."""
+    return name == "schema" or name.endswith("_schema")
+
+
+def _hide_internal_options() -> None:
+    """Hydra lists a group's options from every config source, the ConfigStore's schema
+    nodes included: in "Available options" after a typo and in glob sweeps. Filter them
+    where Hydra lists (its ConfigRepository; no public hook exists), once."""
+    from hydra._internal.config_repository import ConfigRepository
+
+    listing = ConfigRepository.get_group_options
+    if getattr(listing, "hides_internal", False):
+        return
+
+    def get_group_options(self, group_name, results_filter=ObjectType.CONFIG):
+        options = listing(self, group_name, results_filter)
+        return [name for name in options if not is_internal_option(name)]
+
+    get_group_options.hides_internal = True
+    ConfigRepository.get_group_options = get_group_options

@@ -9,7 +9,6 @@ the `X-Lmstack-Prompt-Version` header.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ class LocalModel:
 def load_local_model(model_cfg: Any, quant_cfg: Any, cache_dir: str) -> LocalModel:
     """The model group's model: a run directory's adapter on its base (quantized as the
     `quantization` group says), a run's full or merged model, or a base folder."""
+    from lmstack.models.adapters import adapter_base
     from lmstack.models.loading import load_base, load_tokenizer, resolve_base_path
 
     init_from = model_cfg.init_from
@@ -54,9 +54,7 @@ def load_local_model(model_cfg: Any, quant_cfg: Any, cache_dir: str) -> LocalMod
         _require_finished(Path(init_from))
         from peft import PeftModel
 
-        base_path = json.loads((adapter / "adapter_config.json").read_text())[
-            "base_model_name_or_path"
-        ]
+        base_path = adapter_base(adapter, model_cfg.base, cache_dir, "model.init_from")
         tokenizer = load_tokenizer(str(adapter), model_cfg)
         base = load_base(base_path, model_cfg, quant_cfg)
         model = PeftModel.from_pretrained(base, str(adapter))

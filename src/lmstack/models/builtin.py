@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -130,9 +131,42 @@ def ensure_builtin_model(shape: TinyLlamaConfig, pretrained: bool, cache_dir: st
             return folder
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        _build_into(staging, shape, pretrained)
+        with isolated_random_state():
+            _build_into(staging, shape, pretrained)
         staging.rename(folder)
     return folder
+
+
+# Lightning's seed_everything records its seed here; its dataloader workers read it
+SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@contextmanager
+def isolated_random_state():
+    """Runs a build with its own seeds, leaving every random generator (Python's, NumPy's,
+    torch's) and Lightning's seed variables as they were. A run that builds the base on
+    first use then draws the same numbers as one that finds it cached, so a lock file
+    replayed on an empty cache reproduces the run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    env = {name: os.environ.get(name) for name in SEED_ENV}
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @contextmanager
@@ -151,7 +185,9 @@ def _build_into(folder: Path, shape: TinyLlamaConfig, pretrained: bool) -> None:
     if pretrained:
         print(f"lmstack: building tiny_base (first use; cached in {folder.parent})", flush=True)
         _pretrain(model, tokenizer, shape, folder)
-    model.save_pretrained(folder)
+    from lmstack.models.export import save_model
+
+    save_model(model, folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -164,6 +200,7 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     from lmstack.data.loading import build_train_loader
     from lmstack.data.tokenize import encode_text
     from lmstack.objectives.causal_lm import CausalLMModule
+    from lmstack.tracking.progress import progress_bar
 
     texts = pretraining_corpus(8000, seed=shape.seed)
     examples = [
@@ -181,6 +218,7 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
         enable_model_summary=False,
         default_root_dir=str(folder.parent),
         gradient_clip_val=1.0,
+        callbacks=[progress_bar()],
     )
     trainer.fit(module, train_dataloaders=loader)
     model.eval()

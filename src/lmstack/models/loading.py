@@ -6,7 +6,6 @@ local folder, hub id, an earlier run) goes through the same from_pretrained path
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +17,12 @@ import torch
 
 from lmstack.config.objectives import OBJECTIVES
 from lmstack.errors import ConfigError
+from lmstack.models.adapters import (
+    ADAPTER_CONFIG,
+    adapter_base,
+    is_adapter_folder,
+    merged_adapter,
+)
 from lmstack.models.builtin import ensure_builtin_model, file_lock
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,10 @@ class LoadedModel:
 
 def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
     """The folder (or hub id) that holds the base weights and tokenizer."""
+    base = getattr(model_cfg, "base", None)
+    from_adapter = model_cfg.init_from and not is_run_dir(model_cfg.init_from)
+    if from_adapter and is_adapter_folder(model_cfg.init_from):
+        return str(merged_adapter(model_cfg.init_from, base, cache_dir, "model.init_from"))
     if model_cfg.init_from:
         return str(model_from_run(Path(model_cfg.init_from), cache_dir))
     if model_cfg.source == "builtin":
@@ -47,6 +56,8 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
 
         return str(ensure_gguf_model(model_cfg.path, cache_dir))
     path = model_cfg.name_or_path
+    if is_adapter_folder(path):
+        return str(merged_adapter(path, base, cache_dir, "model.name_or_path"))
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not (Path(path).expanduser() / "config.json").is_file():
         raise ConfigError(
@@ -54,6 +65,10 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
             "(no config.json there)"
         )
     return str(Path(path).expanduser()) if looks_local else path
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(str(path)).expanduser() / "status.json").is_file()
 
 
 def model_from_run(run_dir: Path, cache_dir: str | None = None) -> Path:
@@ -73,7 +88,8 @@ def model_from_run(run_dir: Path, cache_dir: str | None = None) -> Path:
     status = read_json(run_dir / "status.json")
     if status is None:
         raise ConfigError(
-            f"model.init_from: '{run_dir}' is not an lmstack run directory (no status.json)"
+            f"model.init_from: '{run_dir}' is neither an lmstack run directory (status.json) "
+            f"nor a PEFT adapter folder ({ADAPTER_CONFIG}); pass one of them"
         )
     if status.get("status") != "finished":
         raise ConfigError(
@@ -91,7 +107,7 @@ def model_from_run(run_dir: Path, cache_dir: str | None = None) -> Path:
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"model.init_from: '{run_dir}' holds no adapter/, model/ or merged/")
-    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = adapter_base(adapter, None, str(cache_root(cache_dir)), "model.init_from")
     target = merged_cache_dir(run_dir, adapter, cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / "merge.lock"):
@@ -101,6 +117,10 @@ def model_from_run(run_dir: Path, cache_dir: str | None = None) -> Path:
     return target
 
 
+def cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir or os.environ.get("LMSTACK_CACHE_DIR", ".cache/lmstack")).expanduser()
+
+
 def merged_cache_dir(run_dir: Path, adapter: Path, cache_dir: str | None) -> Path:
     """Where a run's merged model is cached: keyed by the adapter's weights, so a re-trained
     run merges again."""
@@ -108,8 +128,7 @@ def merged_cache_dir(run_dir: Path, adapter: Path, cache_dir: str | None) -> Pat
 
     weights = sorted(adapter.glob("adapter_model.*"))
     key = file_fingerprint(weights[0]) if weights else "none"
-    root = Path(cache_dir or os.environ.get("LMSTACK_CACHE_DIR", ".cache/lmstack")).expanduser()
-    return root / "merged_runs" / f"{run_dir.resolve().name}-{key}" / "merged"
+    return cache_root(cache_dir) / "merged_runs" / f"{run_dir.resolve().name}-{key}" / "merged"
 
 
 def compute_dtype(quant_cfg: Any) -> torch.dtype:

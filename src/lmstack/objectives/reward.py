@@ -19,7 +19,7 @@ import torch
 from lmstack.data.loading import collate_padded
 from lmstack.data.tokenize import encode_prompt_completion
 from lmstack.errors import ConfigError
-from lmstack.models.export import save_trained
+from lmstack.models.export import make_portable, save_trained
 from lmstack.models.loading import (
     LoadedModel,
     attach_adapter,
@@ -123,6 +123,8 @@ def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
 
     adapter = config.adapter.name != "none"
     folder = save_trained(loaded.model, loaded.tokenizer, run_dir, adapter=adapter)
+    if adapter:
+        make_portable(folder, config.model, loaded.base_path, config.paths.cache_dir)
     base = Path(loaded.base_path)
     write_json(
         run_dir / MARKER,

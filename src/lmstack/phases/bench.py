@@ -8,7 +8,6 @@ concurrency, streamed) → figures (TTFT, TPOT, ITL, latency, throughput, goodpu
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from lmstack.prompts import prompt_version
-    from lmstack.serving.client import run_load
+    from lmstack.serving.client import run_load, run_stoppable
     from lmstack.serving.engines import serve
 
     config, run_dir = ctx.config, ctx.run_dir
@@ -52,7 +51,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         print(f"lmstack: benchmarking {endpoint.model} at {endpoint.base_url}", flush=True)
         warm_up(requests[: bench.warmup_requests], endpoint, settings)
         with tqdm(total=len(requests[bench.warmup_requests :]), desc="bench", unit="req") as bar:
-            results, duration = asyncio.run(
+            results, duration = run_stoppable(
                 run_load(requests[bench.warmup_requests :], endpoint, settings, progress=bar)
             )
         metrics = bench_metrics(results, duration, bench, endpoint, settings.prompt_version)
@@ -139,11 +138,11 @@ def warm_up(requests: list[dict[str, Any]], endpoint: Any, settings: Any) -> Non
     kernel selection), and would otherwise land in the first measured requests."""
     from dataclasses import replace
 
-    from lmstack.serving.client import run_load
+    from lmstack.serving.client import run_load, run_stoppable
     from lmstack.serving.traces import WARMUP_TAG
 
     if requests:
-        asyncio.run(run_load(requests, endpoint, replace(settings, tag=WARMUP_TAG)))
+        run_stoppable(run_load(requests, endpoint, replace(settings, tag=WARMUP_TAG)))
 
 
 def bench_metrics(

@@ -87,9 +87,28 @@ def run_stage(name: str, overrides: list[str]) -> str:
         report = Path(scratch) / "run_dir"
         env = {**os.environ, "LMSTACK_RUN_DIR_REPORT": str(report)}
         command = [sys.executable, str(REPO_ROOT / "run.py"), *overrides]
-        result = subprocess.run(command, env=env, check=False)
+        returncode = run_child(command, env)
         run_dir = report.read_text() if report.exists() else None
-    if result.returncode != 0 or run_dir is None:
+    if returncode != 0 or run_dir is None:
         where = f"; see {run_dir}/error.log" if run_dir else ""
-        raise LmstackError(f"pipeline stage '{name}' failed (exit {result.returncode}){where}")
+        raise LmstackError(f"pipeline stage '{name}' failed (exit {returncode}){where}")
     return run_dir
+
+
+STAGE_STOP_GRACE_S = 60.0
+
+
+def run_child(command: list[str], env: dict[str, str]) -> int:
+    """The stage's exit status. When the pipeline is stopped (SIGTERM, Ctrl-C) the stage is
+    told with SIGTERM and waited for, so it records itself as interrupted (a kill would leave
+    its status.json saying "running")."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        try:
+            process.wait(timeout=STAGE_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from lmstack.phases.context import RunContext
-from lmstack.tracking.run_dir import set_status, write_json
+from lmstack.tracking.run_dir import write_json
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -26,9 +26,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            # the task wrapper records the run as interrupted, naming the signal
             print("lmstack: stopping the server", flush=True)
-    set_status(ctx.run_dir, "stopped")
-    return {}
+            raise
 
 
 def usage(endpoint: Any) -> str:

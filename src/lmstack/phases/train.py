@@ -29,6 +29,7 @@ from lmstack.phases.context import RunContext
 from lmstack.phases.plan import preflight
 from lmstack.slurm import trainer_callbacks, trainer_plugins
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
+from lmstack.tracking.progress import progress_bar
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
     if trainer_cfg.precision == "auto" and is_rank_zero():
         note = probe_note(ctx.cache_dir)
         print(f"lmstack: training precision {precision} (trainer.precision=auto{note})", flush=True)
+    bar = [progress_bar()] if trainer_cfg.enable_progress_bar else []
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
         max_epochs=trainer_cfg.max_epochs,
@@ -158,7 +160,7 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         num_sanity_val_steps=0,
         logger=logger,
         # under Slurm: save last.ckpt and requeue on the requeue signal (lmstack/slurm.py)
-        callbacks=[checkpoint, *trainer_callbacks(ctx.run_dir)],
+        callbacks=[checkpoint, *bar, *trainer_callbacks(ctx.run_dir)],
         plugins=trainer_plugins(),
         default_root_dir=str(ctx.run_dir),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -52,13 +53,14 @@ def request_body(request: dict[str, Any], endpoint: Endpoint, settings: LoadSett
 
 
 def ignore_eos_fields(engine: str, settings: LoadSettings) -> dict[str, Any]:
-    """Fixed-length outputs: vLLM (and most servers) take `ignore_eos`; transformers serve
-    rejects it but takes a generation config, where min_new_tokens holds EOS back."""
+    """Fixed-length outputs: vLLM (and most servers, lmstack's gateway too) take `ignore_eos`;
+    transformers serve rejects it but takes a generation config, where end-of-sequence -1
+    never stops generation (its continuous batching ignores min_new_tokens)."""
     if engine != "hf":
         return {"ignore_eos": True}
     generation = {
         "max_new_tokens": settings.max_tokens,
-        "min_new_tokens": settings.max_tokens,
+        "eos_token_id": -1,
         "do_sample": settings.temperature > 0,
     }
     return {"generation_config": json.dumps(generation)}
@@ -191,3 +193,36 @@ async def run_load(
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     return list(results), duration
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_stoppable(work: Any) -> Any:
+    """asyncio.run(work), where SIGTERM or SIGINT cancels the work (its requests closed) and
+    is then handed to the process's own handler, which stops the run as usual. A signal
+    handler that raises inside a task instead leaves half-cancelled tasks whose errors
+    asyncio prints at shutdown."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(work)
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    async def main() -> Any:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, lambda s=sig: (received.append(s), task.cancel()))
+        return await work
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if not received:
+            raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    signal.raise_signal(received[0])
+    raise KeyboardInterrupt  # when the process's handler does not stop it

@@ -10,6 +10,7 @@ lmstack.serving.engines starts, health-checks and stops every engine the same wa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -104,6 +105,7 @@ class Engine:
 
 def servable_model(config: Any, cache_dir: str) -> tuple[str, dict[str, Any]]:
     """A Hugging Face folder (or hub id) to serve, and the identity of what it holds."""
+    from lmstack.models.adapters import is_adapter_folder, merged_adapter
     from lmstack.models.loading import model_from_run, resolve_base_path
     from lmstack.tracking.run_dir import read_json
 
@@ -116,10 +118,13 @@ def servable_model(config: Any, cache_dir: str) -> tuple[str, dict[str, Any]]:
         run_id = (read_json(Path(source) / "status.json") or {}).get("run_id")
     elif (Path(source) / "config.json").is_file():
         path = source
+    elif is_adapter_folder(source):
+        path = str(merged_adapter(source, config.model.base, cache_dir, "serving.model"))
     elif Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
         raise ConfigError(
-            f"serving.model: '{source}' is neither an lmstack run directory (status.json) "
-            "nor a Hugging Face model folder (config.json)"
+            f"serving.model: '{source}' is neither an lmstack run directory (status.json), "
+            "a Hugging Face model folder (config.json) nor a PEFT adapter folder "
+            "(adapter_config.json); pass one of them"
         )
     else:
         path = source  # a hub id: the engine fetches it
@@ -160,3 +165,18 @@ def current_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def short_model_name(model_path: str, run_id: str | None = None) -> str:
+    """A run's id, a hub id as it is, a local folder by its name (not its absolute path)."""
+    if run_id:
+        return run_id
+    path = Path(model_path)
+    if not path.is_absolute() and not path.exists():
+        return model_path  # a hub id
+    if path.name in ("merged", "model") and (path.parent / "status.json").is_file():
+        status = json.loads((path.parent / "status.json").read_text())
+        return status.get("run_id") or path.parent.name
+    if path.name == "merged":  # merged into the cache: <run id>-<adapter hash>/merged
+        return path.parent.name
+    return path.name

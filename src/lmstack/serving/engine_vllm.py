@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lmstack.errors import ConfigError
-from lmstack.serving.engine_api import Engine, Launch, Target, artifact_hash, current_device
+from lmstack.models.adapters import adapter_base, is_adapter_folder
+from lmstack.serving.engine_api import (
+    Engine,
+    Launch,
+    Target,
+    artifact_hash,
+    current_device,
+    short_model_name,
+)
 
 # lmstack's name -> vLLM's --quantization method
 VLLM_METHODS = {"int8": "int8_per_channel_weight_only", "awq": "awq", "gptq": "gptq", "fp8": "fp8"}
@@ -54,16 +62,17 @@ class VllmEngine(Engine):
         serving = config.serving
         if not serving.enable_lora:
             return super().target(config, cache_dir)
-        run_dir = Path(serving.model) if serving.model else None
-        adapter = run_dir / "adapter" if run_dir else None
-        if adapter is None or not (adapter / "adapter_config.json").is_file():
+        source = Path(serving.model) if serving.model else None
+        # a run directory's adapter/, or a PEFT adapter folder from anywhere
+        adapter = source if is_adapter_folder(source) else source / "adapter" if source else None
+        if adapter is None or not is_adapter_folder(adapter):
             raise ConfigError(
                 f"serving.enable_lora: '{serving.model}' holds no adapter/ (a full fine-tune, "
                 "or no run directory); serve its merged model with serving.enable_lora=false"
             )
-        base = json.loads((adapter / "adapter_config.json").read_text())
-        base_path = base["base_model_name_or_path"]
-        status = json.loads((run_dir / "status.json").read_text())
+        base_path = adapter_base(adapter, config.model.base, cache_dir, "serving.model")
+        status_file = source / "status.json"
+        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
         served = {
             "path": base_path,
             "adapter": str(adapter.resolve()),
@@ -76,7 +85,9 @@ class VllmEngine(Engine):
     def launch(
         self, serving: Any, target: Target, executable: str, device: str, port: int, scratch: Path
     ) -> Launch:
-        model_name = serving.served_model_name or target.path
+        model_name = serving.served_model_name or short_model_name(
+            target.path, target.served.get("run_id")
+        )
         command = [executable, "-m", "vllm.entrypoints.openai.api_server"]
         command += ["--model", target.path, "--host", serving.host, "--port", str(port)]
         eager = serving.enforce_eager if serving.enforce_eager is not None else device == "cpu"

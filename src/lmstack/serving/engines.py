@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError
-from lmstack.serving.engine_api import Engine, artifact_hash, current_device, servable_model
+from lmstack.serving.engine_api import (
+    Engine,
+    artifact_hash,
+    current_device,
+    servable_model,
+    short_model_name,
+)
 from lmstack.serving.engine_hf import HfEngine
 from lmstack.serving.engine_llamacpp import LlamaCppEngine
 from lmstack.serving.engine_vllm import VllmEngine
@@ -86,14 +92,21 @@ def serve(
             upstream_cm = _external(serving)
         else:
             upstream_cm = _engine(config, str(cache_dir), Path(log_dir))
+        use_gateway = serving.gateway if gateway is None else gateway
+        asked = gateway is None  # the user's serving.gateway, not an internal engine start
+        if asked and not use_gateway and serving.name == "hf" and serving.served_model_name:
+            raise ConfigError(
+                "serving.served_model_name: the hf engine answers only to its model's path; "
+                "keep serving.gateway=true, which serves it under this name"
+            )
         with upstream_cm as upstream:
-            use_gateway = serving.gateway if gateway is None else gateway
             if not use_gateway:
                 yield upstream
                 return
             from lmstack.serving.gateway import gateway as tracing_gateway
 
-            with tracing_gateway(upstream, config, log_dir) as proxied:
+            name = public_model_name(serving, upstream)
+            with tracing_gateway(upstream, config, log_dir, name=name) as proxied:
                 yield proxied
 
 
@@ -132,6 +145,19 @@ def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
 def engine_offline_env(model_path: str) -> dict[str, str]:
     """A local model needs no hub: engines then never wait on a network lookup."""
     return {"HF_HUB_OFFLINE": "1"} if Path(model_path).exists() else {}
+
+
+def public_model_name(serving: Any, upstream: Endpoint) -> str:
+    """What clients send as `model`: serving.served_model_name, else the run id or the
+    model's short name. The gateway maps it to the name the engine answers to."""
+    if serving.name == "external":
+        return serving.served_model_name or upstream.model
+    if serving.served_model_name:
+        return serving.served_model_name
+    served = upstream.served or {}
+    if serving.name == "vllm":
+        return upstream.model
+    return short_model_name(str(served.get("path") or upstream.model), served.get("run_id"))
 
 
 @contextlib.contextmanager

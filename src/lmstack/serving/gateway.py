@@ -36,6 +36,7 @@ import re
 import signal
 import ssl
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -48,6 +49,15 @@ from typing import Any
 from lmstack.prompts import PROMPT_VERSION_HEADER
 from lmstack.serving import ab
 from lmstack.serving.ab import REQUEST_ID_HEADER, VARIANT_HEADER
+from lmstack.serving.openai_compat import (
+    Plan,
+    RequestRejected,
+    ServedModel,
+    as_events,
+    combine,
+    models_listing,
+    normalise,
+)
 from lmstack.serving.processes import free_port, start_process, stop_process, wait_until_healthy
 from lmstack.serving.traces import TRACE_DB_NAME, FeedbackRecord, TraceRecord, stored_request
 
@@ -65,10 +75,15 @@ MAX_REMEMBERED_IDS = 200_000
 
 @contextlib.contextmanager
 def gateway(
-    upstream: Any, config: Any, log_dir: Path, variants: list[dict] | None = None
+    upstream: Any,
+    config: Any,
+    log_dir: Path,
+    variants: list[dict] | None = None,
+    name: str = "",
 ) -> Iterator[Any]:
-    """Start the gateway in front of `upstream` (an Endpoint); yield the gateway's Endpoint.
-    With `variants` (serving/ab.py) it splits completions between them instead.
+    """Start the gateway in front of `upstream` (an Endpoint); yield the gateway's Endpoint,
+    whose model is `name` (the engine's own name when empty). With `variants`
+    (serving/ab.py) it splits completions between them instead.
 
     The trace store is `config.trace.path`, or `<log_dir>/traces.sqlite`. The gateway
     process is always stopped, and its buffered traces written, on the way out.
@@ -90,6 +105,8 @@ def gateway(
         f"--port={port}",
         f"--engine={getattr(upstream, 'engine', '')}",
         f"--served={json.dumps(served, default=str)}",
+        f"--served-name={name or upstream.model}",
+        f"--upstream-model={upstream.model}",
     ]
     if trace is not None:
         command += [f"--redaction={trace.redaction}", f"--retry-s={trace.retry_s}"]
@@ -107,7 +124,7 @@ def gateway(
         base = f"http://{host}:{port}"
         wait_until_healthy(process, f"{base}/health", timeout_s, log_path, what="the gateway")
         log.info("gateway %s/v1 -> %s (traces: %s)", base, upstream.base_url, db)
-        yield replace(upstream, base_url=f"{base}/v1")
+        yield replace(upstream, base_url=f"{base}/v1", model=name or upstream.model)
     finally:
         stop_process(process)
 
@@ -530,15 +547,20 @@ class Relay:
             self.answer(*self.gateway.feedback(b"".join(self.incoming.body)))
         elif not route.startswith("/v1/"):
             self.answer(404, error_payload(f"no route {route!r}", "not_found"))
+        elif route == "/v1/models" and self.incoming.method == b"GET" and self.gateway.renames:
+            self.answer(200, models_listing(self.gateway.model))
         else:
             body = b"".join(self.incoming.body)
             if self.incoming.method == b"POST" and route[3:] in ENDPOINTS:
                 body = self.begin_exchange(route[3:], body)
+                if body is None:  # answered by the gateway (a 400, or an adapted request)
+                    return
             self.request = self.upstream.request_bytes(self.incoming, path[3:], body)
             self.gateway.track(asyncio.ensure_future(self.send()))
 
-    def begin_exchange(self, route: str, raw: bytes) -> bytes:
-        """Start the trace of a completion request; the body to send upstream."""
+    def begin_exchange(self, route: str, raw: bytes) -> bytes | None:
+        """Start the trace of a completion request; the body to send upstream, or None when
+        the gateway answers it itself (see `normalised`)."""
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
@@ -559,10 +581,80 @@ class Relay:
             self.upstream = self.gateway.upstreams[variant.name]
             body = {**body, "model": variant.model}
             raw = json.dumps(body).encode()
+        plan = self.normalised(route, body)
+        if plan is None:
+            return None
+        if plan.body != body:  # re-encoded only when normalising changed it
+            body, raw = plan.body, json.dumps(plan.body).encode()
         if not (self.exchange.stream and not wants_usage(body)):
             return raw
         self.stripper = UsageStripper()
         return json.dumps(with_usage_requested(body)).encode()
+
+    def normalised(self, route: str, body: dict[str, Any]) -> Plan | None:
+        """The request as the engine takes it (openai_compat.normalise); None when the gateway
+        answers it itself: a 400 naming the field the engine cannot honour, or an adapted
+        request (fanned out, stop strings trimmed) whose answer the gateway builds."""
+        if not body:
+            return Plan(body, ENDPOINTS[route])  # not JSON: the engine says what is wrong
+        try:
+            plan = normalise(body, ENDPOINTS[route], self.gateway.model)
+        except RequestRejected as rejected:
+            self.reject(rejected)
+            return None
+        if plan.adapted:
+            self.gateway.track(asyncio.ensure_future(self.adapted(plan, route)))
+            return None
+        return plan
+
+    def reject(self, rejected: RequestRejected) -> None:
+        message = str(rejected)
+        if self.exchange is not None:
+            self.exchange.status, self.exchange.error = 400, message
+        payload = error_payload(message, "invalid_request_error")
+        payload["error"] |= {"param": rejected.field, "code": 400}
+        self.answer(400, payload)
+
+    async def adapted(self, plan: Plan, route: str) -> None:
+        """Make the upstream requests of an adapted plan (concurrently, not streamed), and
+        answer with their combination: JSON, or an SSE stream for a streaming client."""
+        import httpx
+
+        upstream = self.upstream
+        headers = {"content-type": "application/json"}
+        if upstream.api_key:
+            headers["authorization"] = f"Bearer {upstream.api_key}"
+        elif auth := self.incoming.header(b"authorization"):
+            headers["authorization"] = auth
+        url = upstream.base_url + route
+        try:
+            async with httpx.AsyncClient(timeout=None) as client:
+                posts = [client.post(url, json=b, headers=headers) for b in plan.upstream_bodies()]
+                answers = await asyncio.gather(*posts)
+        except httpx.HTTPError as error:
+            self.fail(502, f"upstream {upstream.base_url} failed: {error!r}", "bad_gateway")
+            return
+        if self.done:  # the client went away meanwhile
+            return
+        if failed := next((a for a in answers if a.status_code >= 400), None):
+            self.exchange.status = failed.status_code
+            self.pieces = [(time.perf_counter(), failed.content)]
+            self.answer_bytes(failed.status_code, failed.content, b"application/json")
+            return
+        answer = combine(plan, [a.json() for a in answers])
+        whole = json.dumps(answer).encode()
+        self.pieces = [(time.perf_counter(), whole)]
+        if plan.stream:
+            self.exchange.first_token_perf = time.perf_counter()
+            self.answer_bytes(200, as_events(plan, answer), b"text/event-stream")
+        else:
+            self.answer_bytes(200, whole, b"application/json")
+
+    def answer_bytes(self, status: int, body: bytes, content_type: bytes) -> None:
+        headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        self.client.write(response_head(status, headers, self.incoming.keep_alive) + body)
+        self.finish()
+        self.client.response_done(self.incoming.keep_alive)
 
     async def send(self) -> None:
         upstream = self.upstream
@@ -783,9 +875,18 @@ class Gateway:
     """The gateway's shared state: upstream, trace store, what is served, open connections."""
 
     def __init__(
-        self, upstream: Upstream, store: Any, engine: str, served: dict, router: Any = None
+        self,
+        upstream: Upstream,
+        store: Any,
+        engine: str,
+        served: dict,
+        router: Any = None,
+        model: ServedModel | None = None,
     ) -> None:
         self.upstream, self.store, self.engine, self.served = upstream, store, engine, served
+        self.model = model or ServedModel(engine=engine)
+        # clients use a name the engine does not answer to (transformers serve: its path)
+        self.renames = self.model.name != self.model.upstream_name and bool(self.model.name)
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Future] = set()
         # A/B (serving/ab.py): the router and each variant's upstream; None without a test
@@ -862,6 +963,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--engine", default="", help="hf | vllm | external (recorded)")
     parser.add_argument("--served", default="{}", help="JSON: run_id, artifact_hash, ...")
+    parser.add_argument("--served-name", default="", help="the `model` clients send")
+    parser.add_argument("--upstream-model", default="", help="the `model` the engine takes")
     parser.add_argument("--redaction", default="none", choices=("none", "prompts", "all"))
     parser.add_argument("--retry-s", type=float, default=2.0, help="retry a failed store after")
     parser.add_argument("--otlp-endpoint", default="", help="also export spans to …/v1/traces")
@@ -883,7 +986,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.variants:
         variants = ab.variants_from_json(json.loads(args.variants))
         router = ab.Router(variants, args.user_header, args.ab_seed)
-    app = Gateway(upstream, store, args.engine, json.loads(args.served), router)
+    served = json.loads(args.served)
+    model = ServedModel(
+        name=args.served_name,
+        upstream_name=args.upstream_model or args.served_name,
+        path=str(served.get("path") or ""),
+        engine=args.engine,
+    )
+    if model.path and not model.support.token_prompts:
+        # token ids are decoded, long prompts counted, with the model's tokenizer: loaded in
+        # the background, so the gateway is up at once
+        threading.Thread(target=model.tokenizer, daemon=True).start()
+    app = Gateway(upstream, store, args.engine, served, router, model)
     try:
         event_loop_runner()(app.serve(args.host, args.port))
     finally:

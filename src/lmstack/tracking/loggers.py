@@ -215,7 +215,7 @@ def _wandb_logger(logger_cfg: Any, run: TrackedRun):
     # one W&B run per run directory (a resumed run continues its W&B run); the summary's own
     folder = str(run.save_dir.resolve())
     key = f"summary:{folder}" if run.is_sweep_summary else folder
-    return WandbLogger(
+    logger = WandbLogger(
         project=_get(logger_cfg, "project") or "lmstack",
         entity=_get(logger_cfg, "entity"),
         name=run.name,
@@ -228,6 +228,11 @@ def _wandb_logger(logger_cfg: Any, run: TrackedRun):
         mode=wandb_mode(_get(logger_cfg, "mode", "auto")),
         config=run.config,
     )
+    # Lightning always passes wandb.init an `anonymous` key (None here), which W&B warns about
+    # on every run ("the anonymous setting has no effect"); an absent key is what it wants
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def _wandb_extras(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -64,7 +65,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def set_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """Updates status.json. An `error` describes the attempt that set it: any later status
+    without one (a re-run that runs, finishes, or stops) drops it."""
     record = read_json(run_dir / "status.json") or {}
+    record.pop("error", None)
     record.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
     write_json(run_dir / "status.json", record)
 
@@ -142,14 +146,19 @@ def lock_text(config: dict[str, Any], run_dir: Path, identity: str, data_fingerp
     )
     body: dict[str, Any] = {"defaults": [{f"override /{g}": c} for g, c in group_choices().items()]}
     body |= lock_body(config)
-    body["lock"] = {
+    body["lock"] = provenance(identity, data_fingerprint)
+    return header + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+def provenance(identity: str, data_fingerprint: str) -> dict[str, Any]:
+    """What a run ran with: the lock file's `lock` section, and the W&B run's `lock` config."""
+    return {
         "run_id": identity,
         "data_fingerprint": data_fingerprint,
         "packages": package_versions(),
         "python": platform.python_version(),
         "code_version": _git_commit(),
     }
-    return header + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
 def group_choices() -> dict[str, Any]:
@@ -197,6 +206,7 @@ def _left_out_of_lock(override: str) -> bool:
     return key == "phase" or key in LOCK_LEFT_OUT
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
     """The code version: `git rev-parse HEAD` of the checkout lmstack runs from (a git
     worktree too); None outside git or without git."""

@@ -1,0 +1,235 @@
+"""What a new user meets first: where the run is, a quiet demo, a lock file replayed on a
+fresh machine, and a status.json that stays true when a run is stopped or re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, REPO, run_cli, run_dirs
+
+# a short run of the default demo: its logger (W&B, offline), its progress bar
+DEMO_FEW_STEPS = [
+    "trainer.max_steps=4",
+    "data.train_size=96",
+    "data.eval_size=16",
+    "data.batch_size=8",
+    "trainer.log_every_n_steps=2",
+    "verify.num_prompts=4",
+    "verify.max_new_tokens=8",
+]
+# what a library prints that a user of the demo cannot act on
+NOISE = (
+    re.compile(r"warning", re.IGNORECASE),
+    re.compile(r"Epoch \d+/-\d"),
+    re.compile(r"Writing model shards"),
+    re.compile(r"Loading checkpoint shards"),
+    re.compile(r"Traceback"),
+)
+
+
+def numeric(metrics: dict) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "train/seconds"}
+
+
+def test_the_demo_says_where_it_runs_and_prints_no_library_noise(tmp_path, tiny_base):
+    result = run_cli(*DEMO_FEW_STEPS, "export.merge=true", output_dir=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    run_id = json.loads((run_dir / "status.json").read_text())["run_id"]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"lmstack: run {run_id} starts in {run_dir.resolve()}"
+    assert lines[-1] == f"lmstack: run {run_id} finished; results in {run_dir.resolve()}"
+    output = (result.stdout + result.stderr).replace("\r", "\n")
+    noisy = [line for line in output.splitlines() if any(p.search(line) for p in NOISE)]
+    assert not noisy, "\n".join(noisy)
+    assert "(to step 4)" in output  # the bar's label for step-bounded training
+    assert_wandb_records_the_lock(run_dir)
+
+
+def wandb_config(run_dir: Path) -> dict:
+    """The config recorded in the W&B offline run file under run_dir."""
+    from test_train import wandb_records
+    from wandb.proto import wandb_internal_pb2
+
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    config = {}
+    for payload in wandb_records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        items = record.run.config.update if kind == "run" else []
+        items = record.config.update if kind == "config" else items
+        config |= {item.key: json.loads(item.value_json) for item in items}
+    return config
+
+
+def assert_wandb_records_the_lock(run_dir: Path) -> None:
+    """The W&B run's config carries the provenance its lock file has."""
+    import yaml
+
+    lock = wandb_config(run_dir)["lock"]
+    replay = yaml.safe_load((run_dir / "recipe.lock.yaml").read_text())["lock"]
+    assert lock["packages"]["torch"] and lock["data_fingerprint"].startswith("builtin:")
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert lock["code_version"] == git.stdout.strip() == replay["code_version"]
+    assert lock["run_id"] == replay["run_id"] == run_dir.name
+
+
+def replay_on_empty_cache(model: str, tmp_path: Path) -> None:
+    """Run, then replay its lock file with a fresh cache and output dir: the same run id and
+    the same metrics, though the replay builds the built-in model first."""
+    run_cli(
+        *FAST, "trainer.max_steps=3", f"model={model}", "logger=none", output_dir=tmp_path / "first"
+    )
+    (first,) = run_dirs(tmp_path / "first")
+    lock = first / "recipe.lock.yaml"
+    cache = tmp_path / "empty-cache"
+    replay = run_cli(
+        f"recipe={lock}",
+        output_dir=tmp_path / "replay",
+        env={"LMSTACK_CACHE_DIR": str(cache)},
+    )
+    assert "building" in replay.stdout or list(cache.glob(f"tiny_*{os.sep}config.json"))
+    (second,) = run_dirs(tmp_path / "replay")
+    assert second.name == first.name
+    want = numeric(json.loads((first / "metrics.json").read_text()))
+    got = numeric(json.loads((second / "metrics.json").read_text()))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_a_lock_replayed_on_an_empty_cache_reproduces_the_run(tmp_path, tiny_random):
+    replay_on_empty_cache("tiny_random", tmp_path)
+
+
+@pytest.mark.slow
+def test_a_lock_replayed_on_an_empty_cache_reproduces_the_demo(tmp_path, tiny_base):
+    replay_on_empty_cache("tiny_base", tmp_path)
+
+
+# ---- status.json after a signal
+
+
+def start(*args: str, output: Path) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "run.py"), *args, f"paths.output_dir={output}"]
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"ended before it could be stopped:\n{process.stdout.read()}")
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("never got to the point where it is stopped")
+
+
+def status_of(output: Path) -> dict:
+    statuses = [json.loads(p.read_text()) for p in output.rglob("status.json")]
+    return statuses[0] if len(statuses) == 1 else {}
+
+
+def all_running(output: Path) -> bool:
+    statuses = [json.loads(p.read_text()) for p in output.rglob("status.json")]
+    return bool(statuses) and all(s.get("status") == "running" for s in statuses)
+
+
+def running(output: Path):
+    return lambda: all_running(output)
+
+
+def exists(output: Path, pattern: str):
+    return lambda: all_running(output) and bool(list(output.rglob(pattern)))
+
+
+# phase -> (its arguments, when it is in the middle of its work)
+PHASES = {
+    "train": (
+        [
+            *FAST,
+            "trainer.max_steps=400",
+            "trainer.checkpoint_every_n_steps=1",
+            "verify.enabled=false",
+            "logger=none",
+        ],
+        lambda out: exists(out, "checkpoints/last.ckpt"),
+    ),
+    "serve": (["phase=serve", "logger=none"], lambda out: exists(out, "endpoint.json")),
+    "bench": (
+        ["phase=bench", "logger=none", "bench.num_requests=400", "bench.max_tokens=16"],
+        lambda out: exists(out, "traces.sqlite"),
+    ),
+    "eval": (["phase=eval", "eval=verifier", "eval.num_prompts=400", "logger=none"], running),
+    "pipeline": (
+        ["recipe=arith_sft_dpo", *FAST, "logger=none"],
+        lambda out: exists(out, "runs/sft-*/status.json"),
+    ),
+}
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+DEFAULT_CASES = {("serve", "SIGTERM"), ("train", "SIGINT")}
+
+
+@pytest.mark.parametrize(
+    ("phase", "signame"),
+    [
+        pytest.param(p, s, marks=() if (p, s) in DEFAULT_CASES else pytest.mark.slow)
+        for p in PHASES
+        for s in SIGNALS
+    ],
+)
+def test_a_stopped_run_is_recorded_as_interrupted(phase, signame, tmp_path, tiny_base):
+    args, ready = PHASES[phase]
+    process = start(*args, output=tmp_path)
+    wait_for(process, ready(tmp_path))
+    process.send_signal(SIGNALS[signame])
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + SIGNALS[signame], output[-3000:]
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("status.json")}
+    for name, status in statuses.items():
+        assert status["status"] == "interrupted", (name, status, output[-3000:])
+        assert "stopped by SIG" in status["error"]  # a pipeline stops its stage with SIGTERM
+    assert any(f"stopped by {signame}" in status["error"] for status in statuses.values())
+    assert f"interrupted by {signame}" in output
+    assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_rerun_to_the_end_drops_its_error(tmp_path, tiny_base):
+    args, ready = PHASES["train"]
+    args = [a for a in args if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=12"]
+    process = start(*args, output=tmp_path)
+    wait_for(process, ready(tmp_path))
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert status_of(tmp_path)["status"] == "interrupted"
+    run_cli(*args, output_dir=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "finished" and "error" not in status
+    assert not (run_dir / "error.log").exists()
+
+
+def test_a_status_drops_the_error_of_an_earlier_attempt(tmp_path):
+    from lmstack.tracking.run_dir import read_json, set_status
+
+    set_status(tmp_path, "failed", error="ValueError: boom")
+    set_status(tmp_path, "running", run_id="x")
+    assert read_json(tmp_path / "status.json") == {
+        "status": "running",
+        "run_id": "x",
+        "updated": read_json(tmp_path / "status.json")["updated"],
+    }

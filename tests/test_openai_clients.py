@@ -1,0 +1,167 @@
+"""Third-party OpenAI clients through the gateway, against a real `transformers serve` engine.
+
+Every engine behind the gateway takes what the OpenAI API and vLLM take, or answers 400
+naming the field: the openai SDK's `stop`, `n`, `max_tokens=0`, an over-long prompt,
+`ignore_eos` (load testers), token-id prompts (lm-eval's local-completions), under a short
+served name rather than the model's path.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from test_gateway import make_config
+
+from lmstack.serving.gateway import gateway
+from lmstack.serving.openai_compat import (
+    Plan,
+    RequestRejected,
+    ServedModel,
+    combine,
+    normalise,
+    trim_at_stop,
+)
+
+NAME = "tiny-demo"
+PROMPT = "Ann has 3 apples and gets 4 more. How many apples does Ann have now?"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base, tmp_path_factory):
+    from lmstack.serving.engines import serve
+
+    config = make_config(f"serving.model={tiny_base}", "logger=none")
+    with serve(config, str(tiny_base.parent), tmp_path_factory.mktemp("e"), gateway=False) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def proxied(engine, tmp_path_factory):
+    with gateway(engine, make_config("logger=none"), tmp_path_factory.mktemp("g"), NAME) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def client(proxied):
+    return openai.OpenAI(base_url=proxied.base_url, api_key="EMPTY", max_retries=0)
+
+
+def complete(client, **extra):
+    args = {"model": NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0} | extra
+    return client.completions.create(**args)
+
+
+def test_the_model_is_served_under_a_short_name(client, proxied, engine):
+    assert proxied.model == NAME and engine.model.startswith("/")
+    assert [m.id for m in client.models.list()] == [NAME]
+    direct = httpx.post(
+        f"{engine.base_url}/completions",
+        json={"model": engine.model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+    ).json()
+    assert complete(client).choices[0].text == direct["choices"][0]["text"]
+
+
+def test_stop_strings_end_the_answer_and_are_left_out(client):
+    full = complete(client).choices[0].text
+    stop = full.strip()[3:5]  # somewhere inside the greedy answer
+    assert stop and stop in full
+    want = full[: full.find(stop)]
+    whole = complete(client, stop=[stop]).choices[0]
+    assert (whole.text, whole.finish_reason) == (want, "stop")
+    pieces = list(complete(client, stop=stop, stream=True))
+    text = "".join(c.choices[0].text for c in pieces if c.choices)
+    finish = [
+        c.choices[0].finish_reason for c in pieces if c.choices and c.choices[0].finish_reason
+    ]
+    assert (text, finish) == (want, ["stop"])
+
+
+def test_n_returns_n_choices(client):
+    answer = complete(client, n=2)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.choices[0].text == answer.choices[1].text == complete(client).choices[0].text
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=6, n=3
+    )
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert len({c.message.content for c in chat.choices}) == 1  # greedy: the same answer
+
+
+def test_requests_the_engine_cannot_honour_are_a_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as zero:
+        complete(client, max_tokens=0)
+    assert "max_tokens must be at least 1" in str(zero.value)
+    with pytest.raises(openai.BadRequestError) as long:
+        complete(client, prompt="1 + 1 = 2. " * 400)
+    assert "maximum context length is 256 tokens" in str(long.value)
+    with pytest.raises(openai.BadRequestError) as logprobs:
+        complete(client, logprobs=1)
+    assert "logprobs: the hf engine returns no log-probabilities" in str(logprobs.value)
+
+
+def test_ignore_eos_gives_a_fixed_output_length(client):
+    answer = complete(client, max_tokens=40, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 40
+    streamed = complete(
+        client,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    usage = [c.usage for c in streamed if c.usage]
+    assert usage[-1].completion_tokens == 24
+
+
+def test_token_id_prompts_answer_as_their_text(client, tiny_base):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_base)(PROMPT)["input_ids"]
+    as_text = complete(client).choices[0].text
+    assert complete(client, prompt=ids).choices[0].text == as_text
+    batch = complete(client, prompt=[ids, ids])
+    assert [c.text for c in batch.choices] == [as_text, as_text]
+
+
+# ---- the request step on its own (no engine)
+
+
+def hf_model(**extra) -> ServedModel:
+    return ServedModel(name=NAME, upstream_name="/models/x", engine="hf", **extra)
+
+
+def test_normalise_leaves_a_plain_request_alone_for_a_capable_engine():
+    body = {"model": "m", "prompt": "hi", "max_tokens": 4, "stop": ["\n"], "n": 2}
+    plan = normalise(body, "completions", ServedModel(name="m", engine="vllm"))
+    assert plan.body == body and not plan.adapted
+
+
+def test_normalise_maps_the_name_and_plans_what_the_hf_engine_lacks():
+    plan = normalise({"model": NAME, "prompt": "hi", "max_tokens": 3}, "completions", hf_model())
+    assert plan.body["model"] == "/models/x" and not plan.adapted
+    plan = normalise(
+        {"model": NAME, "prompt": "hi", "n": 2, "stop": "x"}, "completions", hf_model()
+    )
+    assert plan.adapted and plan.n == 2 and plan.stop == ["x"]
+    assert len(plan.upstream_bodies()) == 2
+    for bad in ({"n": 0}, {"max_tokens": -1}, {"stop": [1]}, {"ignore_eos": True}):
+        with pytest.raises(RequestRejected) as rejected:
+            normalise({"model": NAME, "prompt": "hi", **bad}, "completions", hf_model())
+        assert rejected.value.field == next(iter(bad))
+
+
+def test_combine_trims_stops_and_sums_usage():
+    plan = Plan({"model": NAME}, "completions", prompts=["a", "b"], n=1, stop=["!"], adapted=True)
+    usage = {"prompt_tokens": 2, "completion_tokens": 3}
+    answers = [
+        {"choices": [{"text": "yes! no", "finish_reason": "length"}], "usage": usage},
+        {"choices": [{"text": "maybe", "finish_reason": "length"}], "usage": usage},
+    ]
+    answer = combine(plan, answers)
+    assert [(c["text"], c["finish_reason"]) for c in answer["choices"]] == [
+        ("yes", "stop"),
+        ("maybe", "length"),
+    ]
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+    assert trim_at_stop("abcabc", ["c", "b"]) == ("a", True)
