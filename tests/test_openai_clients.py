@@ -8,9 +8,15 @@ served name rather than the model's path.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
+import torch
 from test_gateway import make_config
 
 from lmstack.serving.gateway import gateway
@@ -38,7 +44,7 @@ def engine(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proxied(engine, tmp_path_factory):
-    with gateway(engine, make_config("logger=none"), tmp_path_factory.mktemp("g"), NAME) as gw:
+    with gateway(engine, make_config("logger=none"), tmp_path_factory.mktemp("g"), name=NAME) as gw:
         yield gw
 
 
@@ -165,3 +171,101 @@ def test_combine_trims_stops_and_sums_usage():
     ]
     assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
     assert trim_at_stop("abcabc", ["c", "b"]) == ("a", True)
+
+
+# ---- lm-eval's own CLI against phase=serve
+
+
+TASK_YAML = """\
+task: fc_arith_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+QUESTIONS = [
+    "Ann has 3 apples and gets 4 more. How many apples does Ann have now?",
+    "Bo has 9 pens and gives away 2. How many pens does Bo have now?",
+    "Cy has 5 cups and gets 1 more. How many cups does Cy have now?",
+]
+
+
+def lm_eval_cli(model: str, model_args: str, tasks_dir: Path, out: Path, *extra: str) -> list:
+    """`lm_eval` as a user runs it; the per-sample answers it logged."""
+    import subprocess
+    import sys
+
+    command = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model", model, "--model_args", model_args, "--tasks", "fc_arith_gen",
+        "--include_path", str(tasks_dir), "--output_path", str(out), "--log_samples", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (samples,) = out.rglob("samples_fc_arith_gen_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return [row["resps"][0][0] for row in sorted(rows, key=lambda r: r["doc_id"])]
+
+
+def in_process(model_dir: Path, prompts: list, chat: bool) -> list[str]:
+    """What the model answers greedily in this process, cut at the task's stop string."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = []
+    for prompt in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                return_tensors="pt", return_dict=True,
+            )["input_ids"]  # fmt: skip
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        answers.append(trim_at_stop(text, ["."])[0])
+    return answers
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_runs_a_generative_task_against_phase_serve(tmp_path, tiny_base):
+    from test_serving import start_serve
+
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "7"}) + "\n" for q in QUESTIONS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "fc_arith_gen.yaml").write_text(TASK_YAML.format(data=data))
+    process, endpoint = start_serve(tiny_base, tmp_path / "serve")
+    try:
+        assert not endpoint["model"].startswith("/")  # a short name, not the model's path
+        url = endpoint["base_url"]
+        # local-completions on its defaults: token-id prompts, `stop` from the task's `until`
+        completions = lm_eval_cli(
+            "local-completions",
+            f"model={endpoint['model']},base_url={url}/completions,tokenizer={tiny_base}",
+            tasks, tmp_path / "completions",
+        )  # fmt: skip
+        chat = lm_eval_cli(
+            "local-chat-completions",
+            f"model={endpoint['model']},base_url={url}/chat/completions",
+            tasks, tmp_path / "chat", "--apply_chat_template",
+        )  # fmt: skip
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert completions == in_process(tiny_base, QUESTIONS, chat=False)
+    assert chat == in_process(tiny_base, QUESTIONS, chat=True)
