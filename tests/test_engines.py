@@ -154,7 +154,9 @@ class TestOneVllmEngine:
         streamed = "".join(
             chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices
         )
-        expected = greedy_reply(sft_run / "merged", QUESTION, 16)
+        from lmstack.models.loading import model_from_run
+
+        expected = greedy_reply(model_from_run(sft_run), QUESTION, 16)
         assert reply.choices[0].message.content == expected
         assert streamed == expected
         assert vllm_endpoint["engine"] == "vllm"

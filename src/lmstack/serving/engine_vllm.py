@@ -90,6 +90,7 @@ class VllmEngine(Engine):
         )
         command = [executable, "-m", "vllm.entrypoints.openai.api_server"]
         command += ["--model", target.path, "--host", serving.host, "--port", str(port)]
+        command += ["--dtype", model_dtype(target.path)]
         eager = serving.enforce_eager if serving.enforce_eager is not None else device == "cpu"
         if eager:
             command.append("--enforce-eager")
@@ -120,6 +121,15 @@ class VllmEngine(Engine):
             "VLLM_DO_NOT_TRACK": "1",
         }
         return Launch(command + list(serving.extra_args), model_name, env)
+
+
+def model_dtype(model_path: str) -> str:
+    """The dtype the model was saved (and trained and evaluated) in. vLLM's own "auto" downcasts
+    float32 to bfloat16, which flips near-tie greedy tokens against the in-process model."""
+    config_file = Path(model_path) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
 
 
 def lora_rank(adapter: Path) -> int:
