@@ -11,6 +11,8 @@ def test_dpo_starts_from_the_sft_run(tmp_path):
     sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
     run_cli(*FAST, "logger=none", "trainer.num_threads=1", output_dir=sft_out)
     (sft_dir,) = run_dirs(sft_out)
+    # the merge is cached by run id: a checkout whose cache already holds it merges nothing
+    cached = any(CACHE_DIR.glob(f"merged_runs/{sft_dir.name}-*/merged"))
     result = run_cli(
         *FAST,
         "objective=dpo",
@@ -19,7 +21,7 @@ def test_dpo_starts_from_the_sft_run(tmp_path):
         "trainer.num_threads=1",
         output_dir=dpo_out,
     )
-    assert "merging the adapter" in result.stdout
+    assert cached or "merging the adapter" in result.stdout
     # merged into the cache, not into the SFT run's folder (nobody asked for it there)
     assert not (sft_dir / "merged").exists()
     (merged,) = CACHE_DIR.glob(f"merged_runs/{sft_dir.name}-*/merged")
