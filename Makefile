@@ -16,7 +16,7 @@ LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)
 BUILD_JOBS ?= 2
 CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
 
-.PHONY: install smollm2 run test test-slow lint format clean engines
+.PHONY: install smollm2 run test test-integration test-slow lint format clean engines
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)
+
+# the tests that need the serving engines (`make engines`) and a running Slurm cluster
+# (.ci/slurm_cluster.sh start); CI runs them after `make test`
+test-integration: install
+	$(BIN)/python -m pytest -m '(engines or slurm) and not slow and not gpu' $(ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(ARGS)

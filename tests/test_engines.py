@@ -27,6 +27,8 @@ LLAMA_SERVER = ENGINES_DIR / "llamacpp" / "bin" / "llama-server"
 BENCH = ["phase=bench", "logger=none", "bench.num_requests=6", "bench.max_tokens=8"]
 EVAL = ["phase=eval", "eval=[verifier]", "eval.num_prompts=12", "logger=none"]
 SCRATCH = CACHE_DIR / "scratch"
+# tests that start an engine: `make test-integration` (and CI) runs them, `make test` does not
+NEEDS_ENGINES = pytest.mark.engines
 
 
 def require(path: Path) -> None:
@@ -72,6 +74,7 @@ def test_another_engines_key_is_unknown(tmp_path):
     assert_rejected_early(result, "cb_num_blocks")
 
 
+@NEEDS_ENGINES
 def test_quantization_the_engine_cannot_do_here(tmp_path):
     require(VLLM_PYTHON)
     result = run_cli(
@@ -96,6 +99,7 @@ def test_missing_engine_environment(tmp_path):
     assert_rejected_early(result, "serving.python", "make engines")
 
 
+@NEEDS_ENGINES
 def test_broken_engine_environment_shows_the_engines_own_log(tmp_path, tiny_base):
     """lmstack's own Python has no vLLM: the engine dies at start-up, exit 2 with its log."""
     result = run_cli(
@@ -140,6 +144,7 @@ def verifier_answers(output: Path) -> list[str]:
     return [json.loads(line)["responses"][0] for line in path.read_text().splitlines()]
 
 
+@NEEDS_ENGINES
 class TestOneVllmEngine:
     """Tests sharing one vLLM engine (started once, stopped after the last of them)."""
 
@@ -190,6 +195,7 @@ class TestOneVllmEngine:
         assert len(local) == 12 and served == local
 
 
+@NEEDS_ENGINES
 def test_vllm_serves_base_plus_adapter_without_merging(sft_run, tmp_path):
     require(VLLM_PYTHON)
     run = tmp_path / "run"
@@ -224,6 +230,7 @@ def test_vllm_serves_base_plus_adapter_without_merging(sft_run, tmp_path):
 # ---- llama.cpp on a GGUF export ----
 
 
+@NEEDS_ENGINES
 def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_path):
     require(LLAMA_SERVER)
     run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
@@ -237,6 +244,7 @@ def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_
     assert_nothing_left()
 
 
+@NEEDS_ENGINES
 def test_q4_gguf_agrees_with_the_run_on_most_answers(sft_run, tmp_path):
     """q4_k_m rounds the weights: at least 9 of 12 greedy answers stay the same."""
     require(LLAMA_SERVER)
@@ -256,6 +264,7 @@ def test_q4_gguf_agrees_with_the_run_on_most_answers(sft_run, tmp_path):
     assert q4_file.stat().st_size < (q4_file.parent / "model-f16.gguf").stat().st_size
 
 
+@NEEDS_ENGINES
 def test_gguf_export_at_training_loads_in_transformers(tmp_path):
     require(LLAMA_SERVER)
     run_cli(*FAST, "logger=none", "trainer.num_threads=1", "export.gguf=f16", output_dir=tmp_path)
@@ -274,6 +283,7 @@ def test_gguf_export_at_training_loads_in_transformers(tmp_path):
     assert torch.allclose(got, want, atol=0.05)  # f16 weights
 
 
+@NEEDS_ENGINES
 def test_bad_gguf_export_type_and_unknown_architecture(tmp_path, tiny_base):
     result = run_cli(*FAST, "logger=none", "export.gguf=q3", output_dir=tmp_path, check=False)
     assert_rejected_early(result, "export.gguf: 'q3' is not one of f16, q8_0, q4_k_m")
@@ -295,6 +305,7 @@ def test_bad_gguf_export_type_and_unknown_architecture(tmp_path, tiny_base):
 # ---- the engines side by side ----
 
 
+@NEEDS_ENGINES
 def test_bench_across_three_engines_ends_in_one_summary(sft_run, tmp_path):
     require(VLLM_PYTHON)
     require(LLAMA_SERVER)
@@ -333,6 +344,7 @@ def greedy_gap(model, batch: dict, completions, eos_token_id: int) -> float:
     return float(((logps.max(-1).values - chosen) * mask).max())
 
 
+@NEEDS_ENGINES
 def test_vllm_rollout_engine_follows_the_policys_weights(tmp_path):
     """After an update the engine's greedy answers are the policy's own greedy choices (up to
     near-ties between two kernels: every chosen token within 0.05 nats of the policy's best);
@@ -375,6 +387,7 @@ def test_vllm_rollout_engine_follows_the_policys_weights(tmp_path):
     assert_nothing_left()
 
 
+@NEEDS_ENGINES
 @pytest.mark.slow
 def test_grpo_with_vllm_rollouts_moves_the_verifier_score(tmp_path):
     """tests/test_grpo.py's learning test with rollouts on vLLM: from a 20-step SFT run, 60

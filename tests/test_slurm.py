@@ -33,6 +33,8 @@ SLURM = [
     "logger=csv",
     "verify.enabled=false",
 ]
+# tests on the running cluster: `make test-integration` (and CI) runs them, `make test` does not
+NEEDS_CLUSTER = pytest.mark.slurm
 SLOW = pytest.mark.slow  # another 90 s; the default suite runs the requeue signal's case
 # long enough to signal mid-training: 20 batches an epoch, 60 steps, a checkpoint every 10
 RESUME_ARGS = [
@@ -123,6 +125,7 @@ def read_status(run_dir: Path) -> str:
     return json.loads((run_dir / "status.json").read_text())["status"]
 
 
+@NEEDS_CLUSTER
 def test_a_slurm_sweep_finishes_every_point_and_a_rerun_skips_them(
     tmp_path, tiny_base, slurm_cluster
 ):
@@ -150,6 +153,7 @@ def test_a_slurm_sweep_finishes_every_point_and_a_rerun_skips_them(
     assert summary_statuses(sweep) == ["finished"] * 4
 
 
+@NEEDS_CLUSTER
 def test_failed_and_killed_slurm_points_are_recorded_and_the_others_finish(
     tmp_path, tiny_base, slurm_cluster
 ):
@@ -231,6 +235,7 @@ INTERRUPTIONS = [
 ]
 
 
+@NEEDS_CLUSTER
 @pytest.mark.parametrize(("interrupt", "received"), INTERRUPTIONS)
 def test_a_requeued_slurm_job_resumes_to_the_uninterrupted_result(
     interrupt, received, tmp_path, tiny_base, slurm_cluster
@@ -333,6 +338,7 @@ def test_a_slurm_sweep_whose_controller_is_down_names_sbatchs_answer(tmp_path):
     assert "Unable to contact slurm controller" in output
 
 
+@NEEDS_CLUSTER
 @SLOW  # about 3 min on 2 cores (two DDP tasks, a requeue); the suite budget
 def test_a_two_task_slurm_point_writes_one_set_of_records_and_resumes_after_requeue(
     tmp_path, tiny_base, slurm_cluster
