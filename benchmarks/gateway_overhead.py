@@ -60,7 +60,7 @@ def interleaved(args: argparse.Namespace) -> list[float]:
     from lmstack.phases.bench import build_requests
     from lmstack.serving.client import LoadSettings, run_load
     from lmstack.serving.engines import serve
-    from lmstack.serving.gateway import gateway
+    from lmstack.serving.gateway_process import gateway
     from lmstack.serving.metrics import SLO, failure_reasons, summarize
 
     register_configs()

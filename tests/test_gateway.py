@@ -7,6 +7,7 @@ corrupt) to show that serving goes on and the traces are written later.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -25,7 +26,9 @@ from hydra import compose, initialize_config_dir
 from lmstack.config.store import register_configs
 from lmstack.launch import validate
 from lmstack.prompts import PROMPT_VERSION_HEADER
-from lmstack.serving.gateway import gateway, is_usage_only, parse_event, split_events
+from lmstack.serving.gateway_process import gateway
+from lmstack.serving.relay import is_usage_only
+from lmstack.serving.sse import parse_event, payloads, split_events
 from lmstack.serving.traces import TRACE_DB_NAME, TraceStore, read_traces
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -324,3 +327,22 @@ def test_usage_event_added_by_the_gateway_is_removed_again():
     assert rest == b"partial" and b"".join(e + s for e, s in events) + rest == stream
     payloads = [parse_event(event) for event, _ in events]
     assert [p is not None and is_usage_only(p) for p in payloads] == [False, True, False]
+
+
+def test_the_one_sse_parser_reads_a_stream_cut_anywhere():
+    """The load client and the gateway read streams with serving/sse.py: events that span
+    pieces, CRLF separators, comments, multi-line data, [DONE] and an unterminated end."""
+    stream = (
+        b'data: {"a": 1}\n\n: keep-alive comment\n\n'
+        b'data: {"b":\ndata: 2}\r\n\r\ndata: [DONE]\n\ndata: {"c": 3}'
+    )
+
+    async def read(size: int) -> list:
+        async def pieces():
+            for start in range(0, len(stream), size):
+                yield stream[start : start + size]
+
+        return [payload async for payload in payloads(pieces())]
+
+    for size in (1, 5, len(stream)):
+        assert asyncio.run(read(size)) == [{"a": 1}, {"b": 2}, {"c": 3}], size

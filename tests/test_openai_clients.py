@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_gateway import make_config
 
-from lmstack.serving.gateway import gateway
+from lmstack.serving.gateway_process import gateway
 from lmstack.serving.openai_compat import (
     Plan,
     RequestRejected,

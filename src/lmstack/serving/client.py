@@ -19,6 +19,7 @@ from typing import Any
 
 from lmstack.serving.engines import Endpoint
 from lmstack.serving.metrics import RequestResult
+from lmstack.serving.sse import payloads
 
 
 @dataclass
@@ -73,7 +74,7 @@ def headers_for(endpoint: Endpoint, settings: LoadSettings) -> dict[str, str]:
     if settings.prompt_version:
         headers[PROMPT_VERSION_HEADER] = settings.prompt_version
     if settings.tag:
-        from lmstack.serving.gateway import REQUEST_TAG_HEADER
+        from lmstack.serving.exchange import REQUEST_TAG_HEADER
 
         headers[REQUEST_TAG_HEADER] = settings.tag
     return headers
@@ -97,16 +98,13 @@ async def send_one(client: Any, url: str, body: dict, headers: dict[str, str]) -
                     status_code=response.status_code,
                     e2el_s=time.perf_counter() - start,
                 )
-            async for line in response.aiter_lines():
-                chunk = _parse_event(line)
-                if chunk is None:
-                    continue
+            async for chunk in payloads(response.aiter_bytes()):
                 usage = chunk.get("usage") or usage
                 piece = _chunk_text(chunk)
                 if piece:
                     chunk_times.append(time.perf_counter() - start)
                     text.append(piece)
-    except (httpx.HTTPError, json.JSONDecodeError) as error:
+    except (httpx.HTTPError, ValueError) as error:  # ValueError: an event that is not JSON
         return RequestResult(
             ok=False,
             error=f"{type(error).__name__}: {error}"[:300],
@@ -125,15 +123,6 @@ async def send_one(client: Any, url: str, body: dict, headers: dict[str, str]) -
         text="".join(text),
         status_code=200,
     )
-
-
-def _parse_event(line: str) -> dict[str, Any] | None:
-    if not line.startswith("data:"):
-        return None
-    payload = line[len("data:") :].strip()
-    if not payload or payload == "[DONE]":
-        return None
-    return json.loads(payload)
 
 
 def _chunk_text(chunk: dict[str, Any]) -> str:

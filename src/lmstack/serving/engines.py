@@ -103,7 +103,7 @@ def serve(
             if not use_gateway:
                 yield upstream
                 return
-            from lmstack.serving.gateway import gateway as tracing_gateway
+            from lmstack.serving.gateway_process import gateway as tracing_gateway
 
             name = public_model_name(serving, upstream)
             with tracing_gateway(upstream, config, log_dir, name=name) as proxied:
@@ -212,7 +212,7 @@ def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
     """One engine per distinct variant model (or each variant's external URL), the gateway in
     front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
     from lmstack.serving.ab import AB_MODEL, write_weights
-    from lmstack.serving.gateway import gateway
+    from lmstack.serving.gateway_process import gateway
 
     serving = config.serving
     with contextlib.ExitStack() as stack:
