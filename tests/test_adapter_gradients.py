@@ -4,10 +4,15 @@ evaluation pass first, on every CPU kernel path bitsandbytes picks.
 bitsandbytes repacks a 4-bit weight for its AVX-512-bf16 inference kernel the first
 time a Linear4bit runs in eval mode without gradients; that kernel has no backward,
 so before the fix in models/loading.py an evaluation pass silently froze every
-adapter below the last 4-bit layer. The kernel bitsandbytes picks depends on the
-CPU: whether it reports AVX-512 bf16 (patched here both ways) and the ATen CPU
-capability (AVX-512 or AVX2; the second runs in a subprocess with
-ATEN_CPU_CAPABILITY=avx2, as a CPU without AVX-512 would).
+adapter below the last 4-bit layer. Which kernels a 4-bit layer runs on a CPU depends on:
+
+- whether bitsandbytes sees AVX-512 bf16 (the repacked inference kernel; patched here both ways);
+- the compute dtype (quantization.compute_dtype: float32 and bfloat16 dequantize through
+  different kernels, and the matmul runs in that dtype);
+- double quantization (a no-grad forward takes a different gemm path for nested constants);
+- the ATen CPU capability: bitsandbytes registers its AVX-512 int8 and 4-bit kernels only on
+  an AVX-512 CPU, so the same checks run again in a subprocess with ATEN_CPU_CAPABILITY=avx2,
+  as a CPU without AVX-512 would.
 """
 
 from __future__ import annotations
@@ -25,10 +30,18 @@ from conftest import CACHE_DIR, REPO
 CASES = {
     "lora": ["adapter=lora"],
     "dora": ["adapter=dora"],
-    "qlora": ["adapter=qlora"],
+    "qlora-float32": ["adapter=qlora", "quantization.compute_dtype=float32"],
+    "qlora-bfloat16": ["adapter=qlora", "quantization.compute_dtype=bfloat16"],
+    "qlora-single-quant": ["adapter=qlora", "quantization.double_quant=false"],
     "qlora-dora": ["adapter=qlora", "adapter.use_dora=true"],
     "int8": ["adapter=lora", "quantization=int8"],
 }
+# (case, does bitsandbytes see AVX-512 bf16): the repacked kernel with every 4-bit setting;
+# without it the two compute dtypes (the other settings do not change that path)
+FOUR_BIT = [(case, True) for case in CASES if case.startswith("qlora")] + [
+    ("qlora-float32", False),
+    ("qlora-bfloat16", False),
+]
 
 
 def load_tiny(overrides: list[str]):
@@ -53,18 +66,25 @@ def adapter_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, 
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check(case: str) -> None:
-    """One step (LoRA's B starts at zero, so A's gradient is zero until B has moved),
-    then the gradients on one batch before and after an evaluation pass must agree,
-    and a second step must move every trained weight."""
+def check(case: str, eval_first: bool) -> None:
+    """One step (LoRA's B starts at zero, so A's gradient is zero until B has moved), then
+    every trained weight must have a non-zero gradient, the same before and after an
+    evaluation pass, and a second step (no weight decay) must move every trained weight.
+    ``eval_first``: an evaluation pass before any training (Lightning's sanity check and
+    the before-training validation do that)."""
     torch.manual_seed(0)
     loaded = load_tiny(CASES[case])
     model, batch = loaded.model, torch.randint(3, len(loaded.tokenizer), (2, 16))
+    if eval_first:
+        evaluation_pass(model, batch)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.0)
     adapter_gradients(model, batch)
     optimizer.step()
     before = adapter_gradients(model, batch)
+    no_gradient = [n for n, g in before.items() if not g.abs().sum() > 0]
+    assert not no_gradient, f"{case}: {len(no_gradient)} weights get no gradient: {no_gradient[:3]}"
     evaluation_pass(model, batch)
     after = adapter_gradients(model, batch)
     wrong = [n for n in before if not torch.allclose(before[n], after[n], rtol=1e-3, atol=1e-6)]
@@ -83,23 +103,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=[True, False], ids=["bf16repack", "norepack"])
-def bf16_repack(request, monkeypatch):
+def see_avx512_bf16(monkeypatch, seen: bool) -> None:
     """bitsandbytes reads has_avx512bf16() when a Linear4bit is built."""
     import bitsandbytes.nn.modules as bnb_modules
 
-    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: seen)
+
+
+@pytest.fixture(params=[False, True], ids=["train_first", "eval_first"])
+def eval_first(request):
     return request.param
 
 
-@pytest.mark.parametrize("case", ["qlora", "qlora-dora"])
-def test_4bit_adapters_learn_on_both_kernels(case, bf16_repack, tiny_random):
-    check(case)
+@pytest.mark.parametrize(
+    "case,bf16_repack",
+    FOUR_BIT,
+    ids=[f"{case}-{'bf16repack' if repack else 'norepack'}" for case, repack in FOUR_BIT],
+)
+def test_4bit_adapters_learn_on_every_kernel(
+    case, bf16_repack, eval_first, monkeypatch, tiny_random
+):
+    see_avx512_bf16(monkeypatch, bf16_repack)
+    check(case, eval_first)
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "int8"])
-def test_adapters_learn(case, tiny_random):
-    check(case)
+def test_adapters_learn(case, eval_first, tiny_random):
+    check(case, eval_first)
 
 
 def test_a_repacked_4bit_layer_is_restored_to_the_differentiable_path():
@@ -142,7 +172,7 @@ def test_adapters_learn_on_the_avx2_kernels():
             "no:cacheprovider",
             __file__,
             "-k",
-            "(bf16repack and not dora) or int8",
+            "(bf16repack and not dora and not single) or int8",
         ],
         cwd=REPO,
         capture_output=True,

@@ -122,10 +122,45 @@ def test_a_tokenizer_without_chat_template_is_named_with_what_to_do(no_template_
     assert "data.chat_template=" in str(error.value)
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['content'] }")
-    with pytest.raises(ConfigError, match=r"data\.chat_template: the template does not render"):
+    with pytest.raises(ConfigError, match=rf"data\.chat_template: '{broken}' does not render"):
         load_tokenizer(str(no_template_folder), model_cfg, str(broken))
     with pytest.raises(ConfigError, match=r"data\.chat_template: no file"):
         load_tokenizer(str(no_template_folder), model_cfg, str(tmp_path / "absent.jinja"))
+
+
+def exits_2_saying(result, *fragments: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    for fragment in fragments:
+        assert fragment in output, f"{fragment!r} not in:\n{output}"
+    assert "Traceback" not in output, output
+
+
+def test_run_py_on_an_hf_folder_that_is_not_a_causal_lm_exits_2(tmp_path):
+    from transformers import T5Config
+
+    folder = tmp_path / "t5"
+    T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=2).save_pretrained(folder)
+    result = run_cli("model=hf", f"model.name_or_path={folder}", output_dir=tmp_path, check=False)
+    exits_2_saying(result, f"'{folder}/config.json'", "not a causal language model", "pick a")
+
+
+@pytest.mark.parametrize("template", [None, "broken"], ids=["no_template", "broken_template"])
+def test_run_py_on_a_tokenizer_without_chat_template_exits_2(
+    no_template_folder, tmp_path, template
+):
+    """Without data.chat_template: the tokenizer's file and the key to set; with a template
+    that does not render: that file (a good one trains: the next test)."""
+    args = ["model=hf", f"model.name_or_path={no_template_folder}", "logger=none"]
+    if template is None:
+        expected = (f"{no_template_folder}/tokenizer_config.json", "data.chat_template=<file")
+    else:
+        broken = tmp_path / "broken.jinja"
+        broken.write_text("{% for m in messages %}{{ m['content'] }")
+        args.append(f"data.chat_template={broken}")
+        expected = (f"data.chat_template: '{broken}' does not render", "fix it")
+    result = run_cli(*args, output_dir=tmp_path / "out", check=False)
+    exits_2_saying(result, *expected)
 
 
 def test_data_chat_template_lets_such_a_model_train_and_travels_with_the_run(

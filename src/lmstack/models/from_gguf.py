@@ -127,9 +127,10 @@ def require_causal_lm(config, where: str) -> None:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        architectures = ", ".join(getattr(config, "architectures", None) or []) or "no class"
+        classes = ", ".join(getattr(config, "architectures", None) or [])
         raise ConfigError(
-            f"{where} holds a '{config.model_type}' model ({architectures}), which is not a "
+            f"{where} holds a '{config.model_type}' model{f' ({classes})' if classes else ''}, "
+            "which is not a "
             "causal language model; lmstack trains and serves causal LMs "
             "(AutoModelForCausalLM): pick a decoder model such as Llama, Qwen2 or SmolLM2"
         )

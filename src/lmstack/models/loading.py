@@ -168,7 +168,7 @@ def load_tokenizer(path: str, model_cfg: Any, chat_template: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
-        check_chat_template(tokenizer)
+        check_chat_template(tokenizer, chat_template)
     if tokenizer.chat_template is None:
         source = f"{path}/tokenizer_config.json" if Path(path).is_dir() else path
         raise ConfigError(
@@ -195,21 +195,22 @@ def read_chat_template(value: str) -> str:
         if not file.is_file():
             raise ConfigError(
                 f"data.chat_template: no file '{value}' (give a .jinja file or the template "
-                'text, e.g. "{{% for m in messages %}}...{{% endfor %}}")'
+                'text, e.g. "{% for m in messages %}...{% endfor %}")'
             )
         return file.read_text(encoding="utf-8")
     return value
 
 
-def check_chat_template(tokenizer: Any) -> None:
-    """A template that cannot render a short chat fails now, by its key, not mid-run."""
+def check_chat_template(tokenizer: Any, value: str) -> None:
+    """A template that cannot render a short chat fails now, by its key and file, not mid-run."""
     chat = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    origin = "the template text" if "{" in value else f"'{value}'"
     try:
         tokenizer.apply_chat_template(chat, tokenize=False)
     except Exception as error:  # jinja raises several types for a broken template
         raise ConfigError(
-            f"data.chat_template: the template does not render a chat: "
-            f"{type(error).__name__}: {error}"
+            f"data.chat_template: {origin} does not render a chat ({type(error).__name__}: "
+            f"{error}); fix it: it must render a list of {{role, content}} messages"
         ) from None
 
 
