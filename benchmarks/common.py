@@ -42,7 +42,7 @@ BENCH_SHAPE = {
 
 def build_model(shape: dict[str, int] | None = None) -> Path:
     """A random Llama with lmstack's built-in tokenizer, as a Hugging Face folder (cached)."""
-    from lmstack.config.schema import TinyLlamaConfig
+    from lmstack.config.groups.model import TinyLlamaConfig
     from lmstack.models.builtin import ensure_builtin_model
 
     return ensure_builtin_model(TinyLlamaConfig(**(shape or BENCH_SHAPE)), False, CACHE)

@@ -39,7 +39,9 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lmstack.config.schema import AdapterConfig, ModelConfig, QuantizationConfig
+    from lmstack.config.groups.adapter import AdapterConfig
+    from lmstack.config.groups.model import ModelConfig
+    from lmstack.config.groups.quantization import QuantizationConfig
     from lmstack.data.loading import collate_packed
     from lmstack.models.loading import load_for_training
     from lmstack.objectives.losses import causal_lm_loss

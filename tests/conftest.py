@@ -61,7 +61,7 @@ def run_cli(
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    from lmstack.config.schema import TinyLlamaConfig
+    from lmstack.config.groups.model import TinyLlamaConfig
     from lmstack.models.builtin import ensure_builtin_model
 
     return ensure_builtin_model(TinyLlamaConfig(), pretrained=True, cache_dir=CACHE_DIR)
@@ -69,7 +69,7 @@ def tiny_base() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_random() -> Path:
-    from lmstack.config.schema import TinyLlamaConfig
+    from lmstack.config.groups.model import TinyLlamaConfig
     from lmstack.models.builtin import ensure_builtin_model
 
     return ensure_builtin_model(TinyLlamaConfig(), pretrained=False, cache_dir=CACHE_DIR)

@@ -17,7 +17,7 @@ OBJECTIVE = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0)
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_base):
-    from lmstack.config.schema import ModelConfig
+    from lmstack.config.groups.model import ModelConfig
     from lmstack.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_base), ModelConfig())

@@ -327,7 +327,7 @@ def test_reference_scorers_by_hand():
 
 def test_the_registry_holds_every_builtin_suite_the_schema_names():
     import lmstack.evaluation.builtin_suites  # noqa: F401  (registers the built-in suites)
-    from lmstack.config.schema import EVAL_SUITES
+    from lmstack.config.groups.eval import EVAL_SUITES
     from lmstack.evaluation.suites import REGISTRY
 
     assert set(EVAL_SUITES) <= set(REGISTRY)

@@ -100,7 +100,7 @@ def test_verifier_reward_needs_an_answer_per_row():
 def test_left_padded_rollout_logprobs_match_each_row_alone(tiny_base):
     from transformers import AutoModelForCausalLM
 
-    from lmstack.config.schema import ModelConfig
+    from lmstack.config.groups.model import ModelConfig
     from lmstack.data import arith
     from lmstack.data.prompts import collate_prompts, encode_prompts
     from lmstack.models.loading import load_tokenizer

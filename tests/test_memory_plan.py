@@ -112,14 +112,12 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_base):
 
 
 def plan_for(**trainer: object):
-    from lmstack.config.schema import (
-        AdapterConfig,
-        DataConfig,
-        ModelConfig,
-        QuantizationConfig,
-        SFTObjectiveConfig,
-        TrainerConfig,
-    )
+    from lmstack.config.groups.adapter import AdapterConfig
+    from lmstack.config.groups.data import DataConfig
+    from lmstack.config.groups.model import ModelConfig
+    from lmstack.config.groups.objective import SFTObjectiveConfig
+    from lmstack.config.groups.quantization import QuantizationConfig
+    from lmstack.config.groups.trainer import TrainerConfig
     from lmstack.models.memory import model_shape, plan_memory
 
     config = SimpleNamespace(
@@ -134,7 +132,7 @@ def plan_for(**trainer: object):
 
 
 def test_strategies_shard_the_states_they_should():
-    from lmstack.config.schema import FSDPSettings
+    from lmstack.config.groups.trainer import FSDPSettings
 
     ddp = plan_for(adapter="none", devices=8, strategy="ddp")
     fsdp = plan_for(adapter="none", devices=8, strategy="fsdp")

@@ -14,7 +14,7 @@ REWARD = ["objective=reward", "logger=none", "trainer.num_threads=1"]
 
 
 def held_out_pairs(eval_size: int) -> list[dict]:
-    from lmstack.config.schema import DataConfig
+    from lmstack.config.groups.data import DataConfig
     from lmstack.data.sources import load_rows
 
     return load_rows(DataConfig(train_size=8, eval_size=eval_size), "reward").eval

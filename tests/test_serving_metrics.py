@@ -66,7 +66,7 @@ def test_no_completed_requests_gives_nan_latencies():
 
 
 def test_the_schema_knows_every_figure_a_sweep_may_optimize():
-    from lmstack.config.schema import BENCH_FIGURES
+    from lmstack.config.metrics import BENCH_FIGURES
 
     # task_score comes from the bench's scoring pass (bench.score_prompts), not the load client
     assert set(summarize([], 1.0, SLO())) | {"task_score"} == set(BENCH_FIGURES)

@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_base):
-    from lmstack.config.schema import ModelConfig
+    from lmstack.config.groups.model import ModelConfig
     from lmstack.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_base), ModelConfig())
@@ -115,12 +115,10 @@ def test_help_lists_every_group_without_hydra(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_base):
     from types import SimpleNamespace
 
-    from lmstack.config.schema import (
-        AdapterConfig,
-        ModelConfig,
-        QuantizationConfig,
-        TrainerConfig,
-    )
+    from lmstack.config.groups.adapter import AdapterConfig
+    from lmstack.config.groups.model import ModelConfig
+    from lmstack.config.groups.quantization import QuantizationConfig
+    from lmstack.config.groups.trainer import TrainerConfig
     from lmstack.models.loading import load_for_training
 
     ids = torch.randint(10, 200, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -143,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base):
 def test_gradient_checkpointing_defaults_to_on_for_dpo_only():
     from types import SimpleNamespace
 
-    from lmstack.config.schema import TrainerConfig
+    from lmstack.config.groups.trainer import TrainerConfig
     from lmstack.models.loading import wants_gradient_checkpointing
 
     def wants(objective: str, choice: bool | None) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmstack.config.schema import PromptConfig
+from lmstack.config.groups.prompt import PromptConfig
 from lmstack.errors import ConfigError
 
 PROMPT_VERSION_HEADER = "X-Lmstack-Prompt-Version"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmstack.config.schema import (
+from lmstack.config.groups.objective import (
     DPOObjectiveConfig,
     GRPOObjectiveConfig,
     ObjectiveConfig,

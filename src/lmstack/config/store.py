@@ -10,8 +10,9 @@ import warnings
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 
+from lmstack.config.groups.serving import SERVING_SCHEMAS
 from lmstack.config.objectives import objective_schemas
-from lmstack.config.schema import GROUP_SCHEMAS, SERVING_SCHEMAS, Config
+from lmstack.config.schema import GROUP_SCHEMAS, Config
 
 _registered = False
 PLUGINS_ENV = "LMSTACK_PLUGINS"

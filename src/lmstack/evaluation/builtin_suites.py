@@ -132,7 +132,7 @@ def harness_settings(eval_cfg: Any, inputs: Inputs) -> Any:
     generative exact-match task written from those rows (lm_eval_bridge.user_task)."""
     import dataclasses
 
-    from lmstack.config.schema import LmEvalConfig
+    from lmstack.config.groups.eval import LmEvalConfig
     from lmstack.evaluation.lm_eval_bridge import user_task
 
     lm_cfg = eval_cfg.lm_eval
@@ -618,7 +618,7 @@ def judge_battles(session: Session, names, rows: list[EvalRow], answers):
 
 
 def register_builtin_suites() -> None:
-    from lmstack.config import schema
+    from lmstack.config.groups import eval as eval_group
 
     def needs_of_arena(cfg: Any) -> tuple[str, ...]:
         return ("judge",) if cfg.arena.judge == "judge" else ()
@@ -634,7 +634,7 @@ def register_builtin_suites() -> None:
             rank=10,
             needs=("answers",),
             check=check_verifier,
-            schema=schema.ScorerConfig,
+            schema=eval_group.ScorerConfig,
             options_key="scorer",
         ),
         Suite(
@@ -644,7 +644,7 @@ def register_builtin_suites() -> None:
             rank=60,
             needs=("answers",),
             check=check_format,
-            schema=schema.FormatConfig,
+            schema=eval_group.FormatConfig,
             options_key="format",
         ),
         Suite(
@@ -654,7 +654,7 @@ def register_builtin_suites() -> None:
             rank=20,
             needs=("answers",),
             check=check_lm_eval,
-            schema=schema.LmEvalConfig,
+            schema=eval_group.LmEvalConfig,
             options_key="lm_eval",
         ),
         Suite(
@@ -664,7 +664,7 @@ def register_builtin_suites() -> None:
             rank=30,
             needs=("answers", "judge"),
             check=check_judge,
-            schema=schema.JudgeConfig,
+            schema=eval_group.JudgeConfig,
             options_key="judge",
         ),
         Suite(
@@ -674,7 +674,7 @@ def register_builtin_suites() -> None:
             rank=50,
             needs=("judge",),
             check=check_calibration,
-            schema=schema.JudgeConfig,
+            schema=eval_group.JudgeConfig,
             options_key="judge",
         ),
         Suite(
@@ -683,7 +683,7 @@ def register_builtin_suites() -> None:
             None,
             needs=needs_of_arena,
             check=check_arena,
-            schema=schema.ArenaConfig,
+            schema=eval_group.ArenaConfig,
             options_key="arena",
         ),
         Suite(
@@ -693,7 +693,7 @@ def register_builtin_suites() -> None:
             rank=40,
             needs=needs_of_faithfulness,
             check=check_faithfulness,
-            schema=schema.FaithfulnessConfig,
+            schema=eval_group.FaithfulnessConfig,
             options_key="faithfulness",
         ),
     ):

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmstack.config.schema import BUILTIN_BUILD_VERSION, TinyLlamaConfig
+from lmstack.config.groups.model import BUILTIN_BUILD_VERSION, TinyLlamaConfig
 from lmstack.util.hashing import stable_hash
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# in config/schema.py, beside the shape it versions: run identities hash it too
+# in config/groups/model.py, beside the shape it versions: run identities hash it too
 BUILD_VERSION = BUILTIN_BUILD_VERSION
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -195,7 +195,7 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     """A short next-token run on the task's plain-text form, through Lightning."""
     import lightning as L
 
-    from lmstack.config.schema import PretrainObjectiveConfig
+    from lmstack.config.groups.objective import PretrainObjectiveConfig
     from lmstack.data.arith import pretraining_corpus
     from lmstack.data.loading import build_train_loader
     from lmstack.data.tokenize import encode_text

@@ -1,6 +1,6 @@
 """The serving-engine plug-in interface: what an engine tells lmstack, and nothing else.
 
-An engine (one module, one schema in config/schema.py, one YAML in conf/serving/) says
+An engine (one module, one schema in config/groups/serving.py, one YAML in conf/serving/) says
 - which `serving.quantization` values it can do on which device,
 - where its own environment lives (`make engines` builds it under paths.engines_dir),
 - what it loads for a model (a Hugging Face folder, base + adapter, a GGUF file),

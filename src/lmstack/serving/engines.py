@@ -251,7 +251,7 @@ def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
 
 def variant_serving(serving: Any, variant: Any) -> Any:
     """The serving config for one variant alone: its model, or its external URL; no A/B."""
-    from lmstack.config.schema import ABConfig, ExternalServingConfig
+    from lmstack.config.groups.serving import ABConfig, ExternalServingConfig
 
     if variant.base_url:
         # another engine's schema has no base_url: an external server is its own schema

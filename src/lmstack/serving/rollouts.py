@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import torch
 
-from lmstack.config.schema import VllmServingConfig
+from lmstack.config.groups.serving import VllmServingConfig
 from lmstack.errors import ConfigError
 from lmstack.serving.engine_vllm import lora_rank_size
 from lmstack.serving.processes import EngineError

@@ -17,8 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import lmstack
+from lmstack.config.groups.model import BUILTIN_BUILD_VERSION
 from lmstack.config.phases import PHASES
-from lmstack.config.schema import BUILTIN_BUILD_VERSION
 from lmstack.util.hashing import file_fingerprint, stable_hash
 
 # Keys that do not change what a run computes: left out of the run identity.
