@@ -3,6 +3,7 @@ fresh machine, and a status.json that stays true when a run is stopped or re-run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -121,10 +122,25 @@ def test_a_lock_replayed_on_an_empty_cache_reproduces_the_demo(tmp_path, tiny_ba
 
 
 def start(*args: str, output: Path) -> subprocess.Popen:
+    """run.py in its own process group, as a shell starts a command (Ctrl-C reaches the group)."""
     command = [sys.executable, str(REPO / "run.py"), *args, f"paths.output_dir={output}"]
     return subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
+
+
+def stop(process: subprocess.Popen, signame: str) -> None:
+    """Ctrl-C in a terminal signals the whole foreground group (engines and pipeline stages
+    too); `kill` and schedulers send SIGTERM to the main process only."""
+    if signame == "SIGINT":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
 
 
 def wait_for(process: subprocess.Popen, ready, timeout: float = 240) -> None:
@@ -135,7 +151,7 @@ def wait_for(process: subprocess.Popen, ready, timeout: float = 240) -> None:
         if process.poll() is not None:
             raise AssertionError(f"ended before it could be stopped:\n{process.stdout.read()}")
         time.sleep(0.1)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError("never got to the point where it is stopped")
 
 
@@ -179,9 +195,15 @@ PHASES = {
         ["recipe=arith_sft_dpo", *FAST, "logger=none"],
         lambda out: exists(out, "runs/sft-*/status.json"),
     ),
+    # the labelling page runs until it is stopped: that is its normal end ("stopped", exit 0)
+    "label": (
+        ["phase=label", "label.port=0", "label.items={inputs}/pairs.jsonl", "logger=none"],
+        lambda out: exists(out, "label_server.json"),
+    ),
 }
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
-DEFAULT_CASES = {("serve", "SIGTERM")}
+DEFAULT_CASES = {("serve", "SIGTERM"), ("label", "SIGINT"), ("label", "SIGTERM")}
+PAIR = {"prompt": "2 + 2?", "answer_a": "4", "answer_b": "5", "model_a": "a", "model_b": "b"}
 
 
 @pytest.mark.parametrize(
@@ -193,19 +215,33 @@ DEFAULT_CASES = {("serve", "SIGTERM")}
     ],
 )
 def test_a_stopped_run_is_recorded_as_interrupted(phase, signame, tmp_path, tiny_base):
+    inputs, output_dir = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "pairs.jsonl").write_text(json.dumps(PAIR) + "\n")
     args, ready = PHASES[phase]
-    process = start(*args, output=tmp_path)
-    wait_for(process, ready(tmp_path))
-    process.send_signal(SIGNALS[signame])
-    output = process.communicate(timeout=120)[0]
+    process = start(*(a.format(inputs=inputs) for a in args), output=output_dir)
+    wait_for(process, ready(output_dir))
+    stop(process, signame)
+    try:
+        output = process.communicate(timeout=120)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what is left of its group, if any
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "Traceback" not in output, output[-3000:]
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in output_dir.rglob("status.json")}
+    assert statuses, output[-3000:]
+    if phase == "label":
+        assert process.returncode == 0, output[-3000:]
+        assert [s["status"] for s in statuses.values()] == ["stopped"], statuses
+        assert "error" not in next(iter(statuses.values()))
+        assert "stopping the labelling page" in output
+        return
     assert process.returncode == 128 + SIGNALS[signame], output[-3000:]
-    statuses = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("status.json")}
     for name, status in statuses.items():
         assert status["status"] == "interrupted", (name, status, output[-3000:])
         assert "stopped by SIG" in status["error"]  # a pipeline stops its stage with SIGTERM
     assert any(f"stopped by {signame}" in status["error"] for status in statuses.values())
     assert f"interrupted by {signame}" in output
-    assert "Traceback" not in output, output[-3000:]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,17 +62,23 @@ def test_recipe_path_wins_over_a_repo_recipe_of_the_same_name(tmp_path):
         "# @package _global_\n# A team's own recipe that shares a repo recipe's name.\n"
         f"#   python run.py recipe={recipe}\ntrainer:\n  max_steps: 7\n"
     )
+    temp, cache = tmp_path / "temp", tmp_path / "cache"
+    temp.mkdir()
     result = subprocess.run(
         [sys.executable, str(REPO / "run.py"), f"recipe={recipe}", "--cfg", "job"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "TMPDIR": str(temp), "LMSTACK_CACHE_DIR": str(cache)},
     )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     assert config["trainer"]["max_steps"] == 7
     assert config["phase"]["name"] == "train"  # not the repo recipe's pipeline
+    # the recipe's search-path folder is in lmstack's cache; nothing is left in the temp dir
+    assert list(temp.iterdir()) == []
+    assert list(cache.glob("recipe-links/*/recipe/arith_sft_dpo-*.yaml"))
 
 
 def test_recipe_file_arguments_rewrite_the_same_way_every_time(tmp_path):

@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -36,17 +35,18 @@ def find_recipe(value: str) -> Path | None:
     return None
 
 
-def search_path_for(path: Path) -> tuple[str, Path]:
+def search_path_for(path: Path, cache_dir: Path) -> tuple[str, Path]:
     """A folder holding `recipe/<name>.yaml` -> path, and the name to select it by.
 
-    The folder and name depend on the file's path only, so a sweep re-run with the same
-    command gets the same sweep id (it hashes the command line, search path included). The
-    name carries a hash of the path, so a file whose stem is also a repo recipe's name is
-    never shadowed by the repo recipe (Hydra looks in conf/ first).
+    The folder and name depend on the file's path (and the cache dir) only, so a sweep re-run
+    with the same command gets the same sweep id (it hashes the command line, search path
+    included). The name carries a hash of the path, so a file whose stem is also a repo
+    recipe's name is never shadowed by the repo recipe (Hydra looks in conf/ first). The
+    folder is in lmstack's cache, not the system temp dir, where nothing would remove it.
     """
     key = hashlib.sha256(str(path).encode()).hexdigest()[:10]
     name = f"{path.stem}-{key}"
-    folder = Path(tempfile.gettempdir()) / f"lmstack-recipe-{key}"
+    folder = cache_dir / "recipe-links" / key
     (folder / "recipe").mkdir(parents=True, exist_ok=True)
     link = folder / "recipe" / f"{name}.yaml"
     if not (link.is_symlink() and link.resolve() == path):
@@ -56,6 +56,13 @@ def search_path_for(path: Path) -> tuple[str, Path]:
         scratch.symlink_to(path)
         os.replace(scratch, link)
     return name, folder
+
+
+def cache_dir_of(argv: list[str]) -> Path:
+    """lmstack's cache dir as the command will have it (paths.cache_dir, before Hydra runs)."""
+    given = [a.split("=", 1)[1] for a in argv if re.match(r"^[+]*paths\.cache_dir=", a)]
+    default = os.environ.get("LMSTACK_CACHE_DIR", ".cache/lmstack")
+    return Path(given[-1] if given else default).expanduser().resolve()
 
 
 def rewrite_recipe_argument(argv: list[str]) -> list[str]:
@@ -69,7 +76,7 @@ def rewrite_recipe_argument(argv: list[str]) -> list[str]:
         if not path.is_file():
             print(f"lmstack: error: recipe: no such file: {path}", file=sys.stderr)
             sys.exit(2)
-        name, folder = search_path_for(path)
+        name, folder = search_path_for(path, cache_dir_of(argv))
         os.environ[SOURCE_ENV] = str(path)  # pipeline stages pass the file on
         return [
             *argv[:index],

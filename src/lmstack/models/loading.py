@@ -346,6 +346,17 @@ def wants_gradient_checkpointing(cfg: Any) -> bool:
     return bool(choice)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing (works with frozen inputs, as under LoRA, without forcing
+    input gradients), through the name this transformers has: `activation_checkpointing_enable`
+    where it exists (the old name then warns that it is deprecated), else the old one."""
+    kwargs = {"use_reentrant": False}
+    if enable := getattr(model, "activation_checkpointing_enable", None):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     path = resolve_base_path(cfg.model, cache_dir)
     require_causal_lm_folder(path, cfg.model)
@@ -355,8 +366,7 @@ def load_for_training(cfg: Any, cache_dir: str) -> LoadedModel:
     base = load_base(path, cfg.model, cfg.quantization)
     model = attach_adapter(base, cfg.adapter, quantized=cfg.quantization.name != "none")
     if wants_gradient_checkpointing(cfg):
-        # non-reentrant: works with frozen inputs (LoRA) without forcing input gradients
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()  # from_pretrained returns eval mode; adapter dropout must be live in training
     trainable, total = count_parameters(model)
     return LoadedModel(model, tokenizer, path, trainable, total)
