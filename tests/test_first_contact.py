@@ -202,7 +202,11 @@ PHASES = {
     ),
 }
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
-DEFAULT_CASES = {("serve", "SIGTERM"), ("label", "SIGINT"), ("label", "SIGTERM")}
+# the quick ones run by default (a few seconds each); train, bench and serve's Ctrl-C are slow
+DEFAULT_CASES = {
+    ("serve", "SIGTERM"),
+    *((p, s) for p in ("eval", "pipeline", "label") for s in SIGNALS),
+}
 PAIR = {"prompt": "2 + 2?", "answer_a": "4", "answer_b": "5", "model_a": "a", "model_b": "b"}
 
 

@@ -30,6 +30,7 @@ from lmstack.tracking.identity import data_fingerprint, run_id
 from lmstack.tracking.run_dir import (
     finished_metrics,
     provenance,
+    read_json,
     resolved_config,
     set_status,
     write_run_records,
@@ -150,6 +151,8 @@ def _signal_of(stop: BaseException) -> int | None:
 
 def _interrupted(run_dir: Path, identity: str, signum: int, multirun: bool) -> None:
     name = signal.Signals(signum).name
+    # a signal between status.json's "running" and the context's return: the id is recorded
+    identity = identity or (read_json(run_dir / "status.json") or {}).get("run_id", "")
     _record(run_dir, "interrupted", f"stopped by {name}; re-run the command to resume")
     announce(identity, run_dir, f"interrupted by {name}; its records are in")
     if multirun and signum == signal.SIGINT:
