@@ -14,17 +14,17 @@ policy with its adapter switched off, or a frozen copy after full fine-tuning (n
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lmstack.errors import DataError
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import grpo_advantages, grpo_loss
-from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
+from lmstack.objectives.reference import reference_of
 from lmstack.objectives.reward_functions import (
+    REFERENCE_REWARDS,
     RewardGuard,
     build_reward_functions,
     rollout_samples,
@@ -32,11 +32,10 @@ from lmstack.objectives.reward_functions import (
     score_completions,
 )
 from lmstack.objectives.rollout import (
+    RolloutModule,
+    Sampled,
     completion_logprobs,
-    completion_mask,
     prompt_setup,
-    repeat_prompts,
-    sample_completions,
 )
 
 
@@ -58,9 +57,6 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
 def require_answers(rewards: list[Any], rows: Any) -> None:
     """The verifier and reference rewards compare against each row's "answer" (or
     "reference"): every row needs one. A user's scorer may do without."""
-    from lmstack.errors import DataError
-    from lmstack.objectives.reward_functions import REFERENCE_REWARDS
-
     needing = [
         reward.name
         for reward in rewards
@@ -78,21 +74,16 @@ def require_answers(rewards: list[Any], rows: Any) -> None:
 
 
 @dataclass
-class Rollout:
+class Rollout(Sampled):
     """G sampled completions per prompt, row ``b * G + g`` for prompt ``b``'s sample ``g``."""
 
-    prompt_ids: torch.Tensor  # (N, P), left-padded
-    prompt_mask: torch.Tensor  # (N, P)
-    completions: torch.Tensor  # (N, L)
-    mask: torch.Tensor  # (N, L) bool: tokens up to and including the first EOS
     rewards: torch.Tensor  # (N,) weighted sum
     parts: dict[str, torch.Tensor]  # each reward function's (N,) scores
     advantages: torch.Tensor  # (N,)
     ref_logps: torch.Tensor | None  # (N, L); None when beta = 0
-    texts: list[str] | None = None  # the decoded completions (for samples and checks)
 
 
-class GRPOModule(TrainedModelModule):
+class GRPOModule(RolloutModule):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -102,59 +93,19 @@ class GRPOModule(TrainedModelModule):
         tokenizer: Any,
         gradient_clip_val: float = 0.0,
     ):
-        super().__init__(model, objective, total_steps)
-        self.reward_functions = reward_functions
-        self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_id = tokenizer.eos_token_id
-        self.tokenizer = tokenizer
-        self.gradient_clip_val = gradient_clip_val
-        # several policy updates per batch of rollouts: Lightning's loop would take one
-        self.automatic_optimization = False
         # no reference at all when the KL term is off (beta = 0)
-        self.reference = frozen_reference(model, needed=objective.beta > 0)
+        super().__init__(
+            model,
+            objective,
+            total_steps,
+            tokenizer,
+            gradient_clip_val,
+            needs_reference=objective.beta > 0,
+        )
+        self.reward_functions = reward_functions
         self.reward_guard = RewardGuard(reward_functions, objective.reward_check_steps)
-        self.rollouts_done = 0
-        # objective.rollout_engine=vllm: the train phase attaches lmstack.serving.rollouts'
-        # engine here (sample(batch, n, ...) and update(model)); None samples in process
-        self.rollout_engine = None
-        # sampling time and generated tokens: rollout tokens/s, in process or on the engine
-        self.rollout_seconds, self.rollout_tokens = 0.0, 0
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        keep_frozen_in_eval(self.reference)
-        return self
 
     # rollouts
-
-    def sample(self, batch: dict[str, Any], num_samples: int, greedy: bool = False):
-        """``(completion ids, mask, decoded texts)`` for each prompt's samples."""
-        objective = self.objective
-        started = time.perf_counter()
-        if self.rollout_engine is not None and not greedy:
-            completions = self.rollout_engine.sample(
-                batch, num_samples, objective.max_new_tokens, objective.temperature, objective.top_p
-            )
-        else:
-            completions = sample_completions(
-                self.model,
-                batch,
-                num_samples,
-                objective.max_new_tokens,
-                self.pad_token_id,
-                self.eos_token_id,
-                sample=not greedy,
-                temperature=objective.temperature,
-                top_p=objective.top_p,
-            )
-        mask = completion_mask(completions, self.eos_token_id)
-        if not greedy:
-            self.rollout_seconds += time.perf_counter() - started
-            self.rollout_tokens += int(mask.sum())
-        texts = self.tokenizer.batch_decode(
-            completions.masked_fill(~mask, self.pad_token_id), skip_special_tokens=True
-        )
-        return completions, mask, texts
 
     def score(self, batch: dict[str, Any], texts: list[str], num_samples: int):
         """Weighted rewards and their parts for ``num_samples`` texts per prompt."""
@@ -166,19 +117,14 @@ class GRPOModule(TrainedModelModule):
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         group = self.objective.group_size
-        completions, mask, texts = self.sample(batch, group)
-        rewards, parts = self.score(batch, texts, group)
-        prompt_ids, prompt_mask = repeat_prompts(batch, group)
+        sampled = self.sample(batch, group)
+        rewards, parts = self.score(batch, sampled.texts, group)
         rollout = Rollout(
-            prompt_ids,
-            prompt_mask,
-            completions,
-            mask,
-            rewards,
-            parts,
-            grpo_advantages(rewards, group),
-            None,
-            texts,
+            **vars(sampled),
+            rewards=rewards,
+            parts=parts,
+            advantages=grpo_advantages(rewards, group),
+            ref_logps=None,
         )
         if self.objective.beta > 0:
             rollout.ref_logps = self.reference_logps(rollout)
@@ -205,7 +151,6 @@ class GRPOModule(TrainedModelModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
         self.watch_rewards(batch, rollout)
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         old_logps = None
         for _ in range(self.objective.iterations):
             logps = self.policy_logps(self.model, rollout)
@@ -220,24 +165,17 @@ class GRPOModule(TrainedModelModule):
                 clip_eps=self.objective.clip_eps,
                 beta=self.objective.beta,
             )
-            optimizer.zero_grad()
-            self.manual_backward(result["loss"])
-            if self.gradient_clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
-            optimizer.step()
-            scheduler.step()
-        if self.rollout_engine is not None:  # the next rollouts come from this policy
-            self.rollout_engine.update(self.model)
+            self.take_update(result["loss"])
+        self.publish_policy()
         self.log_rollout(rollout, result)
 
     def watch_rewards(self, batch: dict[str, Any], rollout: Rollout) -> None:
         """The constant-reward check of the first steps, and samples every log step."""
         samples = rollout_samples(batch, rollout, self.objective.group_size)
         self.reward_guard.observe(rollout.rewards, rollout.parts, samples[0] if samples else {})
-        every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
-        if self.rollouts_done % every == 0:
-            save_samples(self, samples[: self.objective.samples_per_log], self.rollouts_done)
-        self.rollouts_done += 1
+        step = self.samples_due()
+        if step is not None:
+            save_samples(self, samples[: self.objective.samples_per_log], step)
 
     def log_rollout(self, rollout: Rollout, result: dict[str, torch.Tensor]) -> None:
         """Statistics of the batch's rollouts and of its last policy update."""
@@ -263,7 +201,7 @@ class GRPOModule(TrainedModelModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions of held-out prompts, scored by the same reward functions."""
-        _, _, texts = self.sample(batch, 1, greedy=True)
+        texts = self.sample(batch, 1, greedy=True).texts
         rewards, parts = self.score(batch, texts, 1)
         size = rewards.numel()
         self.log("val/reward_mean", rewards.mean(), prog_bar=True, batch_size=size)

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
+from safetensors.torch import save_file
 
+from lmstack.models.export import save_artifacts
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.causal_lm import adamw_with_schedule, keep_trained_weights
+from lmstack.objectives.causal_lm import adamw_with_schedule
 from lmstack.objectives.losses import (
     gae_advantages,
     kl_penalty_rewards,
@@ -35,12 +36,14 @@ from lmstack.objectives.losses import (
     token_logprobs,
     whiten,
 )
-from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
+from lmstack.objectives.reference import keep_frozen_in_eval, reference_of
+from lmstack.objectives.reward import load_reward_model
+from lmstack.objectives.reward_functions import save_samples
 from lmstack.objectives.rollout import (
+    RolloutModule,
+    Sampled,
     completion_logprobs,
-    completion_mask,
     prompt_setup,
-    sample_completions,
 )
 
 VALUE_HEAD = "value_head.safetensors"
@@ -48,8 +51,6 @@ VALUE_HEAD = "value_head.safetensors"
 
 def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
     """Prompt batches (left-padded, chat-rendered), the reward model and the PPO module."""
-    from lmstack.objectives.reward import load_reward_model
-
     module = PPOModule(
         loaded.model,
         loaded.tokenizer,
@@ -62,13 +63,9 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
 
 
 @dataclass
-class Rollout:
+class Rollout(Sampled):
     """One sampled completion per prompt, with what PPO needs that does not change."""
 
-    prompt_ids: torch.Tensor  # (B, P), left-padded
-    prompt_mask: torch.Tensor  # (B, P)
-    completions: torch.Tensor  # (B, L)
-    mask: torch.Tensor  # (B, L) bool: tokens up to and including the first EOS
     scores: torch.Tensor  # (B,) reward-model score
     ref_logps: torch.Tensor  # (B, L)
 
@@ -84,7 +81,7 @@ class Targets:
     kl: torch.Tensor  # (B, L) per-token log pi - log pi_ref
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(RolloutModule):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -94,69 +91,38 @@ class PPOModule(L.LightningModule):
         total_steps: int,
         gradient_clip_val: float = 0.0,
     ):
-        super().__init__()
-        self.model = model
+        super().__init__(model, objective, total_steps, tokenizer, gradient_clip_val)
         self.value_head = torch.nn.Linear(model.config.hidden_size, 1)
         # start from V = 0: a random head would add noise to the first advantages
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
         self.reward_model = reward_model
-        self.tokenizer = tokenizer
-        self.objective = objective
-        self.total_steps = total_steps
-        self.gradient_clip_val = gradient_clip_val
-        # several updates per batch of rollouts: Lightning's loop would take one
-        self.automatic_optimization = False
-        # checkpoints hold only the trained weights; the base (and the reference) is reloaded
-        self.strict_loading = False
-        self.reference = frozen_reference(model)
-        # objective.rollout_engine=vllm: attached by the train phase (lmstack.serving.rollouts)
-        self.rollout_engine = None
 
     def train(self, mode: bool = True):
         super().train(mode)
-        keep_frozen_in_eval(self.reference, self.reward_model)
+        keep_frozen_in_eval(self.reward_model)
         return self
 
     # rollouts
 
-    def sample(self, batch: dict[str, Any], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        objective = self.objective
-        if self.rollout_engine is not None and not greedy:
-            completions = self.rollout_engine.sample(
-                batch, 1, objective.max_new_tokens, objective.temperature, objective.top_p
-            )
-            return completions, completion_mask(completions, self.tokenizer.eos_token_id)
-        completions = sample_completions(
-            self.model,
-            batch,
-            1,
-            self.objective.max_new_tokens,
-            self.tokenizer.pad_token_id,
-            self.tokenizer.eos_token_id,
-            sample=not greedy,
-            temperature=self.objective.temperature,
-            top_p=self.objective.top_p,
-        )
-        return completions, completion_mask(completions, self.tokenizer.eos_token_id)
-
-    def score(self, batch: dict[str, Any], completions: torch.Tensor, mask: torch.Tensor):
+    def score(self, batch: dict[str, Any], texts: list[str]) -> torch.Tensor:
         """``(B,)`` reward-model scores of the decoded completions."""
-        texts = self.tokenizer.batch_decode(
-            completions.masked_fill(~mask, self.tokenizer.pad_token_id), skip_special_tokens=True
-        )
         return self.reward_model.score(batch["prompt"], texts).to(self.device)
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> Rollout:
-        completions, mask = self.sample(batch, greedy=False)
-        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        sampled = self.sample(batch, 1)
         with reference_of(self.model, self.reference) as reference:
             ref_logps = completion_logprobs(
-                reference, prompt_ids, prompt_mask, completions, mask, self.objective.temperature
+                reference,
+                sampled.prompt_ids,
+                sampled.prompt_mask,
+                sampled.completions,
+                sampled.mask,
+                self.objective.temperature,
             )
-        scores = self.score(batch, completions, mask)
-        return Rollout(prompt_ids, prompt_mask, completions, mask, scores, ref_logps)
+        scores = self.score(batch, sampled.texts)
+        return Rollout(**vars(sampled), scores=scores, ref_logps=ref_logps)
 
     def policy_outputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps, values)``, each ``(B, L)``: ``logps[:, t]`` of completion token ``t`` and
@@ -198,29 +164,21 @@ class PPOModule(L.LightningModule):
     def save_rollout_samples(self, batch: dict[str, Any], rollout: Rollout) -> None:
         """Prompts, completions, references and reward-model scores every trainer log step
         (samples/ppo.jsonl, a W&B table, two on the console)."""
-        from lmstack.objectives.reward_functions import save_samples
-
-        done = getattr(self, "rollouts_done", 0)
-        self.rollouts_done = done + 1
-        if self._trainer is None or done % max(1, self.trainer.log_every_n_steps):
+        step = self.samples_due()
+        if step is None:
             return
-        texts = self.tokenizer.batch_decode(
-            rollout.completions.masked_fill(~rollout.mask, self.tokenizer.pad_token_id),
-            skip_special_tokens=True,
-        )
-        answers = batch.get("answer") or [None] * len(texts)
+        answers = batch.get("answer") or [None] * len(rollout.texts)
         samples = [
             {"prompt": p, "completion": t, "reference": a, "reward": float(s)}
-            for p, t, a, s in zip(batch["prompt"], texts, answers, rollout.scores)
+            for p, t, a, s in zip(batch["prompt"], rollout.texts, answers, rollout.scores)
         ]
-        save_samples(self, samples[:4], done)
+        save_samples(self, samples[:4], step)
 
     # optimisation
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
         self.save_rollout_samples(batch, rollout)
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         objective, targets = self.objective, None
         for _ in range(objective.ppo_epochs):
             logps, values = self.policy_outputs(rollout)
@@ -232,15 +190,8 @@ class PPOModule(L.LightningModule):
             value_loss = ppo_value_loss(
                 values, targets.old_values, targets.returns, rollout.mask, objective.value_clip_eps
             )
-            loss = policy["loss"] + objective.vf_coef * value_loss
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            if self.gradient_clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
-            optimizer.step()
-            scheduler.step()
-        if self.rollout_engine is not None:  # the next rollouts come from this policy
-            self.rollout_engine.update(self.model)
+            self.take_update(policy["loss"] + objective.vf_coef * value_loss)
+        self.publish_policy()
         self.log_update(rollout, targets, policy, value_loss)
 
     def log_update(self, rollout: Rollout, targets: Targets, policy: dict, value_loss) -> None:
@@ -261,8 +212,7 @@ class PPOModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Mean reward-model score of greedy completions of held-out prompts."""
-        completions, mask = self.sample(batch, greedy=True)
-        scores = self.score(batch, completions, mask)
+        scores = self.score(batch, self.sample(batch, 1, greedy=True).texts)
         self.log("val/reward_score", scores.mean(), prog_bar=True, batch_size=scores.numel())
 
     def configure_optimizers(self):
@@ -275,17 +225,13 @@ class PPOModule(L.LightningModule):
             for key, value in checkpoint["state_dict"].items()
             if key.startswith("value_head.")
         }
-        keep_trained_weights(checkpoint, self.model)
+        super().on_save_checkpoint(checkpoint)  # the policy's trained weights
         checkpoint["state_dict"] |= value_head
 
 
 def save(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
     """The policy as any run leaves it (adapter/ or model/, merged/ when asked), with the
     value head beside it as value_head.safetensors."""
-    from safetensors.torch import save_file
-
-    from lmstack.models.export import save_artifacts
-
     save_artifacts(setup, loaded, config, run_dir)
     folder = run_dir / ("adapter" if config.adapter.name != "none" else "model")
     state = {

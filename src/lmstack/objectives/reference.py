@@ -11,7 +11,18 @@ from contextlib import contextmanager
 
 import torch
 
-from lmstack.objectives.rollout import eval_mode
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off inside; each submodule's own mode is put back afterwards (a loaded model
+    may mix modes, which a plain ``train()`` would flatten)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def is_peft(model: torch.nn.Module) -> bool:

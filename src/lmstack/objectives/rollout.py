@@ -1,4 +1,6 @@
-"""Sampling completions of left-padded prompts, and scoring them token by token.
+"""What the online RL objectives (PPO, GRPO) share: sampling completions of left-padded
+prompts (in process, or on an attached rollout engine), scoring them token by token, and a
+module that takes several manual policy updates per batch of rollouts.
 
 A rollout row is ``prompt ids (left-padded, width P) + completion ids (width L)``; the
 completion mask keeps every generated token up to and including the first EOS.
@@ -6,25 +8,121 @@ completion mask keeps every generated token up to and including the first EOS.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lmstack.data.prompts import build_prompt_eval_loader, build_prompt_loader, encode_prompts
+from lmstack.objectives import ObjectiveSetup
+from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import token_logprobs
+from lmstack.objectives.reference import eval_mode, frozen_reference, keep_frozen_in_eval
 
 
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Dropout off inside; each submodule's own mode is put back afterwards (a loaded model
-    may mix modes, which a plain ``train()`` would flatten)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in modes:
-            module.training = mode
+@dataclass
+class Sampled:
+    """A batch's sampled completions, prompt ``b``'s samples in consecutive rows."""
+
+    prompt_ids: torch.Tensor  # (N, P), left-padded, each prompt repeated per sample
+    prompt_mask: torch.Tensor  # (N, P)
+    completions: torch.Tensor  # (N, L)
+    mask: torch.Tensor  # (N, L) bool: tokens up to and including the first EOS
+    texts: list[str]  # the decoded completions (for rewards, samples and checks)
+
+
+class RolloutModule(TrainedModelModule):
+    """An online RL objective's module: it samples completions of each batch's prompts
+    (``objective.max_new_tokens``, ``temperature``, ``top_p``), then takes several policy
+    updates on them, so optimisation is manual and ``trainer.max_steps`` counts updates.
+
+    The reference is the policy with its adapter switched off, or a frozen copy after full
+    fine-tuning (none when ``needs_reference`` is false). With objective.rollout_engine=vllm
+    the train phase attaches ``lmstack.serving.rollouts``' engine as ``rollout_engine``
+    (``sample(batch, n, ...)`` and ``update(model)``); None samples in process.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Any,
+        total_steps: int,
+        tokenizer: Any,
+        gradient_clip_val: float = 0.0,
+        needs_reference: bool = True,
+    ):
+        super().__init__(model, objective, total_steps)
+        self.tokenizer = tokenizer
+        self.gradient_clip_val = gradient_clip_val
+        # several policy updates per batch of rollouts: Lightning's loop would take one
+        self.automatic_optimization = False
+        self.reference = frozen_reference(model, needed=needs_reference)
+        self.rollout_engine = None
+        # sampling time and generated tokens: rollout tokens/s, in process or on the engine
+        self.rollout_seconds, self.rollout_tokens = 0.0, 0
+        self.rollouts_done = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_in_eval(self.reference)
+        return self
+
+    def sample(self, batch: dict[str, Any], num_samples: int, greedy: bool = False) -> Sampled:
+        """``num_samples`` completions of each prompt; greedy ones (validation) in process."""
+        objective = self.objective
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        started = time.perf_counter()
+        if self.rollout_engine is not None and not greedy:
+            completions = self.rollout_engine.sample(
+                batch, num_samples, objective.max_new_tokens, objective.temperature, objective.top_p
+            )
+        else:
+            completions = sample_completions(
+                self.model,
+                batch,
+                num_samples,
+                objective.max_new_tokens,
+                pad,
+                eos,
+                sample=not greedy,
+                temperature=objective.temperature,
+                top_p=objective.top_p,
+            )
+        mask = completion_mask(completions, eos)
+        if not greedy:
+            self.rollout_seconds += time.perf_counter() - started
+            self.rollout_tokens += int(mask.sum())
+        texts = self.tokenizer.batch_decode(
+            completions.masked_fill(~mask, pad), skip_special_tokens=True
+        )
+        prompt_ids, prompt_mask = repeat_prompts(batch, num_samples)
+        return Sampled(prompt_ids, prompt_mask, completions, mask, texts)
+
+    def samples_due(self) -> int | None:
+        """Counts the batches of rollouts: this one's index when its samples are to be saved
+        (every trainer log step), else None."""
+        done = self.rollouts_done
+        self.rollouts_done += 1
+        every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
+        return done if done % every == 0 else None
+
+    def take_update(self, loss: torch.Tensor) -> None:
+        """One policy update on ``loss``: backward, clip (trainer.gradient_clip_val), optimiser
+        and learning-rate schedule steps."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+
+    def publish_policy(self) -> None:
+        """After a batch's updates the next rollouts come from the new policy: an attached
+        engine takes its weights (in process, the policy samples itself)."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.update(self.model)
 
 
 @torch.no_grad()
@@ -111,9 +209,6 @@ def repeat_prompts(batch: dict[str, Any], times: int) -> tuple[torch.Tensor, tor
 def prompt_setup(config: Any, loaded: Any, rows: Any, module: Any):
     """Prompt batches for online RL (left-padded, chat-rendered, room left for the
     completion) around an already built module."""
-    from lmstack.data.prompts import build_prompt_eval_loader, build_prompt_loader, encode_prompts
-    from lmstack.objectives import ObjectiveSetup
-
     data, tokenizer = config.data, loaded.tokenizer
     max_prompt = data.max_length - config.objective.max_new_tokens
     train = encode_prompts(rows.train, tokenizer, max_prompt, rows.origin)

@@ -220,7 +220,7 @@ def rollout_engine(ctx: RunContext, loaded: Any, module: Any) -> Iterator[None]:
 
 
 def rollout_speed(module: Any) -> dict[str, float]:
-    """Generated rollout tokens per second of sampling (GRPO), in process or on vLLM."""
+    """Generated rollout tokens per second of sampling (GRPO, PPO), in process or on vLLM."""
     seconds = getattr(module, "rollout_seconds", 0.0)
     if not seconds:
         return {}
