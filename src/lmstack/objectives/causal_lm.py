@@ -83,24 +83,11 @@ class CausalLMModule(TrainedModelModule):
         ).logits
 
     def target_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(N,)`` log-probabilities of the batch's N target tokens, with logits computed at
-        those positions only: with a real vocabulary (49k) the full ``(B, T, V)`` logits of
-        prompt and padding positions are most of a step's memory and much of its time."""
-        labels = batch["labels"]
-        keep = target_positions(labels)
-        if not keep.any():
+        """``(N,)`` log-probabilities of the batch's N target tokens."""
+        if not target_positions(batch["labels"]).any():
             raise ValueError("causal LM batch has no supervised token (every label is -100)")
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-            logits_to_keep=keep,
-        ).logits
-        if logits.dim() == 3:  # an architecture that returns every position's logits
-            logits = logits[keep]
-        targets = labels[:, 1:][keep[:, :-1]]
-        return -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        logps, _ = target_token_logprobs(self.model, batch)
+        return logps
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logps = self.target_logprobs(batch)
@@ -121,6 +108,32 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100
     return keep
+
+
+def target_token_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logps, keep)``: the ``(N,)`` log-probabilities of the batch's N target tokens (padded
+    rows, or sequences packed in one row with ``position_ids``) and the ``(B, T)`` positions
+    that predict them (:func:`target_positions`).
+
+    Logits are computed at those positions only: with a real vocabulary (49k) the full
+    ``(B, T, V)`` logits of prompt and padding positions are most of a step's memory and much
+    of its time."""
+    labels = batch["labels"]
+    keep = target_positions(labels)
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits
+    if logits.dim() == 3:  # an architecture that returns every position's logits
+        logits = logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return logps, keep
 
 
 def global_token_mean(logps: torch.Tensor, world: int) -> torch.Tensor:

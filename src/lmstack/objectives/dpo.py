@@ -18,7 +18,7 @@ import torch
 
 from lmstack.data.loading import collate_preference
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.causal_lm import TrainedModelModule, target_positions
+from lmstack.objectives.causal_lm import TrainedModelModule, target_token_logprobs
 from lmstack.objectives.losses import dpo_loss
 from lmstack.objectives.pairs import preference_setup
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
@@ -116,22 +116,10 @@ def completion_sequence_logprobs(
 ) -> torch.Tensor:
     """``(S,)`` summed (or averaged) completion log-probs of the batch's S sequences: S padded
     rows, or the sequences packed in one row (``position_ids``). Logits are computed only at
-    positions that predict a completion token (with a 49k vocabulary the full ``(B, T, V)``
-    logits of prompts and padding are most of a step's memory); equal to
+    positions that predict a completion token (:func:`target_token_logprobs`); equal to
     `sequence_logprobs` / `packed_sequence_logprobs` of the full logits."""
     labels = batch["labels"]
-    keep = target_positions(labels)
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-        logits_to_keep=keep,
-    ).logits
-    if logits.dim() == 3:  # an architecture that returns every position's logits
-        logits = logits[keep]
-    targets = labels[:, 1:][keep[:, :-1]]
-    logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    logps, keep = target_token_logprobs(model, batch)
     if "position_ids" in batch:  # the sequence that label position t + 1 belongs to
         starts = batch["position_ids"][0] == 0
         owner = torch.zeros_like(labels)

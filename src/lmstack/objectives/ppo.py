@@ -33,7 +33,6 @@ from lmstack.objectives.losses import (
     kl_penalty_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logprobs,
     whiten,
 )
 from lmstack.objectives.reference import keep_frozen_in_eval, reference_of
@@ -42,6 +41,7 @@ from lmstack.objectives.reward_functions import save_samples
 from lmstack.objectives.rollout import (
     RolloutModule,
     Sampled,
+    completion_forward,
     completion_logprobs,
     prompt_setup,
 )
@@ -128,23 +128,17 @@ class PPOModule(RolloutModule):
         """``(logps, values)``, each ``(B, L)``: ``logps[:, t]`` of completion token ``t`` and
         ``values[:, t] = V(prompt + completion[:t])``, both read at the column before token ``t``.
         """
-        input_ids = torch.cat([rollout.prompt_ids, rollout.completions], dim=1)
-        attention_mask = torch.cat([rollout.prompt_mask, rollout.mask.long()], dim=1)
-        # position ids count only real tokens, as generation does
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
+        # the ratio and the KL are those of the sampling policy, softmax(logits / temperature)
+        logps, output = completion_forward(
+            self.model,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completions,
+            rollout.mask,
+            self.objective.temperature,
             output_hidden_states=True,
         )
         start = rollout.prompt_ids.shape[1] - 1
-        labels = torch.cat(
-            [rollout.prompt_ids[:, -1:], rollout.completions.masked_fill(~rollout.mask, -100)], 1
-        )
-        # the ratio and the KL are those of the sampling policy, softmax(logits / temperature)
-        logps, _ = token_logprobs(output.logits[:, start:] / self.objective.temperature, labels)
         hidden = output.hidden_states[-1][:, start:-1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logps, values

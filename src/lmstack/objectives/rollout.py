@@ -183,19 +183,35 @@ def completion_logprobs(
     count only real tokens, as generation does, so the left padding changes nothing.
     ``prompt_ids``/``prompt_mask`` already repeat each prompt per sample.
     """
+    logps, _ = completion_forward(model, prompt_ids, prompt_mask, completions, mask, temperature)
+    return logps
+
+
+def completion_forward(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    **model_options: Any,
+) -> tuple[torch.Tensor, Any]:
+    """``(logps, output)``: :func:`completion_logprobs` and the model's whole output over
+    prompt + completion (``model_options``, e.g. ``output_hidden_states=True``, go to it)."""
     input_ids = torch.cat([prompt_ids, completions], dim=1)
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     start = prompt_ids.shape[1] - 1  # the logit at the last prompt column predicts token 0
-    logits = model(
+    output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
-    ).logits[:, start:]
+        **model_options,
+    )
     labels = torch.cat([prompt_ids[:, -1:], completions.masked_fill(~mask, -100)], dim=1)
-    logps, _ = token_logprobs(logits / temperature, labels)
-    return logps
+    logps, _ = token_logprobs(output.logits[:, start:] / temperature, labels)
+    return logps, output
 
 
 def repeat_prompts(batch: dict[str, Any], times: int) -> tuple[torch.Tensor, torch.Tensor]:
