@@ -6,10 +6,17 @@ does), so the suite builds it at most once per machine.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -59,6 +66,60 @@ def run_cli(
     return result
 
 
+@contextlib.contextmanager
+def openai_server(
+    model_id: str, reply: Callable[[dict, Any], dict], protocol_version: str = "HTTP/1.0"
+) -> Iterator[str]:
+    """A real OpenAI-compatible HTTP server on a free port; yields its /v1 base URL.
+
+    GET (/v1/models) lists `model_id`; a POST is answered with `reply(body, headers)`, the
+    JSON response body (see `chat_answer`); `headers` is case-insensitive."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+        def _send(self, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"object": "list", "data": [{"id": model_id}]})
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self._send(reply(request, self.headers))
+
+    Handler.protocol_version = protocol_version
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def chat_answer(content: str, **fields) -> dict:
+    """A chat.completion response body whose one choice says `content`."""
+    message = {"role": "assistant", "content": content}
+    return {"choices": [{"index": 0, "message": message, **fields}]}
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> Path:
+    """A short SFT run of the built-in model (LoRA), made once per test module."""
+    output = tmp_path_factory.mktemp("sft")
+    run_cli(*FAST, "logger=none", "trainer.num_threads=1", output_dir=output)
+    (run_dir,) = run_dirs(output)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     from lmstack.config.groups.model import TinyLlamaConfig
@@ -84,9 +145,67 @@ def assert_rejected_early(result: subprocess.CompletedProcess, *fragments: str) 
     assert "trainable of" not in output and "Traceback" not in output, output
 
 
+def data_config(**overrides) -> SimpleNamespace:
+    """The `data` config group as the data layer reads it: local rows, the built-in task's
+    sizes, and `overrides`."""
+    base = dict(
+        source="jsonl",
+        path=None,
+        subset=None,
+        split="train",
+        eval_split=None,
+        format="auto",
+        seed=0,
+        eval_fraction=0.25,
+        task="arith",
+        train_size=8,
+        eval_size=4,
+    )
+    return SimpleNamespace(**(base | overrides))
+
+
+def run_one(*args: str, output_dir: Path, **options) -> tuple[Path, dict]:
+    """`run_cli` of a run that makes one run directory: that directory and its metrics."""
+    run_cli(*args, output_dir=output_dir, **options)
+    (run_dir,) = run_dirs(output_dir)
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
 def run_dirs(output_dir: Path) -> list[Path]:
     """Every run directory under an output dir (single runs and sweep points)."""
     return sorted(path.parent for path in output_dir.rglob("status.json"))
+
+
+def start_cli(*args: str, **popen_options) -> subprocess.Popen:
+    """`python run.py ARGS` in the background (text output), as a user would start it."""
+    command = [sys.executable, str(REPO / "run.py"), *args]
+    return subprocess.Popen(command, cwd=REPO, text=True, **popen_options)
+
+
+def adapter_weights(output_dir: Path) -> dict:
+    """The trained adapter of the one run under `output_dir`, as tensors."""
+    from safetensors.torch import load_file  # torch: only the tests that train need it
+
+    (run_dir,) = run_dirs(output_dir)
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_resumes_to_the_straight_result(args: list[str], tmp_path: Path) -> None:
+    """A run killed at its first checkpoint and run again resumes from it, and ends with the
+    same adapter weights as the run left uninterrupted."""
+    import torch  # only the tests that train need it
+
+    killed = tmp_path / "killed"
+    kill_at_first_checkpoint(*args, f"paths.output_dir={killed}", watch=killed)
+    (run_dir,) = run_dirs(killed)
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run_cli(*args, output_dir=killed)
+    assert "resuming from" in resumed.stdout
+    run_cli(*args, output_dir=tmp_path / "straight")
+    got, want = adapter_weights(killed), adapter_weights(tmp_path / "straight")
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def kill_at_first_checkpoint(*args: str, watch: Path) -> None:
@@ -95,12 +214,8 @@ def kill_at_first_checkpoint(*args: str, watch: Path) -> None:
     import signal
     import time
 
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    process = start_cli(
+        *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 300

@@ -15,10 +15,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -30,7 +28,7 @@ from lmstack.errors import ConfigError
 from lmstack.launch import validate
 from lmstack.serving.traces import TRACE_DB_NAME, read_feedback, read_traces
 
-from conftest import CACHE_DIR, REPO, run_cli, run_dirs
+from conftest import CACHE_DIR, REPO, chat_answer, openai_server, run_cli, run_dirs, run_one
 
 CONF = REPO / "conf"
 REQUESTS = 400
@@ -52,41 +50,14 @@ def make_config(*overrides: str):
 def variant_server(name: str):
     """An OpenAI-compatible server whose every answer says which variant it is."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def reply(request: dict, headers: dict) -> dict:
+        assert request["model"] == f"model-{name}"  # the gateway put the variant's name
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        answer = chat_answer(f"I am {name}.", finish_reason="stop")
+        return {"id": "x", "object": "chat.completion", **answer, "usage": usage}
 
-        def log_message(self, *args):
-            pass
-
-        def _send(self, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            self._send({"object": "list", "data": [{"id": f"model-{name}"}]})
-
-        def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            assert request["model"] == f"model-{name}"  # the gateway put the variant's name
-            message = {"role": "assistant", "content": f"I am {name}."}
-            usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            self._send(
-                {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}
-            )
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with openai_server(f"model-{name}", reply, protocol_version="HTTP/1.1") as url:
+        yield url
 
 
 def scripted_client(
@@ -170,9 +141,9 @@ def test_ab_split_feedback_and_report_through_the_gateway(tmp_path):
     assert sum(scripted["rated"].values()) == REQUESTS * 9 // 10
     assert len(feedback) == REQUESTS * 9 // 10 and feedback[0]["thumbs"] in (0, 1)
 
-    run_cli("phase=report", f"report.source={db}", "logger=none", output_dir=tmp_path / "out")
-    (run_dir,) = run_dirs(tmp_path / "out")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = run_one(
+        "phase=report", f"report.source={db}", "logger=none", output_dir=tmp_path / "out"
+    )
     check_ab_report(metrics, run_dir)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_data import data_cfg
 
 from lmstack.data.prompts import encode_prompts
 from lmstack.data.sources import load_rows
@@ -19,7 +18,7 @@ from lmstack.data.tokenize import (
 )
 from lmstack.errors import DataError
 
-from conftest import FAST, assert_rejected_early, run_cli, run_dirs
+from conftest import FAST, assert_rejected_early, data_config, run_cli, run_one
 
 SYSTEM = {"role": "system", "content": "Answer with a number."}
 HISTORY = [
@@ -102,7 +101,7 @@ def test_truncation_cuts_or_drops_and_counts(tokenizer):
 def test_conversational_rows_pass_the_row_check(tmp_path, objective, row):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
-    rows = load_rows(data_cfg(path=str(path)), objective)
+    rows = load_rows(data_config(path=str(path)), objective)
     assert rows.train[0]["prompt"] == HISTORY
 
 
@@ -119,7 +118,7 @@ def test_a_prompt_that_is_neither_string_nor_messages_is_named(tmp_path, bad, fr
     rows = [{"prompt": "1 + 1?", "chosen": "2", "rejected": "3"}, {"prompt": bad, "chosen": "4"}]
     path.write_text("".join(json.dumps(r | {"rejected": "5"}) + "\n" for r in rows))
     with pytest.raises(DataError) as error:
-        load_rows(data_cfg(path=str(path)), "dpo")
+        load_rows(data_config(path=str(path)), "dpo")
     message = str(error.value)
     assert f"{path}:2" in message and fragment in message and "list of {role, content}" in message
 
@@ -151,7 +150,7 @@ def conversational_pairs(count: int) -> list[dict]:
 def test_dpo_trains_on_conversational_rows_and_counts_dropped_rows(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in conversational_pairs(24)))
-    run_cli(
+    _, metrics = run_one(
         *FAST,
         "objective=dpo",
         "data=jsonl",
@@ -164,8 +163,6 @@ def test_dpo_trains_on_conversational_rows_and_counts_dropped_rows(tmp_path):
         "trainer.num_threads=1",
         output_dir=tmp_path / "out",
     )
-    (run_dir,) = run_dirs(tmp_path / "out")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["data/dropped_rows"] == 1  # row 0's prompt is over 40 tokens
     assert metrics["data/train_examples"] + metrics["data/eval_examples"] == 23
     assert 0.0 <= metrics["val/reward_accuracy"] <= 1.0

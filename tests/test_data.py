@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ from lmstack.data.sources import load_rows
 from lmstack.data.tokenize import IGNORE_INDEX, encode_messages, encode_prompt_completion
 from lmstack.errors import DataError
 from lmstack.objectives.losses import causal_lm_loss
+
+from conftest import data_config
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +29,6 @@ def model(tiny_base):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
-
-
-def data_cfg(**overrides):
-    base = dict(
-        source="jsonl",
-        path=None,
-        subset=None,
-        split="train",
-        eval_split=None,
-        format="auto",
-        seed=0,
-        eval_fraction=0.25,
-        task="arith",
-        train_size=8,
-        eval_size=4,
-    )
-    return SimpleNamespace(**(base | overrides))
 
 
 def test_verifier_checks_the_stated_answer():
@@ -97,7 +81,7 @@ def test_jsonl_formats_are_detected(tmp_path):
         for i in range(8)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    loaded = load_rows(data_cfg(path=str(path)), "sft")
+    loaded = load_rows(data_config(path=str(path)), "sft")
     assert loaded.format == "messages"
     assert len(loaded.train) == 6 and len(loaded.eval) == 2
 
@@ -109,14 +93,14 @@ def test_parquet_rows_are_checked(tmp_path):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"], "completion": ["c", None]}), path)
     with pytest.raises(DataError, match=r"train.parquet:2: row is missing completion"):
-        load_rows(data_cfg(source="parquet", path=str(path)), "sft")
+        load_rows(data_config(source="parquet", path=str(path)), "sft")
 
 
 def test_messages_without_assistant_turn_rejected(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(DataError, match="no assistant turn"):
-        load_rows(data_cfg(path=str(path)), "sft")
+        load_rows(data_config(path=str(path)), "sft")
 
 
 def test_packed_and_padded_batches_give_the_same_loss(tokenizer, model):

@@ -17,15 +17,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, assert_rejected_early, kill_at_first_checkpoint, run_cli, run_dirs
+from conftest import (
+    adapter_weights,
+    assert_rejected_early,
+    assert_resumes_to_the_straight_result,
+    run_cli,
+    run_dirs,
+    start_cli,
+)
 
 DDP = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
 ONE = ["trainer.accelerator=cpu"]
@@ -48,11 +53,6 @@ def loss_curve(output_dir: Path) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]]
 
 
-def trained_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    (run_dir,) = run_dirs(output_dir)
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
-
-
 def assert_same_training(got: Path, want: Path, steps: int) -> None:
     # one row a step (log_every_n_steps=1); the run's final record may add one more
     got_curve, want_curve = loss_curve(got)[:steps], loss_curve(want)[:steps]
@@ -60,7 +60,7 @@ def assert_same_training(got: Path, want: Path, steps: int) -> None:
     torch.testing.assert_close(
         torch.tensor(got_curve), torch.tensor(want_curve), rtol=1e-5, atol=1e-5
     )
-    got_weights, want_weights = trained_weights(got), trained_weights(want)
+    got_weights, want_weights = adapter_weights(got), adapter_weights(want)
     assert got_weights.keys() == want_weights.keys() and want_weights
     for name, value in want_weights.items():
         torch.testing.assert_close(got_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
@@ -124,17 +124,7 @@ RESUME = [
 
 @pytest.mark.slow
 def test_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_base):
-    killed = tmp_path / "killed"
-    kill_at_first_checkpoint(*RESUME, f"paths.output_dir={killed}", watch=killed)
-    (run_dir,) = run_dirs(killed)
-    assert not (run_dir / "metrics.json").exists()
-    resumed = run_cli(*RESUME, output_dir=killed)
-    assert "resuming from" in resumed.stdout
-    run_cli(*RESUME, output_dir=tmp_path / "straight")
-    got, want = trained_weights(killed), trained_weights(tmp_path / "straight")
-    assert got.keys() == want.keys() and got
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_resumes_to_the_straight_result(RESUME, tmp_path)
 
 
 @pytest.mark.slow
@@ -143,13 +133,7 @@ def test_a_failed_rank_ends_the_run_with_one_message(tmp_path, tiny_base):
     import psutil
 
     args = [*RESUME, "trainer.max_steps=400", f"paths.output_dir={tmp_path}"]
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     children: list[psutil.Process] = []
     while time.monotonic() < deadline and not list(tmp_path.rglob("checkpoints/last.ckpt")):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, assert_rejected_early, run_cli, run_dirs
+from conftest import FAST, assert_rejected_early, run_cli, run_dirs, run_one
 
 OBJECTIVE = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0)
 
@@ -101,9 +101,9 @@ def test_full_finetuning_reference_is_a_frozen_copy(tiny_base):
 
 def test_dpo_end_to_end_reports_held_out_preference_accuracy(tmp_path):
     # one thread: with the CPU shared, torch's spinning threads make this run ~30x slower
-    run_cli(*FAST, "objective=dpo", "logger=none", "trainer.num_threads=1", output_dir=tmp_path)
-    (run_dir,) = run_dirs(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = run_one(
+        *FAST, "objective=dpo", "logger=none", "trainer.num_threads=1", output_dir=tmp_path
+    )
     assert 0.0 <= metrics["val/reward_accuracy"] <= 1.0
     for key in ("val/loss", "train/loss", "train/reward_margin", "train/logps_chosen"):
         assert key in metrics, key
@@ -161,7 +161,7 @@ def test_dpo_lifts_held_out_preference_accuracy(tmp_path):
     (both log-probs fall, and the off-by-k pairs drop below chance); LoRA gives 0.735-0.76,
     beta 0.5 0.71, ipo 0.735, and starting from a 500-step SFT run 0.705.
     """
-    run_cli(
+    _, metrics = run_one(
         "objective=dpo",
         "adapter=none",
         "objective.lr=2e-4",
@@ -174,7 +174,5 @@ def test_dpo_lifts_held_out_preference_accuracy(tmp_path):
         "trainer.enable_progress_bar=false",
         output_dir=tmp_path,
     )
-    (run_dir,) = run_dirs(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/reward_accuracy_before"] == pytest.approx(0.5), metrics
     assert metrics["val/reward_accuracy"] >= 0.8, metrics

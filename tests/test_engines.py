@@ -56,14 +56,6 @@ def assert_nothing_left() -> None:
     assert not SCRATCH.exists() or not any(SCRATCH.iterdir()), list(SCRATCH.iterdir())
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("sft")
-    run_cli(*FAST, "logger=none", "trainer.num_threads=1", output_dir=output)
-    (run_dir,) = run_dirs(output)
-    return run_dir
-
-
 # ---- bad input: answered before (or as) an engine starts, nothing left running ----
 
 

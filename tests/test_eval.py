@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE_DIR, run_cli, run_dirs
+from conftest import CACHE_DIR, run_cli, run_dirs, run_one
 
 QUIET = ("logger=none", "trainer.num_threads=1")
 
@@ -220,7 +220,7 @@ def test_calibration_of_a_served_lmstack_judge_reports_the_four_figures(tmp_path
     Measured (12 pairs): position-bias rate 0.83, first-position rate 0.92, agreement 0.08,
     kappa 0.04, length bias +0.12, 11 of 24 verdicts unparseable ("[[]]]"). ~3 min."""
     data = judge_sft_rows(tmp_path / "judge.jsonl", 1500)
-    run_cli(
+    judge_run, _ = run_one(
         "data=jsonl",
         f"data.path={data}",
         "trainer.max_steps=150",
@@ -230,7 +230,6 @@ def test_calibration_of_a_served_lmstack_judge_reports_the_four_figures(tmp_path
         *QUIET,
         output_dir=tmp_path / "judge",
     )
-    (judge_run,) = run_dirs(tmp_path / "judge")
     evaluate(
         tmp_path / "calibration",
         "eval=calibration",

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -20,7 +18,7 @@ from lmstack.evaluation.arena import fit_bradley_terry, rate
 from lmstack.evaluation.faithfulness import context_qa_set, supported
 from lmstack.evaluation.sampling import mean_ci
 
-from conftest import assert_rejected_early, run_cli, run_dirs
+from conftest import assert_rejected_early, chat_answer, openai_server, run_cli, run_dirs
 
 PAIRWISE = re.compile(
     r"\[Question\]\n(?P<q>.*?)\n\n\[Assistant A's answer\]\n(?P<a>.*?)\n\n"
@@ -66,37 +64,12 @@ def judge_server(mode: str):
     """A real OpenAI-compatible HTTP judge on a free port; its requests are recorded."""
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # keep pytest's output clean
-            pass
+    def reply(request: dict, headers: dict) -> dict:
+        seen.append({"body": request, "version": headers.get("X-Lmstack-Prompt-Version")})
+        return chat_answer(verdict(mode, request["messages"][-1]["content"]))
 
-        def _send(self, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            self._send({"object": "list", "data": [{"id": f"planted-{mode}"}]})
-
-        def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"body": request, "version": self.headers.get("X-Lmstack-Prompt-Version")})
-            content = verdict(mode, request["messages"][-1]["content"])
-            self._send(
-                {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-            )
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with openai_server(f"planted-{mode}", reply) as url:
+        yield url, seen
 
 
 def calibrate_cli(base_url: str, output_dir, *extra: str, check: bool = True):

@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from user_task import SCHEMA, write_rows
 
-from conftest import REPO, run_cli, run_dirs
+from conftest import REPO, chat_answer, openai_server, run_cli, run_dirs
 
 QUIET = ("logger=none", "trainer.num_threads=1", "trainer.enable_progress_bar=false")
 REFERENCE = re.compile(
@@ -50,36 +48,13 @@ def judge_server(mode: str):
     """A planted OpenAI-compatible judge on a free port; the user messages it saw."""
     seen: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    def reply(request: dict, headers: dict) -> dict:
+        user = request["messages"][-1]["content"]
+        seen.append(user)
+        return chat_answer(verdict(mode, user))
 
-        def _send(self, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            self._send({"object": "list", "data": [{"id": f"planted-{mode}"}]})
-
-        def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            user = request["messages"][-1]["content"]
-            seen.append(user)
-            message = {"role": "assistant", "content": verdict(mode, user)}
-            self._send({"choices": [{"index": 0, "message": message}]})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with openai_server(f"planted-{mode}", reply) as url:
+        yield url, seen
 
 
 def evaluate(output_dir: Path, *args: str, check: bool = True):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, assert_rejected_early, run_cli, run_dirs
+from conftest import FAST, assert_rejected_early, run_cli, run_dirs, run_one
 
 EOS, PAD = 3, 1
 
@@ -140,7 +140,7 @@ def test_grpo_end_to_end_writes_metrics(tmp_path):
     # one thread: with the CPU shared, torch's spinning threads make this run far slower.
     # The untuned base never earns a reward (all 0), which would stop the run after 5 steps:
     # this test is about the plumbing, so the constant-reward check is off
-    run_cli(
+    run_dir, metrics = run_one(
         *FAST,
         "objective=grpo",
         "objective.group_size=2",
@@ -149,8 +149,6 @@ def test_grpo_end_to_end_writes_metrics(tmp_path):
         "trainer.num_threads=1",
         output_dir=tmp_path,
     )
-    (run_dir,) = run_dirs(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     # sampled completions with their prompt, reference and rewards, at the first step
     samples = [json.loads(line) for line in (run_dir / "samples" / "grpo.jsonl").open()]
     assert samples[0]["step"] == 0 and samples[0]["prompt"] and "reward_verifier" in samples[0]
@@ -183,7 +181,7 @@ def test_grpo_lifts_the_held_out_verifier_reward(tmp_path):
         "trainer.max_steps=20", "trainer.checkpoint_every_n_steps=10", *quiet, output_dir=sft_dir
     )
     (sft_run,) = run_dirs(sft_dir)
-    run_cli(
+    _, metrics = run_one(
         "objective=grpo",
         f"model.init_from={sft_run}",
         "objective.temperature=0.7",
@@ -193,8 +191,6 @@ def test_grpo_lifts_the_held_out_verifier_reward(tmp_path):
         *quiet,
         output_dir=tmp_path / "grpo",
     )
-    (run_dir,) = run_dirs(tmp_path / "grpo")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["verify/score_after"] >= metrics["verify/score_before"] + 0.2, metrics
     assert metrics["val/reward_verifier"] > metrics["val/reward_verifier_before"], metrics
 
@@ -256,7 +252,7 @@ def test_grpo_with_a_reference_reward_lifts_the_held_out_score_on_the_users_rows
         timeout=1200,
     )
     (sft_run,) = run_dirs(tmp_path / "sft")
-    run_cli(
+    run_dir, metrics = run_one(
         "objective=grpo",
         "data=jsonl",
         f"data.path={prompts}",
@@ -273,8 +269,6 @@ def test_grpo_with_a_reference_reward_lifts_the_held_out_score_on_the_users_rows
         output_dir=tmp_path / "grpo",
         timeout=1500,
     )
-    (run_dir,) = run_dirs(tmp_path / "grpo")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     before, after = metrics["val/reward_json_fields_before"], metrics["val/reward_json_fields"]
     assert after >= before + 0.08, (before, after)
     samples = [json.loads(line) for line in (run_dir / "samples" / "grpo.jsonl").open()]

@@ -18,7 +18,7 @@ from lmstack.evaluation import votes
 from lmstack.evaluation.agreement import krippendorff_alpha, labeller_agreement
 from lmstack.evaluation.judge import builtin_calibration_set
 
-from conftest import run_cli, run_dirs
+from conftest import run_cli, run_dirs, run_one
 
 
 def write_session(folder: Path, items: list[votes.Item], ballots) -> Path:
@@ -54,7 +54,7 @@ def test_planted_labeller_ranks_the_preferred_model_first(tmp_path):
         return rng.choice(["x", "y", "tie", "both_bad"])
 
     session = write_session(tmp_path / "label", model_items(["Y", "X", "Z"], 20), ballots)
-    run_cli(
+    run_dir, metrics = run_one(
         "phase=eval",
         "eval=arena",
         "eval.arena.judge=none",
@@ -64,8 +64,6 @@ def test_planted_labeller_ranks_the_preferred_model_first(tmp_path):
         "logger=none",
         output_dir=tmp_path / "out",
     )
-    (run_dir,) = run_dirs(tmp_path / "out")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     board = {row["model"]: row for row in metrics["arena/human/leaderboard"]}
     assert board["X"]["rank"] == 1 and board["Y"]["rating"] == 1000.0
     assert board["X"]["ci_low"] > max(board["Y"]["ci_high"], board["Z"]["ci_high"])

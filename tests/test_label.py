@@ -29,7 +29,7 @@ from lmstack.evaluation.votes import (
     winner_of,
 )
 
-from conftest import REPO, run_cli, run_dirs
+from conftest import REPO, run_cli, run_dirs, run_one
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 XSS = (
@@ -373,7 +373,7 @@ def test_arena_items_pair_every_model_on_every_prompt_with_models_hidden(tmp_pat
     assert {(i.model_x, i.model_y) for i in items} == {("base", tiny_random.name)}
     assert all(" has " in i.prompt for i in items)  # the arena's arithmetic prompts
 
-    run_cli(
+    eval_dir, metrics = run_one(
         "phase=eval",
         "eval=arena",
         f"eval.arena.models=[base,{tiny_random}]",
@@ -383,8 +383,6 @@ def test_arena_items_pair_every_model_on_every_prompt_with_models_hidden(tmp_pat
         "logger=none",
         output_dir=tmp_path / "eval",
     )
-    (eval_dir,) = run_dirs(tmp_path / "eval")
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["arena/battles"] == 3 and metrics["arena/human/battles"] == 3
     assert all(row["ties"] == 3 for row in metrics["arena/human/leaderboard"])  # both bad
     assert metrics["arena/human/both_bad"] == 3

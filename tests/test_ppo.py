@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, run_cli, run_dirs
+from conftest import FAST, run_cli, run_dirs, run_one
 
 # one thread: with the CPU shared, torch's spinning threads make runs ~30x slower
 QUIET = ["logger=none", "trainer.num_threads=1"]
@@ -87,9 +87,7 @@ def test_policy_outputs_match_the_rollout_log_probs(tiny_base, reward_run, tempe
 
 def test_ppo_end_to_end_logs_reward_score_and_kl(tmp_path, reward_run):
     args = ("objective=ppo", f"objective.reward_model={reward_run}", *FAST, *QUIET)
-    run_cli(*args, output_dir=tmp_path)
-    (run_dir,) = run_dirs(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = run_one(*args, output_dir=tmp_path)
     for key in (
         "train/reward_score",
         "train/kl",
@@ -121,7 +119,7 @@ def test_ppo_raises_the_held_out_reward_model_score(tmp_path):
     run_cli("objective=sft", *sft_steps, *steps, output_dir=tmp_path / "sft")
     run_cli("objective=reward", "trainer.max_steps=400", *steps, output_dir=tmp_path / "rm")
     (sft,), (reward,) = run_dirs(tmp_path / "sft"), run_dirs(tmp_path / "rm")
-    run_cli(
+    _, metrics = run_one(
         "objective=ppo",
         f"objective.reward_model={reward}",
         f"model.init_from={sft}",
@@ -130,7 +128,5 @@ def test_ppo_raises_the_held_out_reward_model_score(tmp_path):
         *steps,
         output_dir=tmp_path / "ppo",
     )
-    (run_dir,) = run_dirs(tmp_path / "ppo")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "train/kl" in metrics
     assert metrics["val/reward_score"] >= metrics["val/reward_score_before"] + 1.0, metrics

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-
-from conftest import kill_at_first_checkpoint, run_cli, run_dirs
+from conftest import assert_resumes_to_the_straight_result
 
 ARGS = [
     "trainer.max_steps=30",
@@ -21,22 +16,5 @@ ARGS = [
 ]
 
 
-def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    (run_dir,) = run_dirs(output_dir)
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
-
-
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_base):
-    killed = tmp_path / "killed"
-    kill_at_first_checkpoint(*ARGS, f"paths.output_dir={killed}", watch=killed)
-    (run_dir,) = run_dirs(killed)
-    assert not (run_dir / "metrics.json").exists()
-
-    resumed = run_cli(*ARGS, output_dir=killed)
-    assert "resuming from" in resumed.stdout
-    run_cli(*ARGS, output_dir=tmp_path / "straight")
-
-    got, want = adapter_weights(killed), adapter_weights(tmp_path / "straight")
-    assert got.keys() == want.keys() and got
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_resumes_to_the_straight_result(ARGS, tmp_path)

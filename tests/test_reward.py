@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, run_cli, run_dirs
+from conftest import FAST, run_one
 
 # one thread: with the CPU shared, torch's spinning threads make runs ~30x slower
 REWARD = ["objective=reward", "logger=none", "trainer.num_threads=1"]
@@ -24,9 +24,7 @@ def test_reward_run_reports_pairwise_accuracy_and_scores_pairs_after_loading(tmp
     from lmstack.objectives.losses import reward_bt_loss
     from lmstack.objectives.reward import load_reward_model
 
-    run_cli(*FAST, *REWARD, output_dir=tmp_path)
-    (run_dir,) = run_dirs(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = run_one(*FAST, *REWARD, output_dir=tmp_path)
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
     for key in ("val/loss", "train/loss", "train/accuracy"):
         assert key in metrics, key
@@ -64,7 +62,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     at 600 steps), about 2 minutes on 2 cores. On the earlier off-by-1..3-only pairs 600
     steps gave 0.935 (400: 0.835, lr 3e-3 diverged to 0.585).
     """
-    run_cli(
+    _, metrics = run_one(
         *REWARD,
         "trainer.max_steps=900",
         "trainer.enable_progress_bar=false",
@@ -72,6 +70,4 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
         "verify.enabled=false",
         output_dir=tmp_path,
     )
-    (run_dir,) = run_dirs(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/accuracy"] >= 0.8, metrics

@@ -12,25 +12,16 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import CACHE_DIR, FAST, REPO, assert_rejected_early, run_cli, run_dirs
+from conftest import CACHE_DIR, assert_rejected_early, run_cli, run_dirs, start_cli
 
 QUESTION = "Ann has 3 apples and gets 4 more. How many apples does Ann have now?"
 BENCH = ["phase=bench", "logger=none", "bench.num_requests=6", "bench.max_tokens=8"]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("sft")
-    run_cli(*FAST, "logger=none", "trainer.num_threads=1", output_dir=output)
-    (run_dir,) = run_dirs(output)
-    return run_dir
 
 
 def engines_serving(path_fragment: str) -> list[psutil.Process]:
@@ -47,11 +38,8 @@ def start_serve(
     run_dir: Path, output: Path, *extra: str, timeout_s: float = 240
 ) -> tuple[subprocess.Popen, dict]:
     """`python run.py phase=serve` in the background; returns it once the URL is printed."""
-    command = [sys.executable, str(REPO / "run.py"), "phase=serve", f"serving.model={run_dir}"]
-    command += ["logger=none", f"paths.output_dir={output}", *extra]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    args = ["phase=serve", f"serving.model={run_dir}", "logger=none", f"paths.output_dir={output}"]
+    process = start_cli(*args, *extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

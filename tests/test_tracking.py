@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from lmstack.data.sources import load_rows
 from lmstack.tracking.run_dir import redact
+
+from conftest import data_config
 
 
 def test_secrets_are_redacted_from_records():
@@ -28,16 +29,7 @@ def test_hub_dataset_code_loads_a_local_dataset_folder(tmp_path, monkeypatch):
     folder.mkdir()
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = SimpleNamespace(
-        source="hub",
-        path=str(folder),
-        subset=None,
-        split="train",
-        eval_split=None,
-        format="auto",
-        seed=0,
-        eval_fraction=0.1,
-    )
+    data = data_config(source="hub", path=str(folder), eval_fraction=0.1)
     loaded = load_rows(data, "sft")
     assert loaded.format == "prompt_completion"
     assert len(loaded.train) == 18 and len(loaded.eval) == 2

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError, DataError
+from lmstack.util.sqlite import read_rows
 
 VOTES_DB_NAME = "votes.sqlite"
 ITEMS_FILE_NAME = "label_items.jsonl"
@@ -200,14 +201,9 @@ def read_votes(path: str | Path) -> list[dict[str, Any]]:
     """Every vote of a store, oldest first."""
     path = Path(path)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-        db.row_factory = sqlite3.Row
-        with db:
-            rows = [dict(row) for row in db.execute("SELECT * FROM votes ORDER BY id")]
-        db.close()
+        return read_rows(path, "SELECT * FROM votes ORDER BY id")
     except sqlite3.Error as error:
         raise DataError(f"{path}: not a readable vote store ({error})") from None
-    return rows
 
 
 # ---------------------------------------------------------------- reading a session back

@@ -16,7 +16,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmstack.config.groups.model import BUILTIN_BUILD_VERSION, TinyLlamaConfig
 from lmstack.util.hashing import stable_hash
@@ -79,34 +79,37 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def llama_config_fields(shape: TinyLlamaConfig) -> dict[str, Any]:
+    """The built-in shape in Hugging Face's LlamaConfig (config.json) terms."""
+    return {
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "tie_word_embeddings": True,
+    }
+
+
 def build_random_model(
     shape: TinyLlamaConfig, tokenizer: PreTrainedTokenizerFast
 ) -> LlamaForCausalLM:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    # the tokenizer's own size: its trainer may learn fewer tokens than shape.vocab_size
+    fields = llama_config_fields(shape) | {"vocab_size": len(tokenizer)}
+    config = LlamaConfig(**fields, **special)
     torch.manual_seed(shape.seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=32,
-    )
+    model.generation_config = GenerationConfig(**special, do_sample=False, max_new_tokens=32)
     return model
 
 

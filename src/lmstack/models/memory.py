@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmstack.models.builtin import builtin_folder, llama_config_fields
+
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -197,17 +199,7 @@ def model_shape(config: Any, cache_dir: str) -> ModelShape | None:
                 return _read_shape(run_dir / folder / "config.json")
         return None
     if model.source == "builtin":
-        shape = model.builtin
-        heads = shape.num_heads
-        return ModelShape(
-            vocab_size=shape.vocab_size,
-            hidden_size=shape.hidden_size,
-            num_layers=shape.num_layers,
-            intermediate_size=shape.intermediate_size,
-            num_heads=heads,
-            num_kv_heads=shape.num_kv_heads,
-            head_dim=shape.hidden_size // heads,
-        )
+        return ModelShape.from_hf_config(llama_config_fields(model.builtin))
     path = model_folder(model, cache_dir) / "config.json"
     return _read_shape(path) if path.is_file() else None
 
@@ -408,8 +400,6 @@ def tokenizer_file(config: Any, cache_dir: str) -> Path | None:
     if model.init_from:
         return Path(model.init_from) / "tokenizer" / "tokenizer.json"
     if model.source == "builtin":
-        from lmstack.models.builtin import builtin_folder
-
         return builtin_folder(model.builtin, model.pretrained, cache_dir) / "tokenizer.json"
     return model_folder(model, cache_dir) / "tokenizer.json"
 

@@ -26,6 +26,9 @@ from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lmstack.errors import DataError
+from lmstack.util.sqlite import read_rows
+
 log = logging.getLogger("lmstack.traces")
 
 TRACE_DB_NAME = "traces.sqlite"
@@ -319,17 +322,11 @@ def _close_quietly(connection: sqlite3.Connection | None) -> None:
 
 def read_traces(path: str | Path, include_warmup: bool = False) -> list[dict[str, Any]]:
     """Every trace row of a store, oldest first (warm-up requests left out unless asked)."""
-    from lmstack.errors import DataError
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"trace store {path}: no such file")
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-        connection.row_factory = sqlite3.Row
-        with connection:
-            rows = [dict(row) for row in connection.execute("SELECT * FROM traces ORDER BY id")]
-        connection.close()
+        rows = read_rows(path, "SELECT * FROM traces ORDER BY id")
     except sqlite3.Error as error:
         raise DataError(f"trace store {path}: {describe_error(error)}") from None
     return [row for row in rows if include_warmup or row["tag"] != WARMUP_TAG]
@@ -338,32 +335,22 @@ def read_traces(path: str | Path, include_warmup: bool = False) -> list[dict[str
 def read_feedback(path: str | Path) -> list[dict[str, Any]]:
     """Every feedback row of a store, oldest first ([] for a store without feedback)."""
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-        connection.row_factory = sqlite3.Row
-        with connection:
-            rows = [dict(r) for r in connection.execute("SELECT * FROM feedback ORDER BY id")]
-        connection.close()
+        return read_rows(path, "SELECT * FROM feedback ORDER BY id")
     except sqlite3.OperationalError as error:
         if "no such table" in str(error):
             return []
         raise
-    return rows
 
 
 def stored_request(path: str | Path, request_id: str) -> bool:
     """Whether a store holds a trace of this request (for feedback on an older request)."""
     if not Path(path).is_file():
         return False
+    query = "SELECT 1 FROM traces WHERE request_id = ? LIMIT 1"
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-        with connection:
-            found = connection.execute(
-                "SELECT 1 FROM traces WHERE request_id = ? LIMIT 1", (request_id,)
-            ).fetchone()
-        connection.close()
+        return bool(read_rows(path, query, (request_id,), timeout=1.0))
     except sqlite3.Error:
         return False
-    return found is not None
 
 
 def find_trace_dbs(source: str | Path) -> list[Path]:
