@@ -12,16 +12,29 @@ re-runs `sys.argv`, which under `-m` would start the whole sweep again). Under S
 starts one task a device and Lightning's SLURMEnvironment reads the ranks.
 
 Only `os` is imported at the top: `launch.py` asks for the rank before any heavy import.
+
+Deferred imports, for start-up time: lightning, torch and transformers (and the lmstack
+modules that load them) are imported inside the functions that need them; the CLI's input
+checks import this module first.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
+
 from lmstack.errors import ConfigError
+from lmstack.tracking.run_dir import set_status
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 # strategies that shard weights across ranks (a quantized base cannot be sharded by them)
@@ -95,8 +108,6 @@ def _cuda_devices() -> int:
 
 
 def _require_deepspeed(strategy: str, cuda: int) -> None:
-    import importlib.util
-
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
             f"trainer.strategy={strategy}: DeepSpeed is not installed "
@@ -199,8 +210,6 @@ def _rank_launcher_class() -> type:
             return function(*args, **kwargs)
 
         def _call_children_scripts(self) -> None:
-            import subprocess
-
             self._check_can_spawn_children()
             self.procs = []
             env = self.cluster_environment
@@ -228,8 +237,6 @@ def join_ranks(trainer: Any, timeout_s: float = 120.0) -> None:
 def rank_command(run_dir: Path) -> tuple[list[str], str]:
     """`python run.py <this point's overrides> hydra.run.dir=<its run dir>`: one run, never a
     sweep, in the same run directory, without its own copy of .hydra/."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd
 
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
@@ -244,8 +251,6 @@ def rank_command(run_dir: Path) -> tuple[list[str], str]:
 def watch_ranks(procs: list[Any], run_dir: Path, period_s: float = 0.5) -> None:
     """A thread in rank zero: when another rank fails, record it, stop every rank, and exit
     with one message (the failed rank has printed its own error above)."""
-    import threading
-    import time
 
     def watch() -> None:
         while True:
@@ -271,7 +276,6 @@ def lost_a_rank(error: BaseException, trainer: Any) -> bool:
 
 def stop_after_lost_rank(trainer: Any, run_dir: Path, error: BaseException) -> None:
     """One message for a run whose other rank failed, instead of rank zero's traceback."""
-    import time
 
     procs = getattr(getattr(trainer.strategy, "_launcher", None), "procs", [])
     deadline = time.monotonic() + 5
@@ -283,10 +287,6 @@ def stop_after_lost_rank(trainer: Any, run_dir: Path, error: BaseException) -> N
 
 
 def stop_run(procs: list[Any], run_dir: Path, rank: Any, code: Any) -> None:
-    import signal
-
-    from lmstack.tracking.run_dir import set_status
-
     message = (
         f"lmstack: error: training process rank {rank} exited with code {code} (its own error, "
         "if it had one, is above); every rank of the run was stopped. Fix the cause and re-run "

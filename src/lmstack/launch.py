@@ -3,20 +3,27 @@
 It validates the composed config, names the run, records its status, and turns
 errors into what users expect: a one-paragraph message and a non-zero exit for
 a single run; a point marked failed (and the sweep going on) in a multirun.
+
+lmstack.phases.plan is imported where used: run.py's config refusals import this module, and
+they answer in about a second.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -61,9 +68,6 @@ def quiet_library_warnings() -> None:
 
 
 def run_task(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -110,7 +114,6 @@ def stop_signals():
     """SIGTERM and SIGINT unwind the run like Ctrl-C (so engines stop and the status is
     recorded); yields the list of the signals received. Under Slurm SIGTERM is left to the
     requeue machinery (lmstack/slurm.py), which checkpoints and records it itself."""
-    import threading
 
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -202,8 +205,6 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
 
 
 def dispatch(ctx: RunContext) -> dict[str, Any]:
-    import importlib
-
     phase = ctx.config.phase.name
     if phase not in PHASES:
         raise ConfigError(f"phase.name: unknown phase '{phase}' (available: {', '.join(PHASES)})")

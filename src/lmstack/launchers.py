@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from submitit.slurm.slurm import SlurmInfoWatcher
 
+from lmstack.launch import EXIT_BAD_INPUT
 from lmstack.tracking.run_dir import finished_metrics, set_status
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,6 @@ ENDED = {
 def stop_for_bad_input(message: str) -> None:
     """Exit 2 with one paragraph, as lmstack does for any input the user can fix (Hydra's
     launcher machinery would show a traceback for an exception)."""
-    import sys
-
-    from lmstack.launch import EXIT_BAD_INPUT
 
     print(f"lmstack: error: hydra/launcher=slurm: {message}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_INPUT)
@@ -51,7 +51,6 @@ def stop_for_bad_input(message: str) -> None:
 def check_slurm_commands() -> None:
     """sbatch and srun must be on PATH: a sweep submitted from a machine without Slurm stops
     before anything is submitted."""
-    import shutil
 
     missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
     if missing:

@@ -15,8 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from lmstack.config.groups.prompt import PromptConfig
 from lmstack.errors import ConfigError
+from lmstack.tracking.identity import stable_hash
 
 PROMPT_VERSION_HEADER = "X-Lmstack-Prompt-Version"
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "conf" / "prompt"
@@ -24,7 +28,6 @@ PROMPT_DIR = Path(__file__).resolve().parents[2] / "conf" / "prompt"
 
 def prompt_version(prompt: PromptConfig) -> str:
     """`p-` + a hash of what the model sees (system, template, few-shot turns)."""
-    from lmstack.tracking.identity import stable_hash
 
     content = {"system": prompt.system, "template": prompt.template, "few_shot": prompt.few_shot}
     return f"p-{stable_hash(content, 10)}"
@@ -32,8 +35,6 @@ def prompt_version(prompt: PromptConfig) -> str:
 
 def load_prompt(name_or_path: str, search_dir: Path = PROMPT_DIR) -> PromptConfig:
     """A prompt by group option name (`conf/prompt/NAME.yaml`) or by file path."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     path = Path(name_or_path)
     if not path.suffix:

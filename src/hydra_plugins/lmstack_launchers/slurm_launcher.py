@@ -3,6 +3,9 @@
 
 Hydra imports every module under hydra_plugins on each run, so this one stays light: submitit
 and lmstack's helpers are imported when a sweep is launched.
+
+submitit (the slurm extra, not always installed) and lmstack.launchers, which imports it,
+are imported where used: Hydra imports every launcher plugin at start-up.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides
+from omegaconf import OmegaConf
 
 try:  # the `slurm` extra
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -54,9 +59,6 @@ if submitit_launcher is not None:
         def _submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
             """The plugin's own launch (hydra-submitit-launcher 1.2) up to the submission."""
             import submitit
-            from hydra.core.singleton import Singleton
-            from hydra.core.utils import filter_overrides
-            from omegaconf import OmegaConf
 
             assert self.config is not None and len(job_overrides) > 0
             params = self.params

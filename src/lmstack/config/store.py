@@ -7,6 +7,7 @@ import importlib
 import os
 import warnings
 
+from hydra._internal.config_repository import ConfigRepository
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 
@@ -57,7 +58,6 @@ def _hide_internal_options() -> None:
     """Hydra lists a group's options from every config source, the ConfigStore's schema
     nodes included: in "Available options" after a typo and in glob sweeps. Filter them
     where Hydra lists (its ConfigRepository; no public hook exists), once."""
-    from hydra._internal.config_repository import ConfigRepository
 
     listing = ConfigRepository.get_group_options
     if getattr(listing, "hides_internal", False):

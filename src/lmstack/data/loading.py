@@ -14,6 +14,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lmstack.data.tokenize import IGNORE_INDEX
+from lmstack.distributed import distributed_world
 
 
 class ResumableBatchSampler:
@@ -48,8 +49,6 @@ class ResumableBatchSampler:
         return torch.randperm(self.num_examples, generator=generator).tolist()
 
     def __iter__(self):
-        from lmstack.distributed import distributed_world
-
         order = self._order()
         batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
         rank, world = distributed_world()

@@ -3,6 +3,10 @@
 Rows are checked before any model is loaded: a missing file, a malformed JSON
 line, a row without the fields its format needs and an empty dataset each stop
 the run with a message naming the file and line (or row).
+
+Deferred imports, for start-up time: datasets and pyarrow (and the lmstack modules that load
+them) are imported inside the functions that need them; the CLI's input checks import this
+module first.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ Ratings are the maximum-likelihood Bradley-Terry strengths (ties count as half a
 the Elo scale (400 / ln 10 points per logit, the anchor model at 1000), with 95% intervals
 from bootstrap resamples of the battles (Chiang et al. 2024). Battles whose judge verdict
 could not be parsed are left out of the fit and counted.
+
+Deferred imports, for start-up time: matplotlib, numpy and openai (and the lmstack modules
+that load them) are imported inside the functions that need them; the CLI's input checks
+import this module first. scipy is imported where used: it comes with another dependency,
+not with lmstack.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError
+from lmstack.tracking.run_dir import read_json
 from lmstack.util.tables import markdown_table
 
 ELO_SCALE = 400 / math.log(10)
@@ -51,8 +57,6 @@ def expand_models(specs: list[str]) -> list[tuple[str, str | None]]:
 
 
 def _is_model_run(run_dir: Path) -> bool:
-    from lmstack.tracking.run_dir import read_json
-
     finished = (read_json(run_dir / "status.json") or {}).get("status") == "finished"
     has_model = any((run_dir / d).is_dir() for d in ("adapter", "model", "merged"))
     return finished and has_model

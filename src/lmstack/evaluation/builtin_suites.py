@@ -4,15 +4,31 @@ Every suite that asks the model questions asks the session's rows: the user's `e
 (their prompts, references and contexts) or, without it, the built-in task's held-out
 problems. Each saves its per-row samples (prompt, completion, reference, score) and warns
 when a figure cannot be computed (no rows, verdicts that cannot be parsed).
+
+Deferred imports, for start-up time: openai and torch (and the lmstack modules that load
+them) are imported inside the functions that need them; the CLI's input checks import this
+module first.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from itertools import combinations
 from typing import Any
 
+from lmstack.config.groups import eval as eval_group
+from lmstack.config.groups.eval import LmEvalConfig
 from lmstack.data.eval_rows import EvalRow, require_references
+from lmstack.data.scoring import needs_reference
 from lmstack.errors import ConfigError, DataError
-from lmstack.evaluation.suites import Inputs, Session, Suite, register
+from lmstack.evaluation import arena, faithfulness, lm_eval_bridge, votes
+from lmstack.evaluation.arena import expand_models
+from lmstack.evaluation.formats import compile_regex, compliance, load_schema
+from lmstack.evaluation.lm_eval_bridge import task_manager, user_task
+from lmstack.evaluation.sampling import score_samples
+from lmstack.evaluation.suites import Inputs, Session, Suite, builtin_rows, register
+from lmstack.prompts import load_prompt
+from lmstack.tracking.identity import stable_hash
 from lmstack.tracking.run_dir import write_json
 
 # the built-in answer sentence the format suite checks on the built-in task
@@ -28,16 +44,12 @@ UNPARSED_WARNING_SHARE = 0.5
 
 
 def check_verifier(eval_cfg: Any, inputs: Inputs) -> None:
-    from lmstack.data.scoring import needs_reference
-
     if not inputs.builtin and needs_reference(inputs.scorer_name):
         require_references(inputs.rows, inputs.origin, f"eval.scorer.name={inputs.scorer_name}")
 
 
 def suite_verifier(session: Session) -> dict[str, Any]:
     """Each answer scored against its row's reference: greedy score, or mean and CI."""
-    from lmstack.evaluation.sampling import score_samples
-    from lmstack.tracking.identity import stable_hash
 
     rows, answers = session.rows(), session.answers()
     scorer = session.inputs.scorer
@@ -87,8 +99,6 @@ def format_checks(eval_cfg: Any, inputs: Inputs) -> tuple[str, str]:
 
 
 def check_format(eval_cfg: Any, inputs: Inputs) -> None:
-    from lmstack.evaluation.formats import compile_regex, load_schema
-
     regex, schema = format_checks(eval_cfg, inputs)
     if not regex and not schema:
         raise ConfigError(
@@ -102,8 +112,6 @@ def check_format(eval_cfg: Any, inputs: Inputs) -> None:
 
 
 def suite_format(session: Session) -> dict[str, Any]:
-    from lmstack.evaluation.formats import compliance
-
     regex, schema = format_checks(session.eval, session.inputs)
     rows = session.rows()
     answers = [a for sampled in session.answers() for a in sampled]
@@ -130,10 +138,6 @@ def suite_format(session: Session) -> dict[str, Any]:
 def harness_settings(eval_cfg: Any, inputs: Inputs) -> Any:
     """eval.lm_eval, or on the user's rows with the built-in tasks left as they are, a
     generative exact-match task written from those rows (lm_eval_bridge.user_task)."""
-    import dataclasses
-
-    from lmstack.config.groups.eval import LmEvalConfig
-    from lmstack.evaluation.lm_eval_bridge import user_task
 
     lm_cfg = eval_cfg.lm_eval
     if inputs.builtin or list(lm_cfg.tasks) != LmEvalConfig().tasks:
@@ -146,15 +150,11 @@ def harness_settings(eval_cfg: Any, inputs: Inputs) -> Any:
 
 
 def check_lm_eval(eval_cfg: Any, inputs: Inputs) -> None:
-    from lmstack.evaluation.lm_eval_bridge import task_manager
-
     lm_cfg = harness_settings(eval_cfg, inputs)
     task_manager(list(lm_cfg.tasks), list(lm_cfg.include_paths), inputs.cache_dir)
 
 
 def suite_lm_eval(session: Session) -> dict[str, Any]:
-    from lmstack.evaluation import lm_eval_bridge
-
     lm_cfg = harness_settings(session.eval, session.inputs)
     if lm_cfg is not session.eval.lm_eval:
         print(f"lmstack: lm-eval runs task {lm_cfg.tasks[0]}, made from your rows", flush=True)
@@ -204,15 +204,11 @@ def rubric_name(session_or_builtin: bool, configured: str) -> str:
 
 
 def check_judge(eval_cfg: Any, inputs: Inputs) -> None:
-    from lmstack.prompts import load_prompt
-
     judge_cfg = eval_cfg.judge
     load_prompt(rubric_name(inputs.builtin, judge_cfg.single_prompt))
     load_prompt(rubric_name(inputs.builtin, judge_cfg.pairwise_prompt))
     load_prompt(OPEN_RUBRIC)
     if judge_cfg.compare_to and judge_cfg.compare_to != "base":
-        from lmstack.evaluation.arena import expand_models
-
         expand_models(["base", judge_cfg.compare_to])
 
 
@@ -230,7 +226,6 @@ def suite_judge(session: Session) -> dict[str, Any]:
     """Single-answer grades of the (first-sample) answers, reference-guided where a row has
     a reference; with eval.judge.compare_to, pairwise verdicts against that model too."""
     from lmstack.evaluation.judge import grade
-    from lmstack.prompts import load_prompt
 
     judge_cfg, inputs = session.eval.judge, session.inputs
     rows, answers = session.rows(), [sampled[0] for sampled in session.answers()]
@@ -290,7 +285,6 @@ def pairwise_against(session: Session, rows: list[EvalRow], answers: list[str]) 
     """Win rate of the model under test against eval.judge.compare_to on the same prompts
     (both orders per pair; ties count half; unparsed pairs left out and counted)."""
     from lmstack.evaluation.judge import compare
-    from lmstack.prompts import load_prompt
 
     judge_cfg = session.eval.judge
     other = judge_cfg.compare_to
@@ -328,7 +322,6 @@ def pairwise_against(session: Session, rows: list[EvalRow], answers: list[str]) 
 
 def answers_of(session: Session, path: str | None, rows: list[EvalRow]) -> list[str]:
     """Greedy answers of another model (a run, an HF folder, or the base: None), in process."""
-    from lmstack.evaluation import arena
     from lmstack.evaluation.target import InProcessTarget, Sampling, load_local_model
 
     config = session.config
@@ -347,7 +340,6 @@ def answers_of(session: Session, path: str | None, rows: list[EvalRow]) -> list[
 
 def check_calibration(eval_cfg: Any, inputs: Inputs) -> None:
     from lmstack.evaluation.judge import load_calibration_set
-    from lmstack.prompts import load_prompt
 
     load_calibration_set(eval_cfg.judge.calibration_set, eval_cfg.judge.calibration_size)
     load_prompt(eval_cfg.judge.pairwise_prompt)
@@ -389,7 +381,6 @@ def suite_calibration(session: Session) -> dict[str, Any]:
 def people_figures(calibration_set: str) -> dict[str, Any]:
     """With people's votes as the labels: how far the people agree among themselves
     (human/alpha, human/kappa for two labellers) and their own first-position rate."""
-    from lmstack.evaluation import votes
     from lmstack.evaluation.agreement import labeller_agreement
 
     if not votes.is_session(calibration_set):
@@ -409,14 +400,10 @@ def check_faithfulness(eval_cfg: Any, inputs: Inputs) -> None:
             "an answer must be grounded in); none of the rows has one"
         )
     if eval_cfg.faithfulness.method == "judge":
-        from lmstack.prompts import load_prompt
-
         load_prompt("judge_faithfulness")
 
 
 def suite_faithfulness(session: Session) -> dict[str, Any]:
-    from lmstack.evaluation import faithfulness
-
     faith_cfg, inputs = session.eval.faithfulness, session.inputs
     if inputs.builtin:
         items = faithfulness.context_qa_set(faith_cfg.num_items)
@@ -465,15 +452,10 @@ def suite_faithfulness(session: Session) -> dict[str, Any]:
 
 
 def check_arena(eval_cfg: Any, inputs: Inputs) -> None:
-    from lmstack.data.scoring import needs_reference
-    from lmstack.evaluation.arena import expand_models
-
     arena_cfg = eval_cfg.arena
     if arena_cfg.judge != "none":
         expand_models(list(arena_cfg.models))
     if arena_cfg.human_votes:
-        from lmstack.evaluation import votes
-
         labelled = votes.open_session(arena_cfg.human_votes, "eval.arena.human_votes")
         votes.human_battles(labelled, "eval.arena.human_votes")
     verified = arena_cfg.judge == "verifier" and not inputs.builtin
@@ -481,16 +463,12 @@ def check_arena(eval_cfg: Any, inputs: Inputs) -> None:
         why = f"the arena's verifier (eval.scorer.name={inputs.scorer_name})"
         require_references(inputs.rows, inputs.origin, why)
     if arena_cfg.judge == "judge":
-        from lmstack.prompts import load_prompt
-
         load_prompt(rubric_name(inputs.builtin, eval_cfg.judge.pairwise_prompt))
 
 
 def arena_rows(session: Session) -> list[EvalRow]:
     count = session.eval.arena.num_prompts
     if session.inputs.builtin:
-        from lmstack.evaluation.suites import builtin_rows
-
         return builtin_rows(count, seed=1)
     return session.rows()[:count]
 
@@ -498,7 +476,6 @@ def arena_rows(session: Session) -> list[EvalRow]:
 def suite_arena(session: Session) -> dict[str, Any]:
     """Ratings from the machine's battles (verifier or LLM judge) and/or from people's votes
     (eval.arena.human_votes), each fitted and reported on its own."""
-    from lmstack.evaluation import arena
 
     arena_cfg = session.eval.arena
     boards: dict[str, dict[str, Any]] = {}
@@ -532,7 +509,6 @@ def suite_arena(session: Session) -> dict[str, Any]:
 def machine_board(session: Session) -> dict[str, Any]:
     """Each arena model (in process, greedy) answers the same prompts (the user's rows, or the
     built-in task's); the scorer or the judge decides every battle."""
-    from lmstack.evaluation import arena
 
     arena_cfg = session.eval.arena
     models = arena.expand_models(list(arena_cfg.models))
@@ -570,7 +546,6 @@ def machine_board(session: Session) -> dict[str, Any]:
 
 def human_board(session: Session) -> dict[str, Any]:
     """One battle per vote of a labelling session (both bad = a tie), fitted the same way."""
-    from lmstack.evaluation import arena, votes
     from lmstack.evaluation.agreement import labeller_agreement
 
     arena_cfg = session.eval.arena
@@ -592,11 +567,7 @@ def human_board(session: Session) -> dict[str, Any]:
 
 
 def judge_battles(session: Session, names, rows: list[EvalRow], answers):
-    from itertools import combinations
-
-    from lmstack.evaluation import arena
     from lmstack.evaluation.judge import compare
-    from lmstack.prompts import load_prompt
 
     judge_cfg = session.eval.judge
     pairs = [
@@ -618,8 +589,6 @@ def judge_battles(session: Session, names, rows: list[EvalRow], answers):
 
 
 def register_builtin_suites() -> None:
-    from lmstack.config.groups import eval as eval_group
-
     def needs_of_arena(cfg: Any) -> tuple[str, ...]:
         return ("judge",) if cfg.arena.judge == "judge" else ()
 

@@ -11,6 +11,9 @@ So an answer that invents a number, miscalculates, or states a result it never d
 unsupported; one that uses the distractor's numbers is supported but wrong, which is why
 correctness is reported beside the support rate. With method=judge the LLM judge reads
 context and answer instead (conf/prompt/judge_faithfulness.yaml).
+
+Deferred imports, for start-up time: openai (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 from typing import Any
 
 from lmstack.data import arith
+from lmstack.prompts import load_prompt, prompt_version, render_messages
 
 EQUATION = re.compile(r"(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)")
 NUMBER = re.compile(r"-?\d+")
@@ -130,7 +134,6 @@ def judge_report(
     """Support decided by the LLM judge ([[yes]] / [[no]]); unparseable replies counted."""
     from lmstack.evaluation.judge import ask
     from lmstack.evaluation.target import run_concurrently
-    from lmstack.prompts import load_prompt, prompt_version, render_messages
 
     rubric = load_prompt("judge_faithfulness")
     version = prompt_version(rubric)

@@ -1,4 +1,8 @@
-"""Output format checks: the share of answers that match a regex or satisfy a JSON schema."""
+"""Output format checks: the share of answers that match a regex or satisfy a JSON schema.
+
+Deferred imports, for start-up time: jsonschema (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
+"""
 
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ from typing import Any
 
 from lmstack.data import arith
 from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.evaluation import votes
+from lmstack.evaluation.target import run_concurrently
 from lmstack.prompts import PROMPT_VERSION_HEADER, load_prompt, prompt_version, render_messages
 from lmstack.util import openai_api
 
@@ -147,7 +149,6 @@ def grade(
     concurrency: int,
 ) -> dict[str, Any]:
     """Single-answer grades of items {question, answer, reference}."""
-    from lmstack.evaluation.target import run_concurrently
 
     version = prompt_version(rubric)
     replies = run_concurrently(
@@ -180,7 +181,6 @@ def compare(
 
     `winner` is "x", "y", "tie" or "unparsed"; `consistent` is whether both orders agreed
     (None when either verdict could not be parsed)."""
-    from lmstack.evaluation.target import run_concurrently
 
     version = prompt_version(template)
     calls = []
@@ -264,7 +264,6 @@ def load_calibration_set(spec: str, count: int) -> list[dict[str, Any]]:
     """ "builtin", a jsonl of {question, answer_a, answer_b, label: A|B|tie}, or a labelling
     session (phase=label's run directory or votes.sqlite): people's votes are the labels, and
     every voted item is used."""
-    from lmstack.evaluation import votes
 
     if spec == "builtin":
         return builtin_calibration_set(count)

@@ -14,6 +14,9 @@ When a token is set, every request needs it (`?token=` or the X-Lmstack-Token he
 (an unknown item, a malformed body, a missing token) gets a 4xx naming the problem, stores
 nothing, and the server goes on serving. The standard library's threading server is enough:
 a handful of people click a few times a minute.
+
+Deferred imports, for start-up time: markdown_it (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations

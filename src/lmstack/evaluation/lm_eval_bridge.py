@@ -7,6 +7,9 @@ offline (`dataset_path: json` + `data_files`). Any other harness task works wher
 reachable. In process the harness gets the loaded model object (HFLM); a served model goes
 through the harness's own OpenAI-compatible backends (local-chat-completions for chat
 prompts, local-completions for raw text).
+
+Deferred imports, for start-up time: lm_eval (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import random
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lmstack.data import arith
 from lmstack.errors import ConfigError, LmstackError
+from lmstack.tracking.identity import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,6 @@ def local_task_dir(cache_dir: str) -> Path:
 def user_task(rows: list[Any], cache_dir: str, max_gen_toks: int) -> tuple[Path, str]:
     """(folder, task name) of a generative exact-match task written from the user's eval rows
     (their prompt text, their reference as text), keyed by the rows' content."""
-    from lmstack.tracking.identity import stable_hash
 
     records = [{"prompt": row.text(), "reference": row.reference_text()} for row in rows]
     name = f"lmstack_user_{stable_hash([records, max_gen_toks], 10)}"
@@ -142,7 +147,6 @@ def task_manager(tasks: list[str], include_paths: list[str], cache_dir: str):
 def unreadable_task_files(folders: list[str]) -> list[str]:
     """`file: line N: problem` for each task YAML in the folders that does not parse (the
     harness skips such a file, so its task looks unknown)."""
-    import yaml
 
     class TagTolerantLoader(yaml.SafeLoader):
         pass

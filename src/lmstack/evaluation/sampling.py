@@ -3,6 +3,8 @@
 Greedy decoding (temperature 0) gives one answer per prompt, the same on every run; with a
 temperature, `num_samples` answers per prompt give `num_samples` scores, summarised by their
 mean and a Student-t interval (the runs are the independent draws).
+
+scipy (installed with lm-eval, not by lmstack itself) is imported where used.
 """
 
 from __future__ import annotations

@@ -7,10 +7,14 @@ and its headline metric with the direction that is better. Adding one is one mod
 calls `register(Suite(...))`, one schema, and one YAML file (`suites: {name: true}`); a
 suite outside lmstack is imported through `eval.plugins=[pkg.module]` and reads its options
 from `eval.options.<name>`.
+
+Deferred imports, for start-up time: openai (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
@@ -18,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmstack.data.eval_rows import EvalRow
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmstack.data import arith
+from lmstack.data.eval_rows import EvalRow, few_shot_turns, load_eval_rows
+from lmstack.data.scoring import build_scorer
 from lmstack.errors import ConfigError
 
 NEEDS = ("answers", "judge")
@@ -90,8 +99,6 @@ def options(eval_cfg: Any, suite: Suite) -> Any:
         return getattr(eval_cfg, suite.options_key)
     if suite.schema is None:
         return None
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     given = (eval_cfg.options or {}).get(suite.name) or {}
     try:
@@ -127,7 +134,6 @@ class Inputs:
 
 def builtin_rows(count: int, seed: int = 0) -> list[EvalRow]:
     """Held-out problems of the built-in task as eval rows (reference: the number)."""
-    from lmstack.data import arith
 
     return [
         EvalRow(p.question, p.answer, metadata={"solution": p.solution()}, line=index + 1)
@@ -138,10 +144,6 @@ def builtin_rows(count: int, seed: int = 0) -> list[EvalRow]:
 def read_inputs(config: Any, cache_dir: str) -> Inputs:
     """The rows every suite asks (eval.data, or the built-in task), the prompt group's
     config with eval.data.shots few-shot turns, and the scorer of answers."""
-    import dataclasses
-
-    from lmstack.data.eval_rows import few_shot_turns, load_eval_rows
-    from lmstack.data.scoring import build_scorer
 
     eval_cfg, prompt = config.eval, config.prompt
     data = eval_cfg.data
@@ -170,8 +172,6 @@ def read_inputs(config: Any, cache_dir: str) -> Inputs:
 
 
 def arith_scorer(completion: str, reference: Any, row: dict[str, Any] | None = None) -> float:
-    from lmstack.data import arith
-
     return float(arith.verify(completion, reference))
 
 

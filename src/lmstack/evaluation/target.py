@@ -5,15 +5,21 @@ group's template (chat: the model's own chat template; text: `Question: ... Answ
 `n` samples each (greedy when the temperature is 0). What the user gets from a served model
 is what is measured: the served target goes through the HTTP endpoint, the prompt version in
 the `X-Lmstack-Prompt-Version` header.
+
+Deferred imports, for start-up time: peft and torch (and the lmstack modules that load them)
+are imported inside the functions that need them; the CLI's input checks import this module
+first.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError, LmstackError
+from lmstack.models.adapters import adapter_base
 from lmstack.prompts import (
     PROMPT_VERSION_HEADER,
     fill,
@@ -21,6 +27,7 @@ from lmstack.prompts import (
     render_messages,
     render_text,
 )
+from lmstack.tracking.run_dir import read_json
 from lmstack.util import openai_api
 
 
@@ -45,7 +52,6 @@ class LocalModel:
 def load_local_model(model_cfg: Any, quant_cfg: Any, cache_dir: str) -> LocalModel:
     """The model group's model: a run directory's adapter on its base (quantized as the
     `quantization` group says), a run's full or merged model, or a base folder."""
-    from lmstack.models.adapters import adapter_base
     from lmstack.models.loading import load_base, load_tokenizer, resolve_base_path
 
     init_from = model_cfg.init_from
@@ -70,8 +76,6 @@ def load_local_model(model_cfg: Any, quant_cfg: Any, cache_dir: str) -> LocalMod
 
 
 def _require_finished(run_dir: Path) -> None:
-    from lmstack.tracking.run_dir import read_json
-
     status = (read_json(run_dir / "status.json") or {}).get("status")
     if status != "finished":
         raise ConfigError(f"model.init_from: the run in '{run_dir}' has not finished ({status})")
@@ -240,7 +244,6 @@ def _answer(url: str, create: Any, body: dict[str, Any], **more: Any) -> Any:
 
 def run_concurrently(calls: list[Any], concurrency: int) -> list[Any]:
     """Results in call order; the first failure is raised (no partial results returned)."""
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         futures = [pool.submit(call) for call in calls]

@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,6 @@ def item_id(prompt: str, x: str, y: str, model_x: str, model_y: str) -> str:
 
 def arena_items(prompts: list[str], answers: dict[str, list[str]], names: list[str]) -> list[Item]:
     """The arena's pairing: every pair of models on every prompt (as eval=arena battles)."""
-    from itertools import combinations
 
     items = []
     for a, b in combinations(names, 2):

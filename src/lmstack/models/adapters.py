@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError
+from lmstack.models.builtin import file_lock
 from lmstack.models.export import ADAPTER_CONFIG, LMSTACK_ADAPTER_INFO, merge_adapter
+from lmstack.tracking.identity import file_fingerprint, stable_hash
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -85,8 +87,6 @@ def _read_info(folder: Path) -> dict[str, Any]:
 
 def merged_adapter(folder: str | Path, base: str | None, cache_dir: str, key: str) -> Path:
     """The adapter folded into its base, as a Hugging Face folder (merged once, cached)."""
-    from lmstack.models.builtin import file_lock
-    from lmstack.tracking.identity import file_fingerprint, stable_hash
 
     folder = Path(str(folder)).expanduser().resolve()
     base_path = adapter_base(folder, base, cache_dir, key)

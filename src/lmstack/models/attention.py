@@ -8,6 +8,9 @@ handles it with an L x L block-diagonal mask over the whole row, which costs
 Here each sequence gets its own causal SDPA call instead: sum(length^2) work, and
 the fused, memory-efficient kernel. Everything else (padded batches, generation
 with a KV cache) goes to transformers' SDPA unchanged.
+
+Deferred imports, for start-up time: transformers (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations

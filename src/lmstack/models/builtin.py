@@ -5,6 +5,10 @@ whole stack runs and is tested on a CPU with no downloads. `tiny_base` is the
 random model after a short pretraining run through the same Lightning path as
 `objective=pretrain`; it is cached as an ordinary Hugging Face model folder
 under a hash of its settings, so every later step loads it like any hub model.
+
+Deferred imports, for start-up time: lightning, numpy, tokenizers, torch and transformers
+(and the lmstack modules that load them) are imported inside the functions that need them;
+the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import random
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -19,6 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmstack.config.groups.model import BUILTIN_BUILD_VERSION, TinyLlamaConfig
+from lmstack.config.groups.objective import PretrainObjectiveConfig
+from lmstack.data.arith import corpus_for_tokenizer, pretraining_corpus
+from lmstack.data.tokenize import encode_text
+from lmstack.models.export import save_model
 from lmstack.util.hashing import stable_hash
 
 if TYPE_CHECKING:
@@ -47,8 +56,6 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
     makes arithmetic learnable by a small model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from lmstack.data.arith import corpus_for_tokenizer
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -150,7 +157,6 @@ def isolated_random_state():
     torch's) and Lightning's seed variables as they were. A run that builds the base on
     first use then draws the same numbers as one that finds it cached, so a lock file
     replayed on an empty cache reproduces the run."""
-    import random
 
     import numpy as np
     import torch
@@ -188,7 +194,6 @@ def _build_into(folder: Path, shape: TinyLlamaConfig, pretrained: bool) -> None:
     if pretrained:
         print(f"lmstack: building tiny_base (first use; cached in {folder.parent})", flush=True)
         _pretrain(model, tokenizer, shape, folder)
-    from lmstack.models.export import save_model
 
     save_model(model, folder)
     tokenizer.save_pretrained(folder)
@@ -198,10 +203,7 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     """A short next-token run on the task's plain-text form, through Lightning."""
     import lightning as L
 
-    from lmstack.config.groups.objective import PretrainObjectiveConfig
-    from lmstack.data.arith import pretraining_corpus
     from lmstack.data.loading import build_train_loader
-    from lmstack.data.tokenize import encode_text
     from lmstack.objectives.causal_lm import CausalLMModule
     from lmstack.tracking.progress import progress_bar
 

@@ -5,13 +5,18 @@ one; without, bfloat16 is emulated and many times slower (bitsandbytes' 4-bit ke
 most of all). A tiny probe times both, for a plain matmul (the training precision) and
 for a 4-bit layer's forward and backward (QLoRA's compute dtype), and the answer is
 cached in the cache dir under the CPU's identity, so every later run reads it.
+
+Deferred imports, for start-up time: bitsandbytes (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -41,8 +46,6 @@ def cpu_identity() -> str:
 
 def _bnb_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("bitsandbytes")
     except Exception:  # not installed: the 4-bit probe is skipped
         return "none"
@@ -122,7 +125,6 @@ def describe(result: dict) -> str:
 
 def default_cache_dir() -> str:
     """paths.cache_dir's default, for callers that are not handed the run's cache dir."""
-    import os
 
     return os.environ.get("LMSTACK_CACHE_DIR", ".cache/lmstack")
 

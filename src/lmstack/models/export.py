@@ -1,12 +1,20 @@
-"""Artifacts in ecosystem formats: a PEFT adapter folder, Hugging Face model folders."""
+"""Artifacts in ecosystem formats: a PEFT adapter folder, Hugging Face model folders.
+
+Deferred imports, for start-up time: peft, torch and transformers (and the lmstack modules
+that load them) are imported inside the functions that need them; the CLI's input checks
+import this module first.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lmstack.models.gguf import export_gguf
 
 ADAPTER_CONFIG = "adapter_config.json"
 LMSTACK_ADAPTER_INFO = "lmstack.json"  # lmstack's own notes next to adapter_config.json
@@ -67,7 +75,6 @@ def merge_adapter(base_path: str, adapter_dir: Path, target: Path, dtype: str = 
     so the base is loaded unquantized here. Written to a staging folder first, so
     a killed merge never leaves a half folder that looks complete.
     """
-    import shutil
 
     import torch
     from peft import PeftModel
@@ -105,8 +112,6 @@ def save_artifacts(setup: Any, loaded: Any, config: Any, run_dir: Path) -> None:
     if adapter:
         make_portable(folder, config.model, loaded.base_path, config.paths.cache_dir)
     if config.export.gguf:
-        from lmstack.models.gguf import export_gguf
-
         gguf = export_gguf(merged, run_dir / "gguf", config.export.gguf, config.paths.engines_dir)
         print(f"lmstack: GGUF ({config.export.gguf}) written to {gguf}", flush=True)
 

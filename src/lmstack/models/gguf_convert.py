@@ -9,6 +9,9 @@
 - Chat templates written for transformers may mark the assistant's turn with
   `{% generation %}` (for assistant-only training masks); llama.cpp's template engine does
   not know that tag and it changes nothing at inference, so it is left out of the GGUF.
+
+gguf and llama.cpp's conversion module (the gguf extra, not always installed) are imported
+where used.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 The built-in model is cached as a Hugging Face folder, so every model (built-in,
 local folder, hub id, an earlier run) goes through the same from_pretrained path.
+
+Deferred imports, for start-up time: bitsandbytes, peft and transformers (and the lmstack
+modules that load them) are imported inside the functions that need them; the CLI's input
+checks import this module first.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from lmstack.config.objectives import OBJECTIVES
 from lmstack.errors import ConfigError
+from lmstack.models import attention
 from lmstack.models.adapters import (
     ADAPTER_CONFIG,
     adapter_base,
@@ -24,6 +29,11 @@ from lmstack.models.adapters import (
     merged_adapter,
 )
 from lmstack.models.builtin import ensure_builtin_model, file_lock
+from lmstack.models.cpu_dtype import compute_dtype_4bit, probe_note
+from lmstack.models.export import merge_adapter
+from lmstack.models.from_gguf import ensure_gguf_model, require_causal_lm
+from lmstack.tracking.identity import file_fingerprint
+from lmstack.tracking.run_dir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +62,6 @@ def resolve_base_path(model_cfg: Any, cache_dir: str) -> str:
     if model_cfg.source == "builtin":
         return str(ensure_builtin_model(model_cfg.builtin, model_cfg.pretrained, cache_dir))
     if model_cfg.source == "gguf":
-        from lmstack.models.from_gguf import ensure_gguf_model
-
         return str(ensure_gguf_model(model_cfg.path, cache_dir))
     path = model_cfg.name_or_path
     if is_adapter_folder(path):
@@ -82,8 +90,6 @@ def model_from_run(run_dir: Path, cache_dir: str | None = None) -> Path:
     DPO, PPO and GRPO right: with a fresh adapter on the merged weights, "adapter
     disabled" is the earlier run's model, not the original base.
     """
-    from lmstack.models.export import merge_adapter
-    from lmstack.tracking.run_dir import read_json
 
     status = read_json(run_dir / "status.json")
     if status is None:
@@ -124,7 +130,6 @@ def cache_root(cache_dir: str | None) -> Path:
 def merged_cache_dir(run_dir: Path, adapter: Path, cache_dir: str | None) -> Path:
     """Where a run's merged model is cached: keyed by the adapter's weights, so a re-trained
     run merges again."""
-    from lmstack.tracking.identity import file_fingerprint
 
     weights = sorted(adapter.glob("adapter_model.*"))
     key = file_fingerprint(weights[0]) if weights else "none"
@@ -136,8 +141,6 @@ def compute_dtype(quant_cfg: Any) -> torch.dtype:
         return DTYPES[quant_cfg.compute_dtype]
     # bfloat16 4-bit matmuls are ~30x slower than float32 on CPUs without AVX-512 bf16 and
     # faster with it: measured once per CPU (models/cpu_dtype.py)
-    from lmstack.models.cpu_dtype import compute_dtype_4bit
-
     return compute_dtype_4bit()
 
 
@@ -224,13 +227,9 @@ def load_base(
 
     hf_logging.disable_progress_bar()  # a bar per tiny shard is noise; Lightning shows training
 
-    from lmstack.models import attention
-
     quant = quantization_config(quant_cfg)
     dtype = compute_dtype(quant_cfg) if quant is not None else DTYPES[model_cfg.dtype]
     if quant is not None:
-        from lmstack.models.cpu_dtype import probe_note
-
         auto = quant_cfg.compute_dtype == "auto"
         print(
             f"lmstack: 4-bit compute dtype {str(dtype).removeprefix('torch.')} "
@@ -256,8 +255,6 @@ def load_base(
 
 def require_causal_lm_folder(path: str, model_cfg: Any) -> None:
     from transformers import AutoConfig
-
-    from lmstack.models.from_gguf import require_causal_lm
 
     config = AutoConfig.from_pretrained(
         path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code

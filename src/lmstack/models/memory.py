@@ -23,6 +23,11 @@ torch's profiler, tests/test_memory_plan.py) and hold for the Llama-architecture
 lmstack trains; the tests compare the whole estimate with the measured peak.
 
 Light: no torch, no transformers (a refusal answers in about a second).
+
+Deferred imports, for start-up time: tokenizers and torch (and the lmstack modules that load
+them) are imported inside the functions that need them; the CLI's input checks import this
+module first. psutil is imported where used: it comes with another dependency, not with
+lmstack.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.models.builtin import builtin_folder, llama_config_fields
+from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
 
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -208,8 +214,6 @@ def model_folder(model: Any, cache_dir: str) -> Path:
     """The folder (or hub id) of a model=hf or model=gguf base; a GGUF's converted folder
     exists once the first run has converted it."""
     if model.source == "gguf":
-        from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
-
         return gguf_folder(resolve_gguf_file(model.path), cache_dir)
     return Path(model.name_or_path).expanduser()
 

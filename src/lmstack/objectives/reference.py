@@ -2,6 +2,9 @@
 
 With a peft adapter the reference is the policy with its adapter disabled; after
 full fine-tuning it is a frozen copy taken once at the start.
+
+Deferred imports, for start-up time: peft (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations

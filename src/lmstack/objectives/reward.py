@@ -5,6 +5,10 @@ the chat ``[user: x, assistant: y]``. Training minimises ``-log sigmoid(r_chosen
 r_rejected)``; the held-out metric is pairwise accuracy ``mean(r_chosen > r_rejected)``.
 A finished run is marked by ``reward_model.json`` and loads back with
 :func:`load_reward_model` as a frozen :class:`RewardScorer` (PPO's and GRPO's reward).
+
+Deferred imports, for start-up time: peft and transformers (and the lmstack modules that
+load them) are imported inside the functions that need them; the CLI's input checks import
+this module first.
 """
 
 from __future__ import annotations

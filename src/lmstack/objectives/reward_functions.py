@@ -2,18 +2,24 @@
 
 Each configured function maps ``(prompts, completions, answers)`` to one float per
 completion; the objective's reward is their weighted sum ``r = sum_k w_k r_k``.
+
+Deferred imports, for start-up time: lightning (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmstack.data import arith
+from lmstack.data.scoring import build_scorer
 from lmstack.errors import LmstackError
 
 Scorer = Callable[[list[str], list[str], list[str | None]], list[float]]
@@ -61,7 +67,6 @@ def reward_model_scorer(path: str, key: str = "objective.rewards.path") -> Score
 
 def reference_scorer(config: Any, index: int) -> Scorer:
     """A score against each row's reference (lmstack.data.scoring); 0 for a row without one."""
-    from lmstack.data.scoring import build_scorer
 
     name = config.scorer if config.name == "scorer" else config.name
     key = f"objective.rewards[{index}]." + ("scorer" if config.name == "scorer" else "name")
@@ -141,8 +146,6 @@ def is_constant(scores: torch.Tensor) -> bool:
 
 
 def describe(sample: dict) -> str:
-    import json
-
     return json.dumps(sample, default=str)[:400]
 
 
@@ -185,8 +188,6 @@ def rollout_samples(batch: dict[str, Any], rollout: Any, group: int) -> list[dic
 
 def save_samples(module: Any, samples: list[dict[str, Any]], step: int) -> None:
     """samples/<objective>.jsonl in the run dir, a W&B table, and two on the console."""
-    import json
-    from pathlib import Path
 
     if not samples or module._trainer is None:
         return

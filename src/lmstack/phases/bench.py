@@ -4,16 +4,27 @@ Reads top to bottom: build the prompt set → start the engine (or reach the
 external URL) → warm it up → send the requests (Poisson arrivals or a fixed
 concurrency, streamed) → figures (TTFT, TPOT, ITL, latency, throughput, goodput)
 → metrics.json, requests.jsonl, W&B and a table. The engine is always stopped.
+
+Deferred imports, for start-up time: numpy, openai and tqdm (and the lmstack modules that
+load them) are imported inside the functions that need them; the CLI's input checks import
+this module first.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lmstack.data import arith
+from lmstack.data.arith import problems
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
+from lmstack.prompts import prompt_version, render_messages, render_text
+from lmstack.serving.costs import phase_costs
+from lmstack.serving.traces import WARMUP_TAG
+from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
 
 TABLE_KEYS = (
@@ -36,7 +47,6 @@ ROW_REQUEST_FIELDS = ("max_tokens", "temperature", "stop")
 def run(ctx: RunContext) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from lmstack.prompts import prompt_version
     from lmstack.serving.client import run_load, run_stoppable
     from lmstack.serving.engines import serve
 
@@ -67,7 +77,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def build_requests(bench: Any, prompt: Any) -> list[dict[str, Any]]:
     """Warm-up requests plus `num_requests` measured ones: chat `messages` or a `prompt`."""
-    from lmstack.prompts import render_messages, render_text
 
     count = bench.warmup_requests + bench.num_requests
     rows = builtin_rows(count, bench.seed) if bench.prompts == "builtin" else jsonl_rows(bench)
@@ -90,8 +99,6 @@ def build_requests(bench: Any, prompt: Any) -> list[dict[str, Any]]:
 
 
 def builtin_rows(count: int, seed: int) -> list[dict[str, Any]]:
-    from lmstack.data.arith import problems
-
     return [{"prompt": p.question} for p in problems(count, seed, held_out=True)]
 
 
@@ -136,10 +143,8 @@ def load_settings(bench: Any, version: str) -> Any:
 def warm_up(requests: list[dict[str, Any]], endpoint: Any, settings: Any) -> None:
     """Unmeasured requests first: the engine's first forward passes are slow (allocation,
     kernel selection), and would otherwise land in the first measured requests."""
-    from dataclasses import replace
 
     from lmstack.serving.client import run_load, run_stoppable
-    from lmstack.serving.traces import WARMUP_TAG
 
     if requests:
         run_stoppable(run_load(requests, endpoint, replace(settings, tag=WARMUP_TAG)))
@@ -167,7 +172,6 @@ def task_score(endpoint: Any, config: Any) -> dict[str, Any]:
     count = config.bench.score_prompts
     if not count:
         return {}
-    from lmstack.data import arith
     from lmstack.evaluation.target import Sampling, ServedTarget
 
     problems = arith.problems(count, seed=0, held_out=True)  # phase=eval's held-out problems
@@ -182,7 +186,6 @@ def task_score(endpoint: Any, config: Any) -> dict[str, Any]:
 
 def bench_costs(config: Any, run_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
     """cost/usd_total, cost/usd_per_request, ... from the gateway's traces (or the counts)."""
-    from lmstack.serving.costs import phase_costs
 
     return phase_costs(
         config,
@@ -201,8 +204,6 @@ def write_requests(path: Path, results: list[Any]) -> None:
 
 
 def log_bench(ctx: RunContext, metrics: dict[str, Any]) -> None:
-    from lmstack.tracking.loggers import log_results
-
     row = {key: metrics.get(f"bench/{key}") for key in TABLE_KEYS}
     log_results(ctx, metrics, tables={"bench/table": [row]})
 

@@ -8,6 +8,10 @@ A judge without its own URL is the served model. Bad input (a malformed eval fil
 scorer or harness task, a bad regex, arena models that are not runs) fails before any model is
 loaded; an unreachable judge fails the run without writing partial results as finished, and a
 headline figure that cannot be computed fails it after its figures are written.
+
+Deferred imports, for start-up time: openai and torch (and the lmstack modules that load
+them) are imported inside the functions that need them; the CLI's input checks import this
+module first.
 """
 
 from __future__ import annotations
@@ -17,9 +21,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lmstack.errors import LmstackError
-from lmstack.evaluation.suites import Inputs, Records, Session, Suite
+import lmstack.evaluation.builtin_suites  # noqa: F401 (registers the built-in suites)
+from lmstack.data import arith
+from lmstack.errors import DataError, LmstackError
+from lmstack.evaluation.suites import (
+    Inputs,
+    Records,
+    Session,
+    Suite,
+    load_plugins,
+    options,
+    read_inputs,
+    selected,
+)
+from lmstack.evaluation.suites import headline as suite_headline
 from lmstack.phases.context import RunContext
+from lmstack.prompts import prompt_version
+from lmstack.serving.costs import cost_metrics
+from lmstack.serving.traces import TRACE_DB_NAME
+from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import finished_metrics, previous_results, set_status, write_json
 from lmstack.util.tables import markdown_table
 
@@ -45,7 +65,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(config.trainer.num_threads)
-    from lmstack.prompts import prompt_version
 
     metrics: dict[str, Any] = {
         "run_id": ctx.run_id,
@@ -78,8 +97,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
     metrics |= {"eval/score": score, "eval/score_metric": key, "eval/higher_is_better": higher}
     metrics |= served_costs(config, run_dir / "serving")  # after the engine stopped: traces written
 
-    from lmstack.tracking.loggers import log_results
-
     log_results(ctx, metrics, tables=records.tables, images=records.images)
     write_json(run_dir / "metrics.json", metrics)
     print_summary(metrics)
@@ -99,14 +116,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def check_inputs(ctx: RunContext) -> tuple[list[Suite], Inputs]:
     """Everything that can be checked without a model: fails in about a second."""
-    import lmstack.evaluation.builtin_suites  # noqa: F401  (registers the built-in suites)
-    from lmstack.evaluation.suites import load_plugins, read_inputs, selected
 
     eval_cfg = ctx.config.eval
     load_plugins(list(eval_cfg.plugins))
     suites = selected(dict(eval_cfg.suites))
     inputs = read_inputs(ctx.config, ctx.cache_dir)
-    from lmstack.evaluation.suites import options
 
     for suite in suites:
         options(eval_cfg, suite)  # a plugin's options, against its schema
@@ -163,7 +177,6 @@ def model_under_test(ctx: RunContext, suites: list[Suite], inputs: Inputs):
 
 def arena_problems(arena_cfg: Any) -> list[Any]:
     """The built-in task's arena prompts (phase=label pairs the same answers for people)."""
-    from lmstack.data import arith
 
     return arith.problems(arena_cfg.num_prompts, 1, held_out=True)
 
@@ -171,9 +184,6 @@ def arena_problems(arena_cfg: Any) -> list[Any]:
 def served_costs(config: Any, serving_dir: Path) -> dict[str, float]:
     """What the served model's answers cost (cost/*), priced from its gateway's traces; {} when
     nothing was served or traced."""
-    from lmstack.errors import DataError
-    from lmstack.serving.costs import cost_metrics
-    from lmstack.serving.traces import TRACE_DB_NAME
 
     db = serving_dir / TRACE_DB_NAME
     if not db.is_file():
@@ -190,7 +200,6 @@ def served_costs(config: Any, serving_dir: Path) -> dict[str, float]:
 
 def headline(suites: list[Suite], metrics: dict[str, Any]) -> tuple[str | None, Any, bool]:
     """The one figure a sweeper optimizes: the best-ranked suite's headline metric."""
-    from lmstack.evaluation.suites import headline as suite_headline
 
     return suite_headline(suites, metrics)
 

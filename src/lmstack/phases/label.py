@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError
-from lmstack.evaluation import votes
+from lmstack.evaluation import arena, votes
+from lmstack.evaluation.label_server import LOOPBACK, LabelApp, make_server, page_url
 from lmstack.phases.context import RunContext
+from lmstack.phases.eval import arena_problems
 from lmstack.tracking.run_dir import set_status, write_json
 
 TOKEN_FILE_NAME = "label_token"
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    from lmstack.evaluation.label_server import LOOPBACK, LabelApp, make_server, page_url
-
     label_cfg, run_dir = ctx.config.label, ctx.run_dir
     items = session_items(ctx)
     store = votes.VoteStore(run_dir / votes.VOTES_DB_NAME)
@@ -87,8 +87,6 @@ def session_items(ctx: RunContext) -> list[votes.Item]:
 
 def arena_items(ctx: RunContext) -> list[votes.Item]:
     """The eval.arena models answer the arena's prompts; every pair on every prompt."""
-    from lmstack.evaluation import arena
-    from lmstack.phases.eval import arena_problems
 
     arena_cfg = ctx.config.eval.arena
     if len(arena_cfg.models) < 2:

@@ -20,6 +20,7 @@ from typing import Any
 from lmstack.config.recipes import for_stage, inherited_overrides
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
+from lmstack.phases.eval import comparison_markdown
 from lmstack.tracking.run_dir import set_status, write_json
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
@@ -60,7 +61,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
 def write_comparison(run_dir: Path, evaluations: list[tuple[str, dict[str, Any]]]) -> None:
     """comparison.md: the pipeline's evaluation stages side by side (a prompting baseline
     beside the fine-tuned runs, say), printed too."""
-    from lmstack.phases.eval import comparison_markdown
 
     table = comparison_markdown(evaluations)
     path = run_dir / "comparison.md"

@@ -10,18 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from lmstack.data.sources import load_rows
+from lmstack.distributed import check_machine, is_rank_zero
 from lmstack.errors import ConfigError
 from lmstack.models.memory import GB, memory_plan
 from lmstack.phases.context import RunContext
-from lmstack.tracking.run_dir import set_status, write_json
+from lmstack.tracking.run_dir import finished_metrics, set_status, write_json
 
 
 def preflight(ctx: RunContext) -> Any:
     """What a train run checks before torch and Lightning are imported: its data, the
     devices it asks for, and the memory plan (refused when it will not fit). Returns the
     rows, or None for a finished run that is not to be trained again."""
-    from lmstack.distributed import check_machine, is_rank_zero
-    from lmstack.tracking.run_dir import finished_metrics
 
     config = ctx.config
     if not config.run.rerun and finished_metrics(ctx.run_dir):

@@ -10,6 +10,10 @@ plots, metrics.json and W&B.
     python run.py phase=report report.source=outputs/sweeps/<sweep> monitor=json
 
 The report always re-reads its source: traces keep arriving while a store is in use.
+
+Deferred imports, for start-up time: matplotlib and numpy (and the lmstack modules that load
+them) are imported inside the functions that need them; the CLI's input checks import this
+module first.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Any
 
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
+from lmstack.serving import ab, costs, monitors
+from lmstack.serving.traces import find_trace_dbs, read_feedback, read_traces
+from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import set_status, write_json
 from lmstack.util.tables import markdown_table
 
@@ -43,7 +50,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
             with (run_dir / "report.md").open("a") as handle:
                 handle.write("\n" + ab_text)
     metrics["report/files"] = [str(p) for p in [*written, *images.values()]]
-    from lmstack.tracking.loggers import log_results
 
     log_results(ctx, metrics, tables={"report/table": table}, images=images)
     write_json(run_dir / "metrics.json", metrics)
@@ -59,7 +65,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def collect_rows(source: Path, include_warmup: bool) -> list[dict[str, Any]]:
     """Every trace under `source`, each tagged with its sweep point (the store's folder)."""
-    from lmstack.serving.traces import find_trace_dbs, read_traces
 
     if not source.exists():
         raise ConfigError(f"report.source: {source} does not exist")
@@ -99,8 +104,6 @@ def summary_table(rows: list[dict[str, Any]], cost: Any, monitor: Any) -> list[d
 
 
 def group_figures(rows: list[dict[str, Any]], cost: Any, monitor: Any) -> dict[str, Any]:
-    from lmstack.serving import costs, monitors
-
     done = [row for row in rows if monitors.succeeded(row)]
     spent = costs.summarize(rows, cost)
     figures: dict[str, Any] = {
@@ -131,7 +134,6 @@ def percentiles(name: str, values: list[float]) -> dict[str, float | None]:
 
 def totals(rows: list[dict[str, Any]], cost: Any, monitor: Any) -> dict[str, Any]:
     """The whole source as one group: report/... and cost/... figures."""
-    from lmstack.serving import costs
 
     figures = group_figures(rows, cost, monitor)
     metrics = {f"report/{key}": value for key, value in figures.items()}
@@ -224,8 +226,6 @@ def ab_section(
 ) -> tuple[dict[str, Any], str, dict[str, Path]]:
     """Per variant figures and each variant against the control, when the traces hold an A/B
     test; ({}, "", {}) otherwise."""
-    from lmstack.serving import ab
-    from lmstack.serving.traces import find_trace_dbs, read_feedback
 
     if not any(row.get("variant") for row in rows):
         return {}, "", {}

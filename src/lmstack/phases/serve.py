@@ -3,6 +3,9 @@
 Reads top to bottom: resolve what to serve (a run directory becomes its merged
 model, with the run's tokenizer and chat template) → start the engine (and the
 tracing gateway) → print the URL and a curl example → wait → stop everything.
+
+Deferred imports, for start-up time: openai (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations

@@ -19,14 +19,19 @@ from lmstack.data.sources import Rows
 from lmstack.distributed import (
     adopt_launcher,
     build_strategy,
+    gathered_weights,
     is_rank_zero,
     join_ranks,
+    lost_a_rank,
+    stop_after_lost_rank,
 )
 from lmstack.evaluation.verifier import verifier_score
 from lmstack.models.cpu_dtype import probe_note, training_precision
+from lmstack.models.gguf import require_llamacpp
 from lmstack.objectives import load_objective
 from lmstack.phases.context import RunContext
 from lmstack.phases.plan import preflight
+from lmstack.serving.rollouts import check_rollout_engine, vllm_rollouts
 from lmstack.slurm import trainer_callbacks, trainer_plugins
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.progress import progress_bar
@@ -45,12 +50,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # imports): bad input fails here, before any model is loaded
     rows = ctx.rows if ctx.rows is not None else preflight(ctx)
     if getattr(config.objective, "rollout_engine", "in_process") == "vllm":
-        from lmstack.serving.rollouts import check_rollout_engine
-
         check_rollout_engine(config)
     if config.export.gguf:
-        from lmstack.models.gguf import require_llamacpp
-
         require_llamacpp(config.paths.engines_dir, "export.gguf")
 
     if config.trainer.num_threads > 0:
@@ -88,8 +89,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
         }
         metrics |= validate(trainer, setup)
-        from lmstack.distributed import gathered_weights
-
         loaded.gathered_weights = gathered_weights(trainer)  # FSDP/DeepSpeed: all ranks gather
         if not is_rank_zero():
             # the other ranks only train: rank zero verifies and writes the run's records
@@ -99,8 +98,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         record(logger, None, metrics)
     except BaseException as error:
         close_tracker(logger, failed=True)
-        from lmstack.distributed import lost_a_rank, stop_after_lost_rank
-
         if isinstance(error, Exception) and lost_a_rank(error, trainer):
             stop_after_lost_rank(trainer, run_dir, error)
         raise
@@ -209,7 +206,6 @@ def rollout_engine(ctx: RunContext, loaded: Any, module: Any) -> Iterator[None]:
     if getattr(ctx.config.objective, "rollout_engine", "in_process") != "vllm":
         yield
         return
-    from lmstack.serving.rollouts import vllm_rollouts
 
     with vllm_rollouts(ctx.config, loaded, ctx.cache_dir, ctx.run_dir) as engine:
         module.rollout_engine = engine

@@ -16,17 +16,25 @@
 The p-values hold for one look at a sample size fixed in advance. Watching them while traffic
 arrives and stopping at the first p < 0.05 ("peeking") makes false wins far more likely than
 5%; the report says so.
+
+Deferred imports, for start-up time: matplotlib and numpy (and the lmstack modules that load
+them) are imported inside the functions that need them; the CLI's input checks import this
+module first. scipy is imported where used: it comes with another dependency, not with
+lmstack.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lmstack.serving import costs, monitors
 
 USER_HEADER = "X-Lmstack-User"
 VARIANT_HEADER = b"x-lmstack-variant"
@@ -98,7 +106,6 @@ class FeedbackError(Exception):
 def parse_feedback(raw: bytes) -> dict[str, Any]:
     """{request_id, score, thumbs, comment} from a feedback body; FeedbackError naming the
     field when it is malformed."""
-    import json
 
     try:
         body = json.loads(raw)
@@ -205,8 +212,6 @@ def variant_table(
     """One row per variant: traffic, latency, cost, monitors, feedback."""
     import numpy as np
 
-    from lmstack.serving import costs, monitors
-
     given = latest_feedback(feedback)
     names = sorted({row["variant"] for row in rows if row.get("variant")})
     all_costs = dict(zip((id(r) for r in rows), costs.request_costs(rows, cost)))
@@ -291,7 +296,6 @@ SHOWN = (
 
 def write_weights(entries: list[dict[str, Any]], folder: Path) -> None:
     """The variants and their weights beside the trace store (the report's expected split)."""
-    import json
 
     folder.mkdir(parents=True, exist_ok=True)
     kept = [{k: e[k] for k in ("name", "weight", "upstream", "model")} for e in entries]
@@ -301,7 +305,6 @@ def write_weights(entries: list[dict[str, Any]], folder: Path) -> None:
 def read_weights(dbs: list[Path]) -> dict[str, float]:
     """name -> share of the weights, from ab_variants.json beside the stores ({} if none);
     insertion order is the configured order, so the first variant is the control."""
-    import json
 
     for db in dbs:
         path = db.parent / WEIGHTS_FILE_NAME

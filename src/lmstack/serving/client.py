@@ -5,6 +5,9 @@ Requests arrive all at once or with Poisson gaps (`request_rate`), at most
 chunk that carried text, so TTFT, TPOT and inter-token latency come from what a
 user would see. A request the server rejects (4xx/5xx) or that breaks off is
 recorded as failed with its reason, and the benchmark goes on.
+
+Deferred imports, for start-up time: httpx (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import asyncio
 import json
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from lmstack.prompts import PROMPT_VERSION_HEADER
 from lmstack.serving.engines import Endpoint
+from lmstack.serving.exchange import REQUEST_TAG_HEADER
 from lmstack.serving.metrics import RequestResult
 from lmstack.serving.sse import payloads
 
@@ -68,14 +74,10 @@ def ignore_eos_fields(engine: str, settings: LoadSettings) -> dict[str, Any]:
 
 
 def headers_for(endpoint: Endpoint, settings: LoadSettings) -> dict[str, str]:
-    from lmstack.prompts import PROMPT_VERSION_HEADER
-
     headers = {"Authorization": f"Bearer {endpoint.api_key}"}
     if settings.prompt_version:
         headers[PROMPT_VERSION_HEADER] = settings.prompt_version
     if settings.tag:
-        from lmstack.serving.exchange import REQUEST_TAG_HEADER
-
         headers[REQUEST_TAG_HEADER] = settings.tag
     return headers
 
@@ -192,7 +194,6 @@ def run_stoppable(work: Any) -> Any:
     is then handed to the process's own handler, which stops the run as usual. A signal
     handler that raises inside a task instead leaves half-cancelled tasks whose errors
     asyncio prints at shutdown."""
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return asyncio.run(work)

@@ -15,6 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmstack.errors import DataError
+from lmstack.serving.traces import TRACE_DB_NAME, read_traces
+
 
 def busy_seconds(rows: list[dict[str, Any]]) -> float:
     """Length of the union of the requests' [start, end] intervals."""
@@ -63,7 +66,6 @@ def summarize(rows: list[dict[str, Any]], cost: Any) -> dict[str, float]:
 
 def cost_metrics(trace_db: str | Path, cost: Any, include_warmup: bool = False) -> dict[str, float]:
     """`summarize` on a trace store's rows (what a bench or eval run adds to its metrics)."""
-    from lmstack.serving.traces import read_traces
 
     return summarize(read_traces(trace_db, include_warmup=include_warmup), cost)
 
@@ -100,8 +102,6 @@ def phase_costs(
 ) -> dict[str, float]:
     """Cost figures for a bench or eval run: from the traces its gateway left in its run
     directory, else (gateway off, or a store shared with other jobs) from its own counts."""
-    from lmstack.errors import DataError
-    from lmstack.serving.traces import TRACE_DB_NAME
 
     db = Path(run_dir) / TRACE_DB_NAME
     trace = getattr(config, "trace", None)

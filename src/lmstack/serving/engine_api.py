@@ -6,10 +6,14 @@ An engine (one module, one schema in config/groups/serving.py, one YAML in conf/
 - what it loads for a model (a Hugging Face folder, base + adapter, a GGUF file),
 - the command line and environment that start it, and the URL path of its health check.
 lmstack.serving.engines starts, health-checks and stops every engine the same way.
+
+Deferred imports, for start-up time: torch (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lmstack.errors import ConfigError
+from lmstack.models.adapters import is_adapter_folder, merged_adapter
+from lmstack.tracking.run_dir import read_json
 
 
 @dataclass(frozen=True)
@@ -105,9 +111,7 @@ class Engine:
 
 def servable_model(config: Any, cache_dir: str) -> tuple[str, dict[str, Any]]:
     """A Hugging Face folder (or hub id) to serve, and the identity of what it holds."""
-    from lmstack.models.adapters import is_adapter_folder, merged_adapter
     from lmstack.models.loading import model_from_run, resolve_base_path
-    from lmstack.tracking.run_dir import read_json
 
     source = config.serving.model
     run_id = None
@@ -141,7 +145,6 @@ def servable_model(config: Any, cache_dir: str) -> tuple[str, dict[str, Any]]:
 def artifact_hash(path: str) -> str | None:
     """Hash of a model folder's files: small files by content, large ones by size, head
     and tail (hashing gigabytes of weights on every start would cost seconds)."""
-    import hashlib
 
     folder = Path(path)
     if not folder.is_dir():

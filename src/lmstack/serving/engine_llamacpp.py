@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lmstack.errors import ConfigError
+from lmstack.models.gguf import export_gguf
 from lmstack.serving.engine_api import Engine, Launch, Target, servable_model
 
 # serving.quantization -> the GGUF's type
@@ -39,8 +40,6 @@ class LlamaCppEngine(Engine):
         )
 
     def target(self, config: Any, cache_dir: str) -> Target:
-        from lmstack.models.gguf import export_gguf
-
         serving = config.serving
         gguf_type = GGUF_TYPE[serving.quantization]
         if serving.model.endswith(".gguf"):

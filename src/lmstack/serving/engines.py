@@ -18,12 +18,15 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmstack.config.groups.serving import ABConfig, ExternalServingConfig
 from lmstack.errors import ConfigError
+from lmstack.serving.ab import AB_MODEL, write_weights
 from lmstack.serving.engine_api import (
     Engine,
     artifact_hash,
@@ -34,6 +37,7 @@ from lmstack.serving.engine_api import (
 from lmstack.serving.engine_hf import HfEngine
 from lmstack.serving.engine_llamacpp import LlamaCppEngine
 from lmstack.serving.engine_vllm import VllmEngine
+from lmstack.serving.gateway_process import gateway as tracing_gateway
 from lmstack.serving.processes import (
     EngineError,
     free_port,
@@ -103,7 +107,6 @@ def serve(
             if not use_gateway:
                 yield upstream
                 return
-            from lmstack.serving.gateway_process import gateway as tracing_gateway
 
             name = public_model_name(serving, upstream)
             with tracing_gateway(upstream, config, log_dir, name=name) as proxied:
@@ -211,8 +214,6 @@ def _external(serving: Any) -> Iterator[Endpoint]:
 def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
     """One engine per distinct variant model (or each variant's external URL), the gateway in
     front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
-    from lmstack.serving.ab import AB_MODEL, write_weights
-    from lmstack.serving.gateway_process import gateway
 
     serving = config.serving
     with contextlib.ExitStack() as stack:
@@ -245,13 +246,12 @@ def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
         first = next(iter(started.values()))
         trace_path = getattr(getattr(config, "trace", None), "path", "")
         write_weights(entries, Path(trace_path).parent if trace_path else Path(log_dir))
-        proxied = stack.enter_context(gateway(first, config, log_dir, variants=entries))
+        proxied = stack.enter_context(tracing_gateway(first, config, log_dir, variants=entries))
         yield replace(proxied, model=AB_MODEL, served={"ab": entries})
 
 
 def variant_serving(serving: Any, variant: Any) -> Any:
     """The serving config for one variant alone: its model, or its external URL; no A/B."""
-    from lmstack.config.groups.serving import ABConfig, ExternalServingConfig
 
     if variant.base_url:
         # another engine's schema has no base_url: an external server is its own schema
@@ -282,7 +282,6 @@ def _choose_port(serving: Any) -> int:
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     """SIGTERM (Slurm's scancel, a supervisor) unwinds like Ctrl-C, so engines are stopped."""
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -5,6 +5,9 @@ JSON schema, or a regex), is it a refusal, is it empty, was it cut off at max_to
 (finish_reason == "length"), did it miss a latency SLO. Per group: the rates.
 Format and refusal checks need the answer text; under `trace.redaction=all` they
 are reported as unknown (None), never as passed.
+
+Deferred imports, for start-up time: jsonschema (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations

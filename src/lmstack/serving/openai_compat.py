@@ -12,6 +12,10 @@ silently.
 (no I/O besides a lazily loaded tokenizer), so it is tested on its own. Requests that need
 their answer reshaped (fan-out, stop trimming) are marked `adapted`; `combine()` builds the
 client's answer from the upstream answers.
+
+Deferred imports, for start-up time: tokenizers and transformers (and the lmstack modules
+that load them) are imported inside the functions that need them; the CLI's input checks
+import this module first.
 """
 
 from __future__ import annotations

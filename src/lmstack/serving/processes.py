@@ -1,10 +1,16 @@
 """Child server processes (engines, the gateway): start, wait until healthy, show their log,
-stop with their whole process group. No lmstack layer above this is imported here."""
+stop with their whole process group. No lmstack layer above this is imported here.
+
+Deferred imports, for start-up time: httpx (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import re
 import shlex
 import signal
 import socket
@@ -60,8 +66,6 @@ def start_process(
 
 
 def _exit_with_parent() -> None:
-    import ctypes
-
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
@@ -96,7 +100,6 @@ def wait_until_healthy(
 def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The log's last lines, led by any earlier error lines (a usage error, say, comes
     before a long help text)."""
-    import re
 
     if not log_path.is_file():
         return "  (no log)"

@@ -6,6 +6,9 @@ each rollout batch there through /v1/completions (prompt token ids in, completio
 out), and after every policy update saves the adapter and loads it under a new name
 (/v1/load_lora_adapter; the previous one is unloaded), so every rollout is on-policy. The
 trainer computes every log-prob itself: the engine only proposes tokens.
+
+Deferred imports, for start-up time: openai (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations

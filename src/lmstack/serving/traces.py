@@ -10,6 +10,8 @@ So a tracing failure never fails a request, and no trace is lost.
 
 Optionally each trace is also exported as an OpenTelemetry span following the GenAI
 semantic conventions (`gen_ai.*` attributes), to any OTLP collector.
+
+OpenTelemetry (the serve extra, not always installed) is imported where used.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ log their results with `log_results` / `log_sweep_summary`: the resolved config,
 metrics, tables and plots, in the same shape for every tracker. In MLflow a sweep is a
 parent run (holding the summary table and plots) with its points as nested child runs;
 in W&B the points share a group and the summary is a run of job_type "summary".
+
+Deferred imports, for start-up time: lightning, mlflow and wandb (and the lmstack modules
+that load them) are imported inside the functions that need them; the CLI's input checks
+import this module first.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lmstack.config.recipes import for_stage, inherited_overrides
@@ -163,7 +164,6 @@ def provenance(identity: str, data_fingerprint: str) -> dict[str, Any]:
 
 def group_choices() -> dict[str, Any]:
     """The config group options this run was composed from (recipe and sweep files resolved)."""
-    from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return {}

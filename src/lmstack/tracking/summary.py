@@ -20,11 +20,15 @@ hydra.callbacks in conf/config.yaml; with the Slurm launcher it runs in the
 launching process once every job is done) and on demand:
 
     python -m lmstack.tracking.summary outputs/sweeps/sweep-<hash> [--no-wandb]
+
+Deferred imports, for start-up time: matplotlib (and the lmstack modules that load it) are
+imported inside the functions that need it; the CLI's input checks import this module first.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import logging
 import math
@@ -36,6 +40,7 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from lmstack.errors import LmstackError
 from lmstack.tracking.headline import direction_of, sweep_metric_key, wanted_metric
@@ -538,14 +543,10 @@ class SweepSummaryCallback(Callback):
         self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        import atexit
-
         self.sweep_dir = Path(config.hydra.sweep.dir)
         atexit.register(self._summarize_unfinished_sweep)
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        from omegaconf import OmegaConf
-
         self.sweep_dir = None  # finished: nothing left for the exit hook
         logger_cfg = (
             OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else {}
