@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -536,3 +536,43 @@ def case_record(args: Any, case: DataCase, tokens: int, sides: list[Side]) -> di
         "medians": {side.name: medians(side) for side in sides},
         "samples": {side.name: side.samples for side in sides},
     }
+
+
+def comparison_cases(
+    args: Any, kind: str, tokenizer: Any
+) -> Iterator[tuple[str, DataCase, Path, int]]:
+    """Each of --cases: its name, its shape, the rows written for `kind` (sft or dpo) and
+    their token count as lmstack trains on them."""
+    for name in args.cases.split(","):
+        case = DATA_CASES[name]
+        data = write_rows(case, args.rows, kind, tokenizer)
+        yield name, case, data, lmstack_token_count(read_rows(data), tokenizer, case.max_length)
+
+
+def report_comparison(
+    kind: str, title: str, args: Any, params: int, peak: float, table: list, cases: dict, **sizes
+) -> None:
+    """A comparison's table on the console and its results JSON (`sizes`: its batch size)."""
+    print_table(f"{title}, median of {args.repeats} (threads={args.threads})", table, TABLE_COLUMNS)
+    payload = {
+        "params": params,
+        **sizes,
+        "threads": args.threads,
+        "peak_gflops": peak,
+        "lora": LORA,
+        "versions": versions("torch", "transformers", "trl", "peft", "lightning"),
+        "table": table,
+        "cases": cases,
+    }
+    write_results(kind, payload, args.model)
+
+
+def trl_dataset(args: Any) -> Any:
+    """A TRL child's rows (--data) as a datasets.Dataset of conversations, with torch on
+    --threads first (before transformers and TRL load)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+
+    return Dataset.from_list(conversational(read_rows(Path(args.data))))

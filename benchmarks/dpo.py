@@ -38,14 +38,10 @@ def lmstack_side(
 
 def trl_child(args) -> None:
     """One TRL DPOTrainer run, on its defaults but for the shared settings."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from datasets import Dataset
+    rows = common.trl_dataset(args)
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    rows = common.conversational(common.read_rows(Path(args.data)))
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
             output_dir=out,
@@ -56,7 +52,7 @@ def trl_child(args) -> None:
         trainer = DPOTrainer(
             model=args.model,
             args=config,
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=rows,
             processing_class=AutoTokenizer.from_pretrained(args.model),
             peft_config=common.trl_lora_config(),
         )
@@ -84,10 +80,7 @@ def main() -> None:
 def compare(args) -> None:
     model, params, tokenizer, peak = common.comparison_model(args)
     results, rows_out = {}, []
-    for name in args.cases.split(","):
-        case = common.DATA_CASES[name]
-        data = common.write_rows(case, args.rows, "dpo", tokenizer)
-        tokens = common.lmstack_token_count(common.read_rows(data), tokenizer, case.max_length)
+    for name, case, data, tokens in common.comparison_cases(args, "dpo", tokenizer):
         print(f"\ncase {name}: {args.rows} pairs, {tokens} tokens, {args.batch_size} pairs/batch")
         for variant in args.variants.split(","):
             pre = variant == "precompute_ref"
@@ -107,24 +100,8 @@ def compare(args) -> None:
             common.interleaved(sides, args.repeats)
             record = results[f"{name}/{variant}"] = common.case_record(args, case, tokens, sides)
             rows_out += common.comparison_rows(name, record["medians"], params, peak)
-    common.print_table(
-        f"DPO + LoRA, median of {args.repeats} (threads={args.threads})",
-        rows_out,
-        common.TABLE_COLUMNS,
-    )
-    common.write_results(
-        "dpo",
-        {
-            "params": params,
-            "pairs_per_batch": args.batch_size,
-            "threads": args.threads,
-            "peak_gflops": peak,
-            "lora": common.LORA,
-            "versions": common.versions("torch", "transformers", "trl", "peft", "lightning"),
-            "table": rows_out,
-            "cases": results,
-        },
-        args.model,
+    common.report_comparison(
+        "dpo", "DPO + LoRA", args, params, peak, rows_out, results, pairs_per_batch=args.batch_size
     )
 
 

@@ -47,14 +47,10 @@ def trl_side(model: Path, data: Path, args, case: common.DataCase, variant: str)
 
 def trl_child(args) -> None:
     """One TRL SFTTrainer run, on its defaults but for the shared settings."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from datasets import Dataset
+    rows = common.trl_dataset(args)
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    rows = common.conversational(common.read_rows(Path(args.data)))
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out,
@@ -64,7 +60,7 @@ def trl_child(args) -> None:
         trainer = SFTTrainer(
             model=args.model,
             args=config,
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=rows,
             processing_class=AutoTokenizer.from_pretrained(args.model),
             peft_config=common.trl_lora_config(),
         )
@@ -90,10 +86,7 @@ def main() -> None:
 def compare(args) -> None:
     model, params, tokenizer, peak = common.comparison_model(args)
     results, rows_out = {}, []
-    for name in args.cases.split(","):
-        case = common.DATA_CASES[name]
-        data = common.write_rows(case, args.rows, "sft", tokenizer)
-        tokens = common.lmstack_token_count(common.read_rows(data), tokenizer, case.max_length)
+    for name, case, data, tokens in common.comparison_cases(args, "sft", tokenizer):
         print(f"\ncase {name}: {args.rows} rows, {tokens} tokens, batch {args.batch_size}")
         sides = [common.Side("lmstack", lmstack_side(model, data, args, case, tokens, False))]
         if args.checkpointing:  # TRL's default has it on; lmstack's has it off
@@ -106,24 +99,8 @@ def compare(args) -> None:
         common.interleaved(sides, args.repeats)
         results[name] = common.case_record(args, case, tokens, sides)
         rows_out += common.comparison_rows(name, results[name]["medians"], params, peak)
-    common.print_table(
-        f"SFT + LoRA, median of {args.repeats} (threads={args.threads})",
-        rows_out,
-        common.TABLE_COLUMNS,
-    )
-    common.write_results(
-        "sft",
-        {
-            "params": params,
-            "batch_size": args.batch_size,
-            "threads": args.threads,
-            "peak_gflops": peak,
-            "lora": common.LORA,
-            "versions": common.versions("torch", "transformers", "trl", "peft", "lightning"),
-            "table": rows_out,
-            "cases": results,
-        },
-        args.model,
+    common.report_comparison(
+        "sft", "SFT + LoRA", args, params, peak, rows_out, results, batch_size=args.batch_size
     )
 
 

@@ -169,24 +169,6 @@ def completion_mask(completions: torch.Tensor, eos_token_id: int) -> torch.Tenso
     return eos_before == 0
 
 
-def completion_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completions: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """``(N, L)`` log-probs of the completion tokens under ``model`` (0 where ``mask`` is 0).
-
-    ``log softmax(logits / temperature)``: the policy that sampled the tokens. Position ids
-    count only real tokens, as generation does, so the left padding changes nothing.
-    ``prompt_ids``/``prompt_mask`` already repeat each prompt per sample.
-    """
-    logps, _ = completion_forward(model, prompt_ids, prompt_mask, completions, mask, temperature)
-    return logps
-
-
 def completion_forward(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -196,8 +178,14 @@ def completion_forward(
     temperature: float = 1.0,
     **model_options: Any,
 ) -> tuple[torch.Tensor, Any]:
-    """``(logps, output)``: :func:`completion_logprobs` and the model's whole output over
-    prompt + completion (``model_options``, e.g. ``output_hidden_states=True``, go to it)."""
+    """``(logps, output)``: the ``(N, L)`` log-probs of the completion tokens under ``model``
+    (0 where ``mask`` is 0), and the model's whole output over prompt + completion
+    (``model_options``, e.g. ``output_hidden_states=True``, go to it).
+
+    ``log softmax(logits / temperature)``: the policy that sampled the tokens. Position ids
+    count only real tokens, as generation does, so the left padding changes nothing.
+    ``prompt_ids``/``prompt_mask`` already repeat each prompt per sample.
+    """
     input_ids = torch.cat([prompt_ids, completions], dim=1)
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -212,6 +200,12 @@ def completion_forward(
     labels = torch.cat([prompt_ids[:, -1:], completions.masked_fill(~mask, -100)], dim=1)
     logps, _ = token_logprobs(output.logits[:, start:] / temperature, labels)
     return logps, output
+
+
+def completion_logprobs(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """The ``(N, L)`` completion log-probs of :func:`completion_forward` (same arguments)."""
+    logps, _ = completion_forward(*args, **kwargs)
+    return logps
 
 
 def repeat_prompts(batch: dict[str, Any], times: int) -> tuple[torch.Tensor, torch.Tensor]:
