@@ -136,13 +136,20 @@ def tiny_random() -> Path:
     return ensure_builtin_model(TinyLlamaConfig(), pretrained=False, cache_dir=CACHE_DIR)
 
 
-def assert_rejected_early(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit 2 with every fragment in the output, before any model was loaded."""
+def assert_rejected(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2 with every fragment in the output and no traceback; returns the output."""
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     for fragment in fragments:
         assert fragment in output, f"{fragment!r} not in:\n{output}"
-    assert "trainable of" not in output and "Traceback" not in output, output
+    assert "Traceback" not in output, output
+    return output
+
+
+def assert_rejected_early(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """`assert_rejected`, and before any model was loaded."""
+    output = assert_rejected(result, *fragments)
+    assert "trainable of" not in output, output
 
 
 def data_config(**overrides) -> SimpleNamespace:

@@ -136,6 +136,15 @@ def verifier_answers(output: Path) -> list[str]:
     return [json.loads(line)["responses"][0] for line in path.read_text().splitlines()]
 
 
+def local_and_served_answers(run: Path, output: Path, *serving: str) -> tuple[list, list]:
+    """The run's greedy verifier answers in process (output/local) and served with the
+    `serving` overrides (eval.target=served, output/served)."""
+    run_cli(*EVAL, f"model.init_from={run}", output_dir=output / "local")
+    served = ("eval.target=served", *serving)
+    run_cli(*EVAL, f"model.init_from={run}", *served, output_dir=output / "served")
+    return verifier_answers(output / "local"), verifier_answers(output / "served")
+
+
 @NEEDS_ENGINES
 class TestOneVllmEngine:
     """Tests sharing one vLLM engine (started once, stopped after the last of them)."""
@@ -178,12 +187,7 @@ class TestOneVllmEngine:
     def test_vllm_served_eval_gives_the_in_process_greedy_answers(
         self, sft_run, vllm_endpoint, tmp_path
     ):
-        run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
-        run_cli(
-            *EVAL, f"model.init_from={sft_run}", "eval.target=served", *external(vllm_endpoint),
-            output_dir=tmp_path / "served",
-        )  # fmt: skip
-        local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
+        local, served = local_and_served_answers(sft_run, tmp_path, *external(vllm_endpoint))
         assert len(local) == 12 and served == local
 
 
@@ -225,12 +229,8 @@ def test_vllm_serves_base_plus_adapter_without_merging(sft_run, tmp_path):
 @NEEDS_ENGINES
 def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_path):
     require(LLAMA_SERVER)
-    run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
-    run_cli(
-        *EVAL, f"model.init_from={sft_run}", "eval.target=served", "serving=llamacpp",
-        f"serving.model={sft_run}", output_dir=tmp_path / "served",
-    )  # fmt: skip
-    local, served = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "served")
+    llamacpp = ("serving=llamacpp", f"serving.model={sft_run}")
+    local, served = local_and_served_answers(sft_run, tmp_path, *llamacpp)
     assert len(local) == 12 and served == local
     assert list(CACHE_DIR.glob("gguf/*/model-f16.gguf")) and not (sft_run / "gguf").exists()
     assert_nothing_left()
@@ -240,16 +240,13 @@ def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_
 def test_q4_gguf_agrees_with_the_run_on_most_answers(sft_run, tmp_path):
     """q4_k_m rounds the weights: at least 9 of 12 greedy answers stay the same."""
     require(LLAMA_SERVER)
-    run_cli(*EVAL, f"model.init_from={sft_run}", output_dir=tmp_path / "local")
-    run_cli(
-        *EVAL, f"model.init_from={sft_run}", "eval.target=served", "serving=llamacpp",
-        f"serving.model={sft_run}", "serving.quantization=q4_k_m", output_dir=tmp_path / "q4",
-    )  # fmt: skip
-    local, q4 = verifier_answers(tmp_path / "local"), verifier_answers(tmp_path / "q4")
+    q4_k_m = ("serving=llamacpp", f"serving.model={sft_run}", "serving.quantization=q4_k_m")
+    local, q4 = local_and_served_answers(sft_run, tmp_path, *q4_k_m)
     agree = sum(a == b for a, b in zip(local, q4, strict=True))
     assert agree >= 9, (agree, local, q4)
     (described,) = [
-        json.loads(p.read_text())["eval/described"] for p in (tmp_path / "q4").rglob("metrics.json")
+        json.loads(p.read_text())["eval/described"]
+        for p in (tmp_path / "served").rglob("metrics.json")
     ]
     q4_file = Path(described["gguf"])
     assert q4_file.name == "model-q4_k_m.gguf"

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, run_cli, run_dirs, run_one
+from conftest import FAST, assert_rejected, assert_rejected_early, run_cli, run_dirs, run_one
 
 # one thread: with the CPU shared, torch's spinning threads make runs ~30x slower
 QUIET = ["logger=none", "trainer.num_threads=1"]
@@ -22,19 +22,9 @@ def reward_run(tmp_path_factory):
     return run_dir
 
 
-def assert_rejected(result, *fragments: str) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    for fragment in fragments:
-        assert fragment in output, f"{fragment!r} not in:\n{output}"
-    assert "Traceback" not in output, output
-    return output
-
-
 def test_missing_reward_model_is_rejected_before_any_model_loads(tmp_path):
     result = run_cli("objective=ppo", output_dir=tmp_path, check=False)
-    output = assert_rejected(result, "objective.reward_model: ppo needs a reward-model run")
-    assert "trainable of" not in output
+    assert_rejected_early(result, "objective.reward_model: ppo needs a reward-model run")
 
 
 def test_a_run_that_is_not_a_reward_model_is_named(tmp_path):
