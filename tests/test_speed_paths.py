@@ -153,3 +153,38 @@ def test_gradient_checkpointing_defaults_to_on_for_dpo_only():
 
     assert wants("dpo", None) and not wants("sft", None) and not wants("grpo", None)
     assert not wants("dpo", False) and wants("sft", True)
+
+
+def test_packed_attention_gradients_match_with_grouped_query_heads():
+    """Grouped-query heads (SmolLM2, Llama 3: fewer key/value heads than query heads) go to the
+    kernel unrepeated, and split rows backpropagate like separate sequences."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmstack.models.attention import register
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(config)
+    config._attn_implementation = register()
+    packed = LlamaForCausalLM(config)
+    packed.load_state_dict(plain.state_dict())
+    lengths = [5, 11, 3, 8]
+    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(2))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    alone, start = [], 0
+    for n in lengths:
+        alone.append(plain(input_ids=ids[:, start : start + n], use_cache=False).logits)
+        start += n
+    together = packed(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert torch.allclose(together, torch.cat(alone, dim=1), atol=1e-5)
+    torch.cat(alone, dim=1).square().sum().backward()
+    together.square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), packed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4), name

@@ -53,7 +53,7 @@ def packed_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: q, k, v are (batch, heads, length, dim);
     returns (batch, length, heads, dim)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     spans = None
     # no KV cache in play, and no sliding window (a per-sequence causal call would drop it)
@@ -63,17 +63,24 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    # split, not slices: the backward of N slices of one tensor fills and adds N tensors
+    # of the whole row's size (O(N x row) work and memory per layer); split's backward
+    # concatenates the N gradients once
+    lengths = [end - start for start, end in spans]
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
+            q,
+            k,
+            v,
             dropout_p=dropout,
             scale=scaling,
             is_causal=True,
+            # grouped-query heads share their key/value head in the kernel: no repeated copy
+            enable_gqa=groups > 1,
         )
-        for start, end in spans
+        for q, k, v in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+        )
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
