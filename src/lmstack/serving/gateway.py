@@ -16,6 +16,7 @@ upstreams, trace store, A/B router, feedback). The parts, each in its own module
   own process, so it never competes with a benchmark client for the GIL) and stops it;
 - serving/relay.py: the HTTP/1.1 relay, asyncio protocols with httptools' parser (on uvloop
   when installed), which writes each piece of an answer to the client as it arrives;
+  serving/upstream.py: its connections to the engine;
 - serving/exchange.py: trace folding, an answer's pieces into one `TraceRecord`, once the
   answer has ended, so the gateway costs little CPU per streamed token
   (see `benchmarks/gateway_overhead.py`);
@@ -38,8 +39,9 @@ from lmstack.serving import ab
 from lmstack.serving.exchange import Exchange
 from lmstack.serving.gateway_process import UPSTREAM_KEY_ENV
 from lmstack.serving.openai_compat import ServedModel
-from lmstack.serving.relay import ClientConnection, Incoming, Upstream, error_payload
+from lmstack.serving.relay import ClientConnection, Incoming, error_payload
 from lmstack.serving.traces import FeedbackRecord, stored_request
+from lmstack.serving.upstream import Upstream
 
 log = logging.getLogger("lmstack.gateway")
 

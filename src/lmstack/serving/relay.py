@@ -1,4 +1,5 @@
-"""The gateway's HTTP/1.1 relay: client connections in, engine connections out.
+"""The gateway's HTTP/1.1 relay: client connections in, one Relay per request, which forwards
+it over an engine connection (serving/upstream.py) and writes the answer back.
 
 Plain asyncio protocols with httptools' C parser: an upstream body piece is written to the
 client from the parser's callback, and only appended, with its arrival time, to the
@@ -20,9 +21,7 @@ import asyncio
 import http
 import json
 import logging
-import ssl
 import time
-import urllib.parse
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from lmstack.serving.openai_compat import (
     normalise,
 )
 from lmstack.serving.sse import EventSplitter, parse_event
+from lmstack.serving.upstream import DROP_RESPONSE_HEADERS, Upstream, UpstreamConnection
 
 log = logging.getLogger("lmstack.gateway")
 
@@ -79,23 +79,6 @@ def with_usage_requested(body: dict[str, Any]) -> dict[str, Any]:
 def is_usage_only(chunk: dict[str, Any]) -> bool:
     """The extra event `include_usage` adds: usage and no choices."""
     return bool(chunk.get("usage")) and not chunk.get("choices")
-
-
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"transfer-encoding",
-    b"te",
-    b"trailer",
-    b"upgrade",
-    b"expect",
-}
-# authorization is replaced by the upstream key when the gateway has one; accept-encoding is
-# dropped so that answers come back uncompressed and can be traced
-DROP_REQUEST_HEADERS = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
-DROP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
-CONNECT_TIMEOUT_S = 10.0
 
 
 def reason_phrase(status: int) -> bytes:
@@ -138,111 +121,6 @@ class Incoming:
             if key == name:
                 return value.decode("latin-1")
         return ""
-
-
-class Upstream:
-    """The engine's …/v1 URL, and a pool of idle keep-alive connections to it."""
-
-    def __init__(self, base_url: str, api_key: str = "") -> None:
-        url = urllib.parse.urlsplit(base_url.rstrip("/"))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"--upstream: '{base_url}' is not an http(s) URL")
-        self.base_url = base_url.rstrip("/")
-        self.host = url.hostname
-        self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.prefix = url.path.encode()  # "/v1": the gateway's /v1/x goes to <prefix>/x
-        self.host_header = url.netloc.rsplit("@", 1)[-1].encode()
-        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self.api_key = api_key
-        self.idle: list[UpstreamConnection] = []
-
-    async def connection(self) -> tuple[UpstreamConnection, bool]:
-        """An idle connection (reused=True) or a new one."""
-        while self.idle:
-            connection = self.idle.pop()
-            if not connection.closed:
-                return connection, True
-        loop = asyncio.get_running_loop()
-        opening = loop.create_connection(UpstreamConnection, self.host, self.port, ssl=self.ssl)
-        _, connection = await asyncio.wait_for(opening, CONNECT_TIMEOUT_S)
-        return connection, False
-
-    def release(self, connection: UpstreamConnection) -> None:
-        if not connection.closed:
-            self.idle.append(connection)
-
-    def request_bytes(self, incoming: Incoming, path: bytes, body: bytes) -> bytes:
-        lines = [incoming.method + b" " + self.prefix + path + b" HTTP/1.1"]
-        lines.append(b"host: " + self.host_header)
-        for name, value in incoming.headers:
-            if name in DROP_REQUEST_HEADERS or (name == b"authorization" and self.api_key):
-                continue
-            lines.append(name + b": " + value)
-        if self.api_key:
-            lines.append(b"authorization: Bearer " + self.api_key.encode())
-        lines.append(b"content-length: %d" % len(body))
-        return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-    def close(self) -> None:
-        for connection in self.idle:
-            connection.transport.close()
-        self.idle.clear()
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to the engine: parses its answers and hands them to the waiting Relay."""
-
-    def __init__(self) -> None:
-        import httptools
-
-        self.parser = httptools.HttpResponseParser(self)
-        self.parse_error = httptools.HttpParserError
-        self.transport: Any = None
-        self.relay: Relay | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.closed = False
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def send(self, relay: Relay, request: bytes) -> None:
-        self.relay, self.headers = relay, []
-        self.transport.write(request)
-
-    def data_received(self, data: bytes) -> None:
-        if self.relay is None:  # bytes nobody asked for: this connection is not reusable
-            self.transport.close()
-            return
-        try:
-            self.parser.feed_data(data)
-        except self.parse_error as error:
-            relay, self.relay = self.relay, None
-            self.transport.close()
-            if relay is not None:
-                relay.upstream_broken(f"invalid HTTP from upstream: {error}")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        relay, self.relay = self.relay, None
-        if relay is not None:
-            relay.upstream_lost(exc)
-
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        if self.relay is not None:
-            self.relay.upstream_head(self.parser.get_status_code(), self.headers)
-
-    def on_body(self, body: bytes) -> None:
-        if self.relay is not None:
-            self.relay.upstream_body(body)
-
-    def on_message_complete(self) -> None:
-        relay, self.relay = self.relay, None
-        if relay is not None:
-            relay.upstream_done(self, self.parser.should_keep_alive())
 
 
 class UsageStripper:
@@ -302,7 +180,8 @@ class Relay:
                 body = self.begin_exchange(route[3:], body)
                 if body is None:  # answered by the gateway (a 400, or an adapted request)
                     return
-            self.request = self.upstream.request_bytes(self.incoming, path[3:], body)
+            method, headers = self.incoming.method, self.incoming.headers
+            self.request = self.upstream.request_bytes(method, headers, path[3:], body)
             self.gateway.track(asyncio.ensure_future(self.send()))
 
     def begin_exchange(self, route: str, raw: bytes) -> bytes | None:
