@@ -94,6 +94,43 @@ def test_n_returns_n_choices(client):
     assert len({c.message.content for c in chat.choices}) == 1  # greedy: the same answer
 
 
+def test_streamed_choices_and_stops_arrive_piece_by_piece(client):
+    """n and stop on the hf engine are made by the gateway, yet a streaming client gets each
+    choice as the engine makes it, not the whole answer at the end."""
+    whole = complete(client, n=2, max_tokens=16)
+    stream = complete(
+        client, n=2, max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    events = list(stream)
+    for event in events:
+        for choice in event.choices:
+            pieces[choice.index].append(choice.text)
+    assert ["".join(pieces[i]) for i in (0, 1)] == [c.text for c in whole.choices]
+    assert all(sum(bool(text) for text in pieces[i]) > 3 for i in (0, 1)), pieces
+    assert events[-1].usage.completion_tokens == whole.usage.completion_tokens
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=12, n=2,
+        stream=True,
+    )  # fmt: skip
+    texts: dict[int, str] = {0: "", 1: ""}
+    for event in chat:
+        for choice in event.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == texts[1] != ""  # greedy: the same answer twice
+
+
+def test_a_stop_string_split_across_pieces_is_never_sent():
+    from lmstack.serving.openai_compat import StopCutter
+
+    cutter = StopCutter(["END", "\n\n"])
+    sent = [cutter.feed(piece) for piece in ["The E", "N", "d is near", "ly", " END", "x"]]
+    assert "".join(sent) + cutter.rest() == "The ENd is nearly "
+    assert sent[:2] == ["The ", ""] and cutter.hit  # "E", "EN" held back until ruled out
+    cutter = StopCutter(["END"])
+    assert cutter.feed("no stop E") == "no stop " and cutter.rest() == "E" and not cutter.hit
+
+
 def test_requests_the_engine_cannot_honour_are_a_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as zero:
         complete(client, max_tokens=0)

@@ -11,7 +11,8 @@ silently.
 `normalise()` is the request step the gateway runs on every completion request; it is pure
 (no I/O besides a lazily loaded tokenizer), so it is tested on its own. Requests that need
 their answer reshaped (fan-out, stop trimming) are marked `adapted`; `combine()` builds the
-client's answer from the upstream answers.
+client's answer from the upstream answers, or, for a streaming client, the relay streams
+each choice as it arrives (`StopCutter` holds back text that may begin a stop string).
 
 Deferred imports, for start-up time: tokenizers and transformers (and the lmstack modules
 that load them) are imported inside the functions that need them; the CLI's input checks
@@ -154,6 +155,11 @@ class Plan:
             for prompt in prompts
             for _ in range(self.n)
         ]
+
+    def upstream_streams(self) -> list[dict[str, Any]]:
+        """The same requests streamed, each with its usage (summed into the client's)."""
+        streamed = {"stream": True, "stream_options": {"include_usage": True}}
+        return [body | streamed for body in self.upstream_bodies()]
 
 
 def normalise(body: dict[str, Any], endpoint: str, served: ServedModel) -> Plan:
@@ -341,6 +347,73 @@ def trim_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class StopCutter:
+    """A streamed answer cut before its first stop string: text is let through once no stop
+    string can begin in it, so a streaming client never sees a stop string or what follows
+    (as from vLLM), though the text arrives in pieces that may split one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        """The part of the text so far that can be sent now ("" once a stop string hit)."""
+        if self.hit:
+            return ""
+        text, self.hit = trim_at_stop(self.held + piece, self.stops)
+        keep = 0 if self.hit else self._could_start_a_stop(text)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def rest(self) -> str:
+        """What was held back, at the end of an answer that met no stop string."""
+        rest, self.held = self.held, ""
+        return "" if self.hit else rest
+
+    def _could_start_a_stop(self, text: str) -> int:
+        longest = min(len(text), max((len(s) for s in self.stops), default=1) - 1)
+        for size in range(longest, 0, -1):
+            if any(stop.startswith(text[-size:]) for stop in self.stops):
+                return size
+        return 0
+
+
+def chunk_text(choice: dict[str, Any]) -> str:
+    """The text a streamed choice carries (chat: its delta's content; completions: text)."""
+    return (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+
+
+def choice_event(plan: Plan, head: dict[str, Any], index: int, text: str = "", finish=None):
+    """One SSE event of a streamed choice: its next text, or (with `finish`) its end."""
+    if plan.endpoint == "chat":
+        choice = {"index": index, "delta": {"content": text} if text else {}}
+    else:
+        choice = {"index": index, "text": text}
+    if finish is not None:
+        choice["finish_reason"] = finish
+    return sse_event({**head, "choices": [choice]})
+
+
+def stream_object(plan: Plan) -> str:
+    return "chat.completion.chunk" if plan.endpoint == "chat" else "text_completion"
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def summed_usage(usages: list[dict[str, Any]], n: int) -> dict[str, int]:
+    """The client's usage from each upstream request's (a prompt counts once for its n)."""
+    prompt = sum((u.get("prompt_tokens") or 0) for i, u in enumerate(usages) if i % n == 0)
+    completion = sum((u.get("completion_tokens") or 0) for u in usages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def combine(plan: Plan, answers: list[dict[str, Any]]) -> dict[str, Any]:
     """The client's answer from the upstream answers (one per prompt and choice, in order)."""
     choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -375,30 +448,6 @@ def combine(plan: Plan, answers: list[dict[str, Any]]) -> dict[str, Any]:
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
-
-
-def as_events(plan: Plan, answer: dict[str, Any]) -> bytes:
-    """A whole answer as the SSE stream a streaming client expects: per choice its text, then
-    its finish reason; usage when asked for; [DONE]."""
-    chat = plan.endpoint == "chat"
-    head = {k: answer[k] for k in ("id", "created", "model")}
-    head["object"] = "chat.completion.chunk" if chat else "text_completion"
-    events = []
-    for choice in answer["choices"]:
-        index = choice["index"]
-        if chat:
-            content = choice["message"]["content"]
-            delta = {"role": "assistant", "content": content}
-            events.append({**head, "choices": [{"index": index, "delta": delta}]})
-            end = {"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}
-        else:
-            events.append({**head, "choices": [{"index": index, "text": choice["text"]}]})
-            end = {"index": index, "text": "", "finish_reason": choice["finish_reason"]}
-        events.append({**head, "choices": [end]})
-    if plan.include_usage:
-        events.append({**head, "choices": [], "usage": answer["usage"]})
-    lines = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
-    return b"".join(lines) + b"data: [DONE]\n\n"
 
 
 def models_listing(served: ServedModel) -> dict[str, Any]:

@@ -34,10 +34,15 @@ from lmstack.serving.openai_compat import (
     Plan,
     RequestRejected,
     ServedModel,
-    as_events,
+    StopCutter,
+    choice_event,
+    chunk_text,
     combine,
     models_listing,
     normalise,
+    sse_event,
+    stream_object,
+    summed_usage,
 )
 from lmstack.serving.sse import EventSplitter, parse_event
 from lmstack.serving.upstream import DROP_RESPONSE_HEADERS, Upstream, UpstreamConnection
@@ -255,6 +260,9 @@ class Relay:
         url = upstream.base_url + route
         try:
             async with httpx.AsyncClient(timeout=None) as client:
+                if plan.stream:
+                    await self.adapted_stream(plan, client, url, headers)
+                    return
                 posts = [client.post(url, json=b, headers=headers) for b in plan.upstream_bodies()]
                 answers = await asyncio.gather(*posts)
         except httpx.HTTPError as error:
@@ -270,11 +278,77 @@ class Relay:
         answer = combine(plan, [a.json() for a in answers])
         whole = json.dumps(answer).encode()
         self.pieces = [(time.perf_counter(), whole)]
-        if plan.stream:
-            self.exchange.first_token_perf = time.perf_counter()
-            self.answer_bytes(200, as_events(plan, answer), b"text/event-stream")
-        else:
-            self.answer_bytes(200, whole, b"application/json")
+        self.answer_bytes(200, whole, b"application/json")
+
+    async def adapted_stream(self, plan: Plan, client: Any, url: str, headers: dict) -> None:
+        """A streaming client's adapted request: one upstream stream per choice, relayed as it
+        arrives (each choice's events under its index), cut at the first stop string."""
+        import contextlib
+
+        async with contextlib.AsyncExitStack() as stack:
+            opening = [
+                client.stream("POST", url, json=b, headers=headers) for b in plan.upstream_streams()
+            ]
+            streams = await asyncio.gather(*(stack.enter_async_context(o) for o in opening))
+            if failed := next((r for r in streams if r.status_code >= 400), None):
+                content = await failed.aread()
+                self.exchange.status = failed.status_code
+                self.pieces = [(time.perf_counter(), content)]
+                self.answer_bytes(failed.status_code, content, b"application/json")
+                return
+            if self.done:
+                return
+            self.exchange.status, self.whole, self.chunked = 200, False, True
+            head = [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")]
+            head.append((REQUEST_ID_HEADER, self.exchange.request_id.encode()))
+            self.client.write(response_head(200, head, self.incoming.keep_alive))
+            self.head_sent = True
+            event_head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+            event_head |= {"model": plan.body.get("model", ""), "object": stream_object(plan)}
+            usages = await asyncio.gather(
+                *(self.relay_choice(plan, event_head, i, r) for i, r in enumerate(streams))
+            )
+        if plan.include_usage and not self.done:
+            self.emit(
+                sse_event({**event_head, "choices": [], "usage": summed_usage(usages, plan.n)})
+            )
+        if not self.done:
+            self.emit(b"data: [DONE]\n\n")
+            self.client.write(b"0\r\n\r\n")
+            self.finish()
+            self.client.response_done(self.incoming.keep_alive)
+
+    async def relay_choice(self, plan: Plan, head: dict, index: int, stream: Any) -> dict:
+        """One choice's upstream stream to the client; its usage. Text after a stop string is
+        read (the engine goes on to max_tokens either way, and its usage says so) but not sent."""
+        cutter, finish, usage = StopCutter(plan.stop), None, {}
+        async for line in stream.aiter_lines():
+            if self.done:  # the client went away: closing the stream stops the generation
+                break
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if not data or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                if text := cutter.feed(chunk_text(choice)):
+                    self.emit(choice_event(plan, head, index, text))
+                if cutter.hit and finish is None:
+                    finish = "stop"
+                    self.emit(choice_event(plan, head, index, finish=finish))
+                finish = finish or choice.get("finish_reason")
+        if not cutter.hit and not self.done:
+            if rest := cutter.rest():
+                self.emit(choice_event(plan, head, index, rest))
+            self.emit(choice_event(plan, head, index, finish=finish or "stop"))
+        return usage
+
+    def emit(self, event: bytes) -> None:
+        """One SSE event to a streaming client (chunked), and to the request's trace."""
+        if self.done:
+            return
+        self.pieces.append((time.perf_counter(), event))
+        self.client.write(b"%x\r\n%b\r\n" % (len(event), event))
 
     def answer_bytes(self, status: int, body: bytes, content_type: bytes) -> None:
         headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
