@@ -21,6 +21,8 @@ upstreams, trace store, A/B router, feedback). The parts, each in its own module
   answer has ended, so the gateway costs little CPU per streamed token
   (see `benchmarks/gateway_overhead.py`);
 - serving/sse.py: the server-sent-events parser (the load client reads streams with it too).
+
+uvloop (the serve extra, not always installed) is imported where used.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from lmstack.serving.exchange import Exchange
 from lmstack.serving.gateway_process import UPSTREAM_KEY_ENV
 from lmstack.serving.openai_compat import ServedModel
 from lmstack.serving.relay import ClientConnection, Incoming, error_payload
-from lmstack.serving.traces import FeedbackRecord, stored_request
+from lmstack.serving.traces import FeedbackRecord, TraceStore, otlp_exporter, stored_request
 from lmstack.serving.upstream import Upstream
 
 log = logging.getLogger("lmstack.gateway")
@@ -153,8 +155,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lmstack.serving.traces import TraceStore, otlp_exporter
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     exporter = otlp_exporter(args.otlp_endpoint) if args.otlp_endpoint else None

@@ -13,6 +13,9 @@ For streams whose client did not ask for usage, the relay asks upstream for it
 (`UsageStripper`), so token counts come from the engine yet the client sees what the
 engine would send. The gateway's shared state (serving/gateway.py) is what a relay
 reads and records through: `GatewayState`.
+
+httptools (the serve extra, not always installed) and httpx (only adapted requests use it;
+the gateway process starts light) are imported where used.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Each connection parses the engine's answer with httptools' C parser and hands it, as it
 arrives, to the request waiting for it (serving/relay.py's `Relay`, through `AnswerReader`):
 head, body pieces, end, or the connection's loss.
+
+httptools (the serve extra, not always installed) is imported where used.
 """
 
 from __future__ import annotations

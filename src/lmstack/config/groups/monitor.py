@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,6 @@ class MonitorConfig:
     slo_ttft_ms: float | None = None
 
     def __post_init__(self) -> None:
-        import re
-
         require_choice(self.format, MONITOR_FORMATS, "monitor.format")
         if self.format == "regex":
             require(bool(self.format_regex), "monitor.format_regex", "format=regex needs one")
