@@ -99,7 +99,7 @@ def test_a_bad_outside_adapter_names_the_file_and_what_to_pass(
     other = make_adapter(small, tmp_path / "other", str(tiny_base))
     with pytest.raises(ConfigError) as mismatched:
         resolve_base_path(make_config(f"model.init_from={other}").model, cache)
-    assert "does not fit the base" in str(mismatched.value)
+    assert f"the adapter in {other} does not fit the base" in str(mismatched.value)
     assert "model.base=" in str(mismatched.value)
 
 
