@@ -9,13 +9,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, run_cli, run_dirs
+from conftest import FAST, REPO, run_cli, run_dirs, start_cli
 
 # a short run of the default demo: its logger (W&B, offline), its progress bar
 DEMO_FEW_STEPS = [
@@ -133,15 +132,9 @@ def test_a_lock_replayed_on_an_empty_cache_reproduces_the_demo(tmp_path, tiny_ba
 
 def start(*args: str, output: Path) -> subprocess.Popen:
     """run.py in its own process group, as a shell starts a command (Ctrl-C reaches the group)."""
-    command = [sys.executable, str(REPO / "run.py"), *args, f"paths.output_dir={output}"]
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    output_dir = f"paths.output_dir={output}"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    return start_cli(*args, output_dir, **pipes, start_new_session=True)
 
 
 def stop(process: subprocess.Popen, signame: str) -> None:
