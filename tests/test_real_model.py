@@ -239,46 +239,85 @@ def metrics_of(output) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.slow
-def test_smollm2_sft_lora_learns_the_chat_format_and_is_served_with_chatml(smollm2, tmp_path):
-    """SFT + LoRA with the recipe: the held-out loss at least halves in 20 steps, and the
-    served run (hf engine, OpenAI client) answers in the trained format through ChatML."""
-    from openai import OpenAI
-    from test_serving import start_serve
+QUESTION = [
+    {"role": "system", "content": SYSTEM_PROMPT},
+    {"role": "user", "content": "What is 17 plus 25?"},
+]
 
-    chat = tmp_path / "chat.jsonl"
+
+@pytest.fixture(scope="module")
+def smollm2_sft(smollm2, tmp_path_factory):
+    """SFT + LoRA with the recipe on chat rows, 20 steps: the run directory."""
+    output = tmp_path_factory.mktemp("smollm2-sft")
+    chat = output / "chat.jsonl"
     chat_rows(chat)
     run_cli(
         "recipe=smollm2_sft_lora",
         f"data.path={chat}",
         "trainer.max_steps=20",
         *REAL,
-        output_dir=tmp_path / "sft",
+        output_dir=output / "sft",
         timeout=3600,
     )
-    metrics = metrics_of(tmp_path / "sft")
-    assert metrics["val/loss"] <= 0.5 * metrics["val/loss_before"], metrics
-    (run_dir,) = run_dirs(tmp_path / "sft")
+    (run_dir,) = run_dirs(output / "sft")
+    return run_dir
 
-    question = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": "What is 17 plus 25?"},
-    ]
-    process, endpoint = start_serve(run_dir, tmp_path / "serve", "serving.gateway=false")
+
+@pytest.mark.slow
+def test_smollm2_sft_lora_halves_the_held_out_loss(smollm2_sft):
+    """The recipe on 63 chats (9 held out): the held-out loss at least halves in 20 steps."""
+    metrics = json.loads((smollm2_sft / "metrics.json").read_text())
+    print(f"val/loss {metrics['val/loss_before']:.4f} -> {metrics['val/loss']:.4f}")
+    assert metrics["val/loss"] <= 0.5 * metrics["val/loss_before"], metrics
+
+
+def ask_served(run_dir, output, *extra: str) -> str:
+    """`phase=serve` on the run; its greedy answer to QUESTION through the OpenAI SDK."""
+    from openai import OpenAI
+    from test_serving import start_serve
+
+    process, endpoint = start_serve(run_dir, output, *extra, timeout_s=1800)
     try:
         client = OpenAI(base_url=endpoint["base_url"], api_key="EMPTY")
         reply = client.chat.completions.create(
-            model=endpoint["model"], messages=question, max_tokens=12, temperature=0
+            model=endpoint["model"], messages=QUESTION, max_tokens=12, temperature=0
         )
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
-    answer = reply.choices[0].message.content.strip()
-    assert ANSWER.match(answer), answer  # the trained format, not the base model's prose
-    (merged,) = CACHE_DIR.glob(f"merged_runs/{run_dir.name}-*/merged")
-    tokenizer_template = (merged / "chat_template.jinja").read_text()
-    assert "<|im_start|>" in tokenizer_template  # served with the GGUF's ChatML template
-    assert answer == greedy_reply_with(merged, question, 12).strip()
+    return reply.choices[0].message.content.strip()
+
+
+def merged_model(run_dir):
+    """The run's merged model in the cache (phase=serve merges it on first use)."""
+    from lmstack.models.loading import model_from_run
+
+    merged = model_from_run(run_dir, str(CACHE_DIR))
+    assert "<|im_start|>" in (merged / "chat_template.jinja").read_text()  # the GGUF's ChatML
+    return merged
+
+
+@pytest.mark.slow
+def test_smollm2_sft_run_served_by_hf_answers_in_the_trained_format(smollm2_sft, tmp_path):
+    """`phase=serve serving.model=<run dir>` (hf engine): the OpenAI client gets the trained
+    format ("ANSWER: 42", not the base model's prose), rendered with the run's ChatML
+    template: the same words as the run's model answers in process."""
+    answer = ask_served(smollm2_sft, tmp_path / "serve", "serving.gateway=false")
+    assert ANSWER.match(answer), answer
+    assert answer == greedy_reply_with(merged_model(smollm2_sft), QUESTION, 12).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+def test_smollm2_sft_run_served_by_vllm_answers_in_the_trained_format(smollm2_sft, tmp_path):
+    """The same run behind vLLM's CPU build (`make engines`)."""
+    from test_engines import VLLM_PYTHON, assert_nothing_left, require
+
+    require(VLLM_PYTHON)
+    answer = ask_served(smollm2_sft, tmp_path / "serve", "serving=vllm", "serving.gateway=false")
+    assert_nothing_left()
+    assert ANSWER.match(answer), answer
+    assert answer == greedy_reply_with(merged_model(smollm2_sft), QUESTION, 12).strip()
 
 
 def greedy_reply_with(model_dir, messages, max_new_tokens) -> str:
@@ -313,6 +352,8 @@ def test_smollm2_dpo_on_conversational_pairs_raises_held_out_reward_accuracy(smo
         timeout=3600,
     )
     metrics = metrics_of(tmp_path / "dpo")
+    accuracy = (metrics["val/reward_accuracy_before"], metrics["val/reward_accuracy"])
+    print("held-out reward accuracy {:.3f} -> {:.3f}".format(*accuracy))
     assert metrics["val/reward_accuracy"] >= 0.8, metrics
     assert metrics["val/reward_accuracy"] >= metrics["val/reward_accuracy_before"] + 0.3, metrics
 
@@ -333,6 +374,69 @@ def test_smollm2_qlora_learns_like_lora_and_full_fine_tuning_runs(smollm2, tmp_p
         run_cli(*common, *extra, output_dir=tmp_path / name, timeout=3600)
         metrics = metrics_of(tmp_path / name)
         losses[name] = (metrics["val/loss_before"], metrics["val/loss"])
+    print("held-out loss (before, after):", losses)
     assert losses["qlora"][1] <= 1.25 * losses["lora"][1], losses
     assert losses["qlora"][1] <= 0.5 * losses["qlora"][0], losses
     assert losses["full"][1] < losses["full"][0], losses
+
+
+def lm_eval_answers(output) -> tuple[dict, list[str]]:
+    (run_dir,) = run_dirs(output)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    samples = [json.loads(line) for line in (run_dir / "lm_eval_samples.jsonl").open()]
+    answers = [json.dumps(s.get("filtered_resps") or s.get("resps") or s) for s in samples]
+    return metrics, answers
+
+
+@pytest.mark.slow
+def test_smollm2_lm_eval_in_process_and_served_agree(smollm2, tmp_path):
+    """lm-eval's generation task on the real model, greedy, in process and through the hf
+    engine (eval.target=served starts `phase=serve`'s engine): the same score and answers."""
+    common = (
+        "phase=eval",
+        "model=smollm2_135m",
+        "eval=lm_eval",
+        "eval.lm_eval.tasks=[lmstack_arith_gen]",
+        "eval.lm_eval.limit=8",
+        "eval.lm_eval.max_gen_toks=16",
+        "logger=none",
+    )
+    run_cli(*common, output_dir=tmp_path / "local", timeout=3600)
+    served_run = run_cli(
+        *common, "eval.target=served", output_dir=tmp_path / "served", timeout=3600
+    )
+    assert "starting hf engine" in served_run.stdout
+    (local, local_answers), (served, served_answers) = (
+        lm_eval_answers(tmp_path / "local"),
+        lm_eval_answers(tmp_path / "served"),
+    )
+    key = "lm_eval/lmstack_arith_gen/exact_match_answer"
+    print(f"{key}: in process {local[key]:.3f}, served {served[key]:.3f}")
+    assert served["eval/target"] == "served"
+    assert local[key] == served[key], (local[key], served[key])
+    assert len(local_answers) == 8
+    assert sum(a == b for a, b in zip(local_answers, served_answers)) >= 7
+
+
+@pytest.mark.slow
+def test_smollm2_memory_plan_is_within_25_percent_of_the_measured_peak(smollm2, tmp_path):
+    """The plan that opens every train run (models/memory.py), against the measured peak of
+    tensor memory (tests/memory_probe.py) for LoRA and QLoRA on the real model."""
+    from test_memory_plan import assert_within, probe
+
+    chat = tmp_path / "chat.jsonl"
+    chat_rows(chat, count=24)
+    data = f"model=smollm2_135m data=jsonl data.path={chat} data.batch_size=4 verify.enabled=false"
+    results = probe(f"{data} adapter=lora", f"{data} adapter=qlora")
+    assert len(results) == 2
+    assert_within(results)
+
+
+def test_vllm_on_a_cpu_serves_the_context_its_kv_cache_holds(smollm2, capsys):
+    """SmolLM2's 8192-token context needs 0.35 GiB of float32 KV cache, more than vLLM's CPU
+    preset (256 MiB): vLLM would refuse to start, so lmstack asks for 4096 and says so."""
+    from lmstack.serving.engine_vllm import context_that_fits
+
+    assert context_that_fits(str(smollm2), 256 << 20) == 4096
+    assert "serving.kv_cache_memory_bytes" in capsys.readouterr().out
+    assert context_that_fits(str(smollm2), 1 << 30) is None  # its own context fits

@@ -101,8 +101,11 @@ class VllmEngine(Engine):
             command += ["--kv-cache-memory-bytes", str(kv_bytes)]
         if serving.kv_cache_dtype != "auto":
             command += ["--kv-cache-dtype", serving.kv_cache_dtype]
-        if serving.max_model_len:
-            command += ["--max-model-len", str(serving.max_model_len)]
+        max_model_len = serving.max_model_len or (
+            kv_bytes and context_that_fits(target.path, kv_bytes)
+        )
+        if max_model_len:
+            command += ["--max-model-len", str(max_model_len)]
         if serving.quantization != "none":
             command += ["--quantization", VLLM_METHODS[serving.quantization]]
         if target.adapter is not None:
@@ -130,6 +133,36 @@ def model_dtype(model_path: str) -> str:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def context_that_fits(model_path: str, kv_bytes: int) -> int | None:
+    """A context length whose KV cache fits in kv_bytes (a power of two), when the model's
+    own does not: vLLM refuses to start a model whose full context does not fit (SmolLM2's
+    8192 tokens need 0.35 GiB at float32, more than the CPU preset's 256 MiB). None when the
+    model's own fits or its config does not say its shape."""
+    config_file = Path(model_path) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    context, layers = config.get("max_position_embeddings"), config.get("num_hidden_layers")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if not (context and layers and heads and config.get("hidden_size")):
+        return None
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(model_dtype(model_path), 2)
+    fits = kv_bytes // per_token
+    if context <= fits or fits < 1:
+        return None
+    length = 1 << (fits.bit_length() - 1)
+    print(
+        f"lmstack: vllm serves a context of {length} tokens (the model's own is {context}): "
+        f"that is what {kv_bytes / 2**20:.0f} MiB of KV cache holds; raise "
+        "serving.kv_cache_memory_bytes, or set serving.max_model_len",
+        flush=True,
+    )
+    return length
 
 
 def lora_rank(adapter: Path) -> int:
