@@ -372,7 +372,7 @@ def comparison_rows(case: str, medians: dict[str, dict[str, float]], params: int
         }
         if side_name not in ours:
             for name, mine in ours.items():
-                label = name.split(" ")[-1] if name.endswith("+ckpt") else "lmstack"
+                label = name.split(" ")[-1] if name.endswith("ckpt") else "lmstack"
                 row[f"{label} speed-up"] = mine["tokens_per_s"] / figures["tokens_per_s"]
                 row[f"{label} RSS ratio"] = mine["peak_rss_mb"] / figures["peak_rss_mb"]
         rows.append(row)
@@ -390,12 +390,16 @@ TABLE_COLUMNS = [
     "lmstack RSS ratio",
     "+ckpt speed-up",
     "+ckpt RSS ratio",
+    "-ckpt speed-up",
+    "-ckpt RSS ratio",
     "load",
 ]
 
 
 # ---- what the LoRA training comparisons (sft.py, dpo.py) share ----------------------------
 
+# each side's setting for one precision: (lmstack trainer.precision, TRL bf16)
+PRECISIONS = {"fp32": ("32-true", False), "bf16": ("bf16-mixed", True)}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -404,12 +408,22 @@ def add_training_arguments(parser: Any) -> None:
     """Options of every lmstack-vs-TRL training comparison, and the child process's own."""
     import argparse
 
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved repeats (default: 3; 2 on a real model)"
+    )
     parser.add_argument(
         "--checkpointing",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run lmstack with trainer.gradient_checkpointing=true",
+        help="also run lmstack with trainer.gradient_checkpointing flipped from its default "
+        "(SFT: on, as TRL's default; DPO: off)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the same on every side: fp32 (lmstack trainer.precision=32-true, TRL bf16=False) "
+        "or bf16 (bf16-mixed; TRL bf16=True, its default and a speed option)",
     )
     add_model_arguments(parser)
     parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure it")
@@ -419,6 +433,16 @@ def add_training_arguments(parser: Any) -> None:
 
 
 REAL_MODELS = ("smollm2_135m",)
+
+
+def short_on_a_real_model(args: Any, rows: int, real_rows: int) -> None:
+    """Defaults for --rows and --repeats: a real model's run stays a few minutes (4 steps,
+    2 repeats); the random model keeps its longer run."""
+    real = args.model in REAL_MODELS
+    if args.rows is None:
+        args.rows = real_rows if real else rows
+    if args.repeats is None:
+        args.repeats = 2 if real else 3
 
 
 def add_model_arguments(parser: Any) -> None:
@@ -487,6 +511,7 @@ def lmstack_lora_side(
         f"adapter.alpha={LORA['alpha']}",
         f"adapter.dropout={LORA['dropout']}",
         "verify.enabled=false",
+        f"trainer.precision={PRECISIONS[args.precision][0]}",
     ]
 
     def run() -> dict[str, float]:
@@ -500,6 +525,13 @@ def lmstack_lora_side(
         }
 
     return run
+
+
+def checkpointing_override(checkpointing: bool | None) -> list[str]:
+    """No override (lmstack's default for the objective), or trainer.gradient_checkpointing."""
+    if checkpointing is None:
+        return []
+    return [f"trainer.gradient_checkpointing={str(checkpointing).lower()}"]
 
 
 def trl_lora_config() -> Any:
@@ -519,7 +551,7 @@ def trl_training_options(args: Any) -> dict[str, Any]:
     return {
         "per_device_train_batch_size": args.batch_size,
         "num_train_epochs": 1,
-        "bf16": False,  # float32 on both sides
+        "bf16": PRECISIONS[args.precision][1],  # the same precision on every side
         "use_cpu": True,
         "report_to": "none",
         "disable_tqdm": True,

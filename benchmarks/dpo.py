@@ -26,10 +26,17 @@ import common
 
 
 def lmstack_side(
-    model: Path, data: Path, args, case: common.DataCase, tokens: int, pre: bool, ckpt: bool
+    model: Path,
+    data: Path,
+    args,
+    case: common.DataCase,
+    tokens: int,
+    pre: bool,
+    ckpt: bool | None,
 ):
+    """lmstack on its defaults (`ckpt` None: checkpointing on for DPO), or with it forced."""
     overrides = [
-        f"trainer.gradient_checkpointing={str(ckpt).lower()}",
+        *common.checkpointing_override(ckpt),
         "objective=dpo",
         f"objective.precompute_ref={str(pre).lower()}",
     ]
@@ -63,7 +70,9 @@ def trl_child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=64, help="preference pairs (one epoch)")
+    parser.add_argument(
+        "--rows", type=int, help="preference pairs, one epoch (default: 64; 16 on a real model)"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per batch")
     parser.add_argument("--cases", default="chat", help=f"of {', '.join(common.DATA_CASES)}")
     parser.add_argument(
@@ -72,6 +81,7 @@ def main() -> None:
     common.add_training_arguments(parser)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    common.short_on_a_real_model(args, rows=64, real_rows=16)
     if args.child:
         return trl_child(args)
     compare(args)
@@ -86,15 +96,15 @@ def compare(args) -> None:
             pre = variant == "precompute_ref"
             options = ["--model", str(model), "--data", str(data)]
             options += ["--batch-size", str(args.batch_size), "--max-length", str(case.max_length)]
-            options += ["--tokens", str(tokens)]
+            options += ["--tokens", str(tokens), "--precision", args.precision]
             sides = [
                 common.Side(
-                    f"lmstack {variant}", lmstack_side(model, data, args, case, tokens, pre, False)
+                    f"lmstack {variant}", lmstack_side(model, data, args, case, tokens, pre, None)
                 )
             ]
-            if args.checkpointing:  # TRL's default has it on; lmstack's has it off
-                side = lmstack_side(model, data, args, case, tokens, pre, True)
-                sides.append(common.Side(f"lmstack {variant} +ckpt", side))
+            if args.checkpointing:  # both sides' DPO defaults have it on: lmstack also without
+                side = lmstack_side(model, data, args, case, tokens, pre, False)
+                sides.append(common.Side(f"lmstack {variant} -ckpt", side))
             trl = common.child_side(__file__, variant, options, args.threads)
             sides.append(common.Side(f"trl {variant}", trl))
             common.interleaved(sides, args.repeats)

@@ -33,15 +33,16 @@ TRL_VARIANTS = {
 
 
 def lmstack_side(
-    model: Path, data: Path, args, case: common.DataCase, tokens: int, checkpointing: bool
+    model: Path, data: Path, args, case: common.DataCase, tokens: int, checkpointing: bool | None
 ):
-    overrides = [f"trainer.gradient_checkpointing={str(checkpointing).lower()}"]
+    """lmstack on its defaults (`checkpointing` None: off for SFT), or with it forced."""
+    overrides = common.checkpointing_override(checkpointing)
     return common.lmstack_lora_side(overrides, model, data, args, case, tokens)
 
 
 def trl_side(model: Path, data: Path, args, case: common.DataCase, variant: str):
     options = ["--model", str(model), "--data", str(data), "--batch-size", str(args.batch_size)]
-    options += ["--max-length", str(case.max_length)]
+    options += ["--max-length", str(case.max_length), "--precision", args.precision]
     return common.child_side(__file__, variant, options, args.threads)
 
 
@@ -72,12 +73,15 @@ def trl_child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=128, help="training rows (one epoch)")
+    parser.add_argument(
+        "--rows", type=int, help="training rows, one epoch (default: 128; 32 on a real model)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cases", default="chat,mixed", help=f"of {', '.join(common.DATA_CASES)}")
     parser.add_argument("--trl", default="default,padding_free", help="TRL variants to run")
     common.add_training_arguments(parser)
     args = parser.parse_args()
+    common.short_on_a_real_model(args, rows=128, real_rows=32)
     if args.child:
         return trl_child(args)
     compare(args)
@@ -88,8 +92,8 @@ def compare(args) -> None:
     results, rows_out = {}, []
     for name, case, data, tokens in common.comparison_cases(args, "sft", tokenizer):
         print(f"\ncase {name}: {args.rows} rows, {tokens} tokens, batch {args.batch_size}")
-        sides = [common.Side("lmstack", lmstack_side(model, data, args, case, tokens, False))]
-        if args.checkpointing:  # TRL's default has it on; lmstack's has it off
+        sides = [common.Side("lmstack", lmstack_side(model, data, args, case, tokens, None))]
+        if args.checkpointing:  # TRL's default has it on; lmstack's SFT default has it off
             side = lmstack_side(model, data, args, case, tokens, True)
             sides.append(common.Side("lmstack +ckpt", side))
         sides += [
