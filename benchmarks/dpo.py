@@ -1,14 +1,16 @@
 """DPO + LoRA: lmstack (`python run.py objective=dpo ...`) against TRL's DPOTrainer.
 
 Same model, preference rows, pairs per batch, max sequence length, LoRA settings
-and precision (float32, CPU), one epoch each, everything else on each side's
-defaults; then both with reference log-probs precomputed before training
+and precision (float32, or bfloat16 with --precision bf16), one epoch each,
+everything else on each side's defaults; then both with reference log-probs
+precomputed before training
 (lmstack: objective.precompute_ref=true; TRL: precompute_ref_log_probs=True).
 Tokens are the real tokens of both sequences of each pair; the time is the
 training loop's (each side precomputes reference log-probs before it).
 
     .venv/bin/python benchmarks/dpo.py
     .venv/bin/python benchmarks/dpo.py --model smollm2_135m --cases chat   # real model
+    .venv/bin/python benchmarks/dpo.py --model smollm2_135m --cases chat --precision bf16
     .venv/bin/python benchmarks/dpo.py --rows 32 --repeats 1   # a quick look
 """
 

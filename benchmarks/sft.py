@@ -1,14 +1,16 @@
 """SFT + LoRA: lmstack (`python run.py ...`, as users run it) against TRL's SFTTrainer.
 
-Same model (a ~21M-parameter random Llama with lmstack's tokenizer), same rows,
-batch size, max sequence length, LoRA settings and precision (float32, CPU),
-one epoch each; everything else on each side's defaults. TRL also runs with its
-documented speed options (padding_free, packing). Figures: real (non-pad)
-tokens per second of the training loop, peak RSS of the process, and model-FLOPs
+Same model (a ~21M-parameter random Llama with lmstack's tokenizer, or a real one
+with --model), same rows, batch size, max sequence length, LoRA settings and
+precision (float32, or bfloat16 with --precision bf16), one epoch each; everything
+else on each side's defaults. TRL also runs with its documented speed options
+(padding_free, packing). Figures: real (non-pad) tokens per second of the training
+loop, peak RSS of the process, and model-FLOPs
 utilisation against this machine's measured matmul rate.
 
     .venv/bin/python benchmarks/sft.py                       # ~10 min on 2 busy cores
     .venv/bin/python benchmarks/sft.py --model smollm2_135m --cases chat   # real model
+    .venv/bin/python benchmarks/sft.py --model smollm2_135m --cases chat --precision bf16
     .venv/bin/python benchmarks/sft.py --rows 64 --repeats 1 # a quick look
 """
 
