@@ -360,23 +360,33 @@ def test_smollm2_dpo_on_conversational_pairs_raises_held_out_reward_accuracy(smo
 
 @pytest.mark.slow
 def test_smollm2_qlora_learns_like_lora_and_full_fine_tuning_runs(smollm2, tmp_path):
-    """Same rows, steps and settings: QLoRA's held-out loss within 25% of LoRA's
-    (before the repack fix it stayed near its starting loss); full fine-tuning runs."""
+    """Same rows, steps and settings (8 steps, 2 of warm-up): QLoRA's held-out loss within 25%
+    of LoRA's, and at most 0.6x its start (before the repack fix it stayed near its start);
+    full fine-tuning runs 2 steps and lowers it. The three runs go side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
     chat = tmp_path / "chat.jsonl"
     chat_rows(chat)
-    common = ["recipe=smollm2_sft_lora", f"data.path={chat}", "trainer.max_steps=10", *REAL]
+    common = ["recipe=smollm2_sft_lora", f"data.path={chat}", "objective.warmup_steps=2", *REAL]
+    runs = {
+        "lora": ["trainer.max_steps=8"],
+        "qlora": ["trainer.max_steps=8", "adapter=qlora"],
+        "full": ["trainer.max_steps=2", "adapter=none", "objective.lr=2e-5"],
+    }
+    with ThreadPoolExecutor(len(runs)) as pool:
+        started = [
+            pool.submit(run_cli, *common, *extra, output_dir=tmp_path / name, timeout=5400)
+            for name, extra in runs.items()
+        ]
+        for run in started:
+            run.result()  # a failed run fails the test with its output
     losses = {}
-    for name, extra in {
-        "lora": [],
-        "qlora": ["adapter=qlora"],
-        "full": ["adapter=none", "objective.lr=2e-5", "trainer.max_steps=3"],
-    }.items():
-        run_cli(*common, *extra, output_dir=tmp_path / name, timeout=3600)
+    for name in runs:
         metrics = metrics_of(tmp_path / name)
         losses[name] = (metrics["val/loss_before"], metrics["val/loss"])
     print("held-out loss (before, after):", losses)
     assert losses["qlora"][1] <= 1.25 * losses["lora"][1], losses
-    assert losses["qlora"][1] <= 0.5 * losses["qlora"][0], losses
+    assert losses["qlora"][1] <= 0.6 * losses["qlora"][0], losses
     assert losses["full"][1] < losses["full"][0], losses
 
 
