@@ -257,7 +257,7 @@ def smollm2_sft(smollm2, tmp_path_factory):
         "trainer.max_steps=20",
         *REAL,
         output_dir=output / "sft",
-        timeout=3600,
+        timeout=7200,
     )
     (run_dir,) = run_dirs(output / "sft")
     return run_dir
@@ -349,7 +349,7 @@ def test_smollm2_dpo_on_conversational_pairs_raises_held_out_reward_accuracy(smo
         "verify.enabled=false",
         *REAL,
         output_dir=tmp_path / "dpo",
-        timeout=3600,
+        timeout=7200,
     )
     metrics = metrics_of(tmp_path / "dpo")
     accuracy = (metrics["val/reward_accuracy_before"], metrics["val/reward_accuracy"])
@@ -411,7 +411,7 @@ def test_smollm2_lm_eval_in_process_and_served_agree(smollm2, tmp_path):
         "eval.lm_eval.max_gen_toks=16",
         "logger=none",
     )
-    run_cli(*common, output_dir=tmp_path / "local", timeout=3600)
+    run_cli(*common, output_dir=tmp_path / "local", timeout=7200)
     served_run = run_cli(
         *common, "eval.target=served", output_dir=tmp_path / "served", timeout=3600
     )
