@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -124,7 +125,7 @@ class LabelPage:
                 self.process.wait(5)
 
 
-def browser():
+def browser(scratch: Path):
     if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         if os.environ.get("LMSTACK_REQUIRE_BROWSER"):
             pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} missing (apt-get install chromium-driver)")
@@ -143,7 +144,10 @@ def browser():
         "--window-size=1366,860",  # a laptop screen
     ):
         options.add_argument(argument)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # Chromium leaves a singleton folder in TMPDIR at exit: give it one the test removes (short:
+    # the folder holds a Unix socket, whose path may not exceed 107 bytes)
+    service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": str(scratch)})
+    return webdriver.Chrome(service=service, options=options)
 
 
 def shown_item(driver) -> str:
@@ -200,7 +204,8 @@ KEYS = {"a": "A", "b": "B", "t": "tie", "x": "both_bad"}
 
 
 def test_two_labellers_vote_through_a_crash_and_every_vote_is_stored_once(tmp_path):
-    driver = browser()
+    scratch = Path(tempfile.mkdtemp(prefix="lmstack-chromium-"))
+    driver = browser(scratch)
     pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     page = LabelPage(tmp_path / "out", f"label.items={pairs}")
     sent: list[tuple[str, str, str]] = []  # (labeller, item, choice) as the test voted
@@ -254,6 +259,7 @@ def test_two_labellers_vote_through_a_crash_and_every_vote_is_stored_once(tmp_pa
             wait_until(lambda: all_done(driver), what="the end page")
     finally:
         driver.quit()
+        shutil.rmtree(scratch, ignore_errors=True)
         page.stop()
 
     (run_dir,) = run_dirs(tmp_path / "out")
