@@ -416,7 +416,7 @@ def summed_usage(usages: list[dict[str, Any]], n: int) -> dict[str, int]:
 
 def combine(plan: Plan, answers: list[dict[str, Any]]) -> dict[str, Any]:
     """The client's answer from the upstream answers (one per prompt and choice, in order)."""
-    choices, prompt_tokens, completion_tokens = [], 0, 0
+    choices = []
     for index, answer in enumerate(answers):
         choice = (answer.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
@@ -431,10 +431,6 @@ def combine(plan: Plan, answers: list[dict[str, Any]]) -> dict[str, Any]:
             choices.append(
                 {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
             )
-        usage = answer.get("usage") or {}
-        if index % plan.n == 0:  # a prompt counts once, however many choices it has
-            prompt_tokens += usage.get("prompt_tokens") or 0
-        completion_tokens += usage.get("completion_tokens") or 0
     first = answers[0] if answers else {}
     return {
         "id": first.get("id") or f"cmpl-{uuid.uuid4().hex}",
@@ -442,11 +438,7 @@ def combine(plan: Plan, answers: list[dict[str, Any]]) -> dict[str, Any]:
         "created": first.get("created") or int(time.time()),
         "model": plan.body.get("model", ""),
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": summed_usage([answer.get("usage") or {} for answer in answers], plan.n),
     }
 
 
