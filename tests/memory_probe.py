@@ -90,6 +90,8 @@ def measure(overrides: list[str], steps: int = 3) -> dict:
     cache_dir = str(Path(config.paths.cache_dir).expanduser().resolve())
     rows = load_rows(config.data, config.objective.name)
     plan = memory_plan(config, rows, cache_dir)
+    # the plan's gradient checkpointing choice, as a train run's preflight applies it
+    config.trainer.gradient_checkpointing = plan.checkpointing
     torch.set_num_threads(1)
     L.seed_everything(config.seed, verbose=False)
     objective = load_objective(config.objective.name)

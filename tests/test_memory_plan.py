@@ -111,7 +111,7 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_base):
     assert cpu_s < 5
 
 
-def plan_for(**trainer: object):
+def plan_for(tokens=1000, shape=None, objective=None, device_bytes=None, **trainer: object):
     from lmstack.config.groups.adapter import AdapterConfig
     from lmstack.config.groups.data import DataConfig
     from lmstack.config.groups.model import ModelConfig
@@ -124,11 +124,12 @@ def plan_for(**trainer: object):
         model=ModelConfig(),
         adapter=AdapterConfig(name=trainer.pop("adapter", "lora")),
         quantization=QuantizationConfig(name=trainer.pop("quantization", "none")),
-        objective=SFTObjectiveConfig(),
+        objective=objective or SFTObjectiveConfig(),
         data=DataConfig(),
         trainer=TrainerConfig(**trainer),
     )
-    return plan_memory(config, model_shape(config, ""), 1000, None, "test")
+    shape = shape or model_shape(config, "")
+    return plan_memory(config, shape, tokens, device_bytes, "test")
 
 
 def test_strategies_shard_the_states_they_should():
@@ -153,3 +154,43 @@ def test_strategies_shard_the_states_they_should():
     assert qlora.terms["weights"] < 0.5 * lora.terms["weights"]
     checkpointed = plan_for(gradient_checkpointing=True)
     assert checkpointed.terms["activations"] < 0.5 * lora.terms["activations"]
+
+
+# SmolLM2-135M's config.json keys
+SMOLLM2_SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+}
+
+
+def test_the_plan_turns_gradient_checkpointing_on_where_activations_dominate():
+    """trainer.gradient_checkpointing=null: off for SFT on the demo model's step; on for a real
+    model's batch of long rows (SmolLM2, 8 x 300 tokens: ~3 GB kept, more than the rest of the
+    plan), for a step that would not fit the device without it, and for DPO; an explicit
+    choice wins. The run's log and memory_plan.json carry the choice and why."""
+    from lmstack.config.groups.objective import DPOObjectiveConfig
+    from lmstack.models.memory import CHECKPOINT_ABOVE, ModelShape
+
+    demo = plan_for()
+    assert not demo.checkpointing and "the rest of the plan" in demo.checkpointing_reason
+    smollm2 = ModelShape.from_hf_config(SMOLLM2_SHAPE)
+    long_rows = plan_for(tokens=8 * 300, shape=smollm2)
+    assert long_rows.checkpointing, long_rows.checkpointing_reason
+    assert "more than 1.000 GB and than the rest" in long_rows.checkpointing_reason
+    kept = plan_for(tokens=8 * 300, shape=smollm2, gradient_checkpointing=False)
+    assert kept.terms["activations"] > CHECKPOINT_ABOVE > long_rows.terms["activations"]
+    assert kept.checkpointing_reason == "trainer.gradient_checkpointing=false"
+    assert not plan_for(tokens=4 * 60, shape=smollm2).checkpointing
+    # four times the demo's tokens on a device the size of the demo's whole plan
+    small_device = plan_for(tokens=4000, device_bytes=demo.total)
+    assert (
+        small_device.checkpointing and "more than the device" in small_device.checkpointing_reason
+    )
+    dpo = plan_for(objective=DPOObjectiveConfig())
+    assert dpo.checkpointing and dpo.checkpointing_reason == "the default for objective=dpo"
+    assert demo.as_dict()["gradient_checkpointing"] is False

@@ -335,7 +335,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def wants_gradient_checkpointing(cfg: Any) -> bool:
-    """trainer.gradient_checkpointing, or the objective's default (config/objectives.py)."""
+    """trainer.gradient_checkpointing (a train run's preflight has set a null one from the
+    memory plan), or, where no plan could be made, the objective's default."""
     choice = getattr(getattr(cfg, "trainer", None), "gradient_checkpointing", None)
     if choice is None:
         spec = OBJECTIVES.get(getattr(getattr(cfg, "objective", None), "name", ""))

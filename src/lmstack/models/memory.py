@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmstack.config.objectives import OBJECTIVES
 from lmstack.models.builtin import builtin_folder, llama_config_fields
 from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
 
@@ -50,6 +51,12 @@ ACT_PER_INTERMEDIATE = 3
 # the LM head at each token: logits, their log-softmax, and the gradient of each in backward
 LOGIT_COPIES = 3
 REFERENCE_OBJECTIVES = ("dpo", "ppo", "grpo")
+# With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
+# pass (~30% more compute) when keeping them would take more than this and more than all else
+# the device holds: SmolLM2-135M SFT at batch 8 x ~300 tokens keeps ~3 GB against 0.7 GB of
+# weights and states. Below it (the demo model) the memory saved is not worth the time; TRL's
+# SFT default checkpoints always.
+CHECKPOINT_ABOVE = GB
 
 
 @dataclass
@@ -123,6 +130,8 @@ class MemoryPlan:
     world: int
     tokens_per_step: int
     shrink: dict[str, str] = field(default_factory=dict)  # term -> keys that shrink it
+    checkpointing: bool = False  # activations recomputed in the backward pass
+    checkpointing_reason: str = ""
 
     @property
     def total(self) -> int:
@@ -170,6 +179,8 @@ class MemoryPlan:
             "biggest": self.biggest,
             "world": self.world,
             "tokens_per_step": self.tokens_per_step,
+            "gradient_checkpointing": self.checkpointing,
+            "gradient_checkpointing_reason": self.checkpointing_reason,
         }
 
 
@@ -285,19 +296,6 @@ def plan_memory(
     terms["optimizer states"] = 2 * trainable * train_bytes // states_div
     notes["optimizer states"] = "AdamW: two moments a trainable weight"
 
-    checkpointing = _gradient_checkpointing(config)
-    # 16-bit precisions (bf16-mixed, 16-mixed, bf16-true) keep activations in 2 bytes
-    act_bytes = 2 if trainer.precision.startswith(("bf16", "16")) else 4
-    per_layer = shape.layer_activation_elements() * act_bytes
-    if checkpointing:
-        # each layer keeps its input; backward recomputes one layer at a time
-        saved = tokens_per_step * (shape.num_layers * shape.hidden_size * act_bytes + per_layer)
-    else:
-        saved = tokens_per_step * shape.num_layers * per_layer
-    terms["activations"] = saved
-    notes["activations"] = f"{tokens_per_step} tokens x {shape.num_layers} layers" + (
-        ", gradient checkpointing" if checkpointing else ""
-    )
     terms["logits"] = tokens_per_step * shape.vocab_size * 4 * LOGIT_COPIES
     notes["logits"] = (
         f"{tokens_per_step} tokens x vocab {shape.vocab_size} x float32 x {LOGIT_COPIES}"
@@ -321,6 +319,16 @@ def plan_memory(
         kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dense
         terms["rollout kv cache"] = samples * length * kv
         notes["rollout kv cache"] = f"{samples} samples x {length} tokens"
+    kept = saved_activation_bytes(config, shape, tokens_per_step, checkpointing=False)
+    checkpointing, why = checkpointing_choice(config, kept, sum(terms.values()), device_bytes)
+    terms["activations"] = (
+        saved_activation_bytes(config, shape, tokens_per_step, checkpointing=True)
+        if checkpointing
+        else kept
+    )
+    notes["activations"] = f"{tokens_per_step} tokens x {shape.num_layers} layers" + (
+        ", gradient checkpointing" if checkpointing else ""
+    )
     return MemoryPlan(
         terms=terms,
         notes=notes,
@@ -329,12 +337,51 @@ def plan_memory(
         world=world,
         tokens_per_step=tokens_per_step,
         shrink={name: SHRINK[name] for name in terms},
+        checkpointing=checkpointing,
+        checkpointing_reason=why,
     )
 
 
-def _gradient_checkpointing(config: Any) -> bool:
+def saved_activation_bytes(
+    config: Any, shape: ModelShape, tokens_per_step: int, checkpointing: bool
+) -> int:
+    # 16-bit precisions (bf16-mixed, 16-mixed, bf16-true) keep activations in 2 bytes
+    act_bytes = 2 if config.trainer.precision.startswith(("bf16", "16")) else 4
+    per_layer = shape.layer_activation_elements() * act_bytes
+    if checkpointing:
+        # each layer keeps its input; backward recomputes one layer at a time
+        return tokens_per_step * (shape.num_layers * shape.hidden_size * act_bytes + per_layer)
+    return tokens_per_step * shape.num_layers * per_layer
+
+
+def checkpointing_choice(
+    config: Any, kept: int, rest: int, device_bytes: int | None
+) -> tuple[bool, str]:
+    """Whether the run recomputes activations in its backward pass, and why.
+    `kept`: the activations a step keeps without recomputing; `rest`: every other term.
+    trainer.gradient_checkpointing when set; else on for an objective that checkpoints by
+    default (dpo), for a run that would not fit the device otherwise, and where activations
+    would be most of the step's memory (over CHECKPOINT_ABOVE and over all else together)."""
     choice = config.trainer.gradient_checkpointing
-    return config.objective.name == "dpo" if choice is None else bool(choice)
+    if choice is not None:
+        return bool(choice), f"trainer.gradient_checkpointing={str(bool(choice)).lower()}"
+    spec = OBJECTIVES.get(config.objective.name)
+    if spec is not None and spec.checkpointed_by_default:
+        return True, f"the default for objective={config.objective.name}"
+    if device_bytes is not None and kept + rest > device_bytes:
+        return True, (
+            f"without it the plan needs {_gb(kept + rest)}, more than the device's "
+            f"{_gb(device_bytes)}"
+        )
+    if kept > CHECKPOINT_ABOVE and kept > rest:
+        return True, (
+            f"the activations kept for the backward pass would take {_gb(kept)}, more than "
+            f"{_gb(CHECKPOINT_ABOVE)} and than the rest of the plan ({_gb(rest)})"
+        )
+    return False, (
+        f"the activations kept for the backward pass take {_gb(kept)} "
+        f"(the rest of the plan: {_gb(rest)})"
+    )
 
 
 # tokens a chat template adds around a row's text (the built-in template adds 4)

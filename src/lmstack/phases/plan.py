@@ -30,6 +30,8 @@ def preflight(ctx: RunContext) -> Any:
     plan = memory_plan(config, rows, ctx.cache_dir)
     if plan is None:
         return rows  # a hub id: its shape is known only once downloaded
+    # the plan decided the null (automatic) choice; the model loads with the same one
+    config.trainer.gradient_checkpointing = plan.checkpointing
     if is_rank_zero():
         write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())
         print(
@@ -37,6 +39,8 @@ def preflight(ctx: RunContext) -> Any:
             f"(biggest: {plan.biggest}; device {(plan.device_bytes or 0) / GB:.2f} GB)",
             flush=True,
         )
+        state = "on" if plan.checkpointing else "off"
+        print(f"lmstack: gradient checkpointing {state}: {plan.checkpointing_reason}", flush=True)
     if not plan.fits and config.trainer.memory_check:
         raise ConfigError(plan.refusal())
     return rows
@@ -53,6 +57,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "model.name_or_path at a local folder with its config.json"
         )
     print(plan.table(), flush=True)
+    state = "on" if plan.checkpointing else "off"
+    print(f"lmstack: gradient checkpointing {state}: {plan.checkpointing_reason}", flush=True)
     verdict = "fits" if plan.fits else "does NOT fit"
     print(f"lmstack: {verdict}: {plan.total / GB:.3f} GB per device", flush=True)
     write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())

@@ -62,7 +62,8 @@ class TrainerConfig:
     # 0 = torch's default
     num_threads: int = 0
     # recompute activations in the backward pass: much less memory, ~30% more compute;
-    # null = the objective's default: on for dpo (two sequences per example), off elsewhere
+    # null = decided by the memory plan (models/memory.py checkpointing_choice): on for dpo
+    # (two sequences per example), and wherever saved activations exceed 1 GB per device
     gradient_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
