@@ -415,8 +415,8 @@ def add_training_arguments(parser: Any) -> None:
         "--checkpointing",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run lmstack with trainer.gradient_checkpointing flipped from its default "
-        "(SFT: on, as TRL's default; DPO: off)",
+        help="also run lmstack with trainer.gradient_checkpointing forced (SFT: on and off, "
+        "its default being the memory plan's choice; DPO: off, its default being on)",
     )
     parser.add_argument(
         "--precision",

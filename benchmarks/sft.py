@@ -37,7 +37,8 @@ TRL_VARIANTS = {
 def lmstack_side(
     model: Path, data: Path, args, case: common.DataCase, tokens: int, checkpointing: bool | None
 ):
-    """lmstack on its defaults (`checkpointing` None: off for SFT), or with it forced."""
+    """lmstack on its defaults (`checkpointing` None: the memory plan decides), or with it
+    forced."""
     overrides = common.checkpointing_override(checkpointing)
     return common.lmstack_lora_side(overrides, model, data, args, case, tokens)
 
@@ -95,9 +96,10 @@ def compare(args) -> None:
     for name, case, data, tokens in common.comparison_cases(args, "sft", tokenizer):
         print(f"\ncase {name}: {args.rows} rows, {tokens} tokens, batch {args.batch_size}")
         sides = [common.Side("lmstack", lmstack_side(model, data, args, case, tokens, None))]
-        if args.checkpointing:  # TRL's default has it on; lmstack's SFT default has it off
-            side = lmstack_side(model, data, args, case, tokens, True)
-            sides.append(common.Side("lmstack +ckpt", side))
+        if args.checkpointing:  # TRL's default has it on; lmstack's plan decides (the log says)
+            for forced, name in ((True, "lmstack +ckpt"), (False, "lmstack -ckpt")):
+                side = lmstack_side(model, data, args, case, tokens, forced)
+                sides.append(common.Side(name, side))
         sides += [
             common.Side(f"trl {v}", trl_side(model, data, args, case, v))
             for v in args.trl.split(",")

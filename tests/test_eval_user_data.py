@@ -335,3 +335,34 @@ def test_a_broken_lm_eval_task_file_is_named_with_its_key(tmp_path):
         for fragment in fragments:
             assert fragment in result.stderr, (fragment, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+
+
+def test_lm_eval_samples_keep_the_sent_prompt_and_the_reply_before_filters():
+    """A user's task has no `question` field: the sample shows the prompt the harness sent;
+    a generative reply is kept as given beside the filtered completion that was scored."""
+    from lmstack.evaluation.lm_eval_bridge import samples_table
+
+    generated = {
+        "doc": {"a": 17, "b": 25},
+        "target": "42",
+        "arguments": [("<|im_start|>user\nWhat is 17 plus 25?", {"until": ["\n"]})],
+        "resps": [["ANSWER: 41"]],
+        "filtered_resps": ["41"],
+        "exact_match": 0.0,
+    }
+    scored = {
+        "doc": {"question": "2 + 2?"},
+        "target": 1,
+        "arguments": {"gen_args_0": {"arg_0": "2 + 2?", "arg_1": " 4"}},
+        "resps": [[[-0.5, True]], [[-2.0, False]]],
+        "filtered_resps": [[-0.5, True], [-2.0, False]],
+        "acc": 1.0,
+    }
+    (gen_row,) = samples_table({"samples": {"mine": [generated]}})
+    assert gen_row["prompt"].endswith("What is 17 plus 25?")
+    assert (gen_row["completion"], gen_row["reply"], gen_row["score"]) == ("41", "ANSWER: 41", 0.0)
+    (scored_row,) = samples_table({"samples": {"mc": [scored]}})
+    assert scored_row["prompt"] == "2 + 2?" and "reply" not in scored_row
+    del scored["doc"]["question"]
+    (scored_row,) = samples_table({"samples": {"mc": [scored]}})
+    assert scored_row["prompt"] == "2 + 2?"  # from the harness's saved arguments

@@ -390,42 +390,82 @@ def test_smollm2_qlora_learns_like_lora_and_full_fine_tuning_runs(smollm2, tmp_p
     assert losses["full"][1] < losses["full"][0], losses
 
 
-def lm_eval_answers(output) -> tuple[dict, list[str]]:
+def calculator_task(folder, count: int = 8):
+    """An lm-eval task of the user's kind on the trained format: the run's system prompt
+    (the task's description, which lm-eval sends as the system message), a sum to answer, the
+    number after "ANSWER: " scored against the sum. Held-out sums (another seed)."""
+    folder.mkdir()
+    data = folder / "sums.jsonl"
+    data.write_text(
+        "".join(json.dumps({"a": a, "b": b, "sum": str(a + b)}) + "\n" for a, b in sums(count, 7))
+    )
+    task = {
+        "task": "smollm2_calculator",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "description": SYSTEM_PROMPT,
+        "doc_to_text": "What is {{a}} plus {{b}}?",
+        "doc_to_target": "{{sum}}",
+        "generation_kwargs": {"until": ["\n", "<|im_end|>"], "do_sample": False},
+        "filter_list": [
+            {
+                "name": "answer",
+                "filter": [
+                    {"function": "regex", "regex_pattern": "ANSWER: (\\d+)"},
+                    {"function": "take_first"},
+                ],
+            }
+        ],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (folder / "smollm2_calculator.yaml").write_text(json.dumps(task))  # JSON is YAML
+    return folder
+
+
+def lm_eval_replies(output) -> tuple[dict, list[str]]:
+    """The run's metrics and each document's raw reply, in document order."""
     (run_dir,) = run_dirs(output)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     samples = [json.loads(line) for line in (run_dir / "lm_eval_samples.jsonl").open()]
-    answers = [json.dumps(s.get("filtered_resps") or s.get("resps") or s) for s in samples]
-    return metrics, answers
+    return metrics, [sample["reply"].strip() for sample in samples]
 
 
 @pytest.mark.slow
-def test_smollm2_lm_eval_in_process_and_served_agree(smollm2, tmp_path):
-    """lm-eval's generation task on the real model, greedy, in process and through the hf
-    engine (eval.target=served starts `phase=serve`'s engine): the same score and answers."""
+def test_smollm2_lm_eval_on_the_trained_run_in_process_and_served_agree(smollm2_sft, tmp_path):
+    """lm-eval on the SFT run (a task file of the user's, its system prompt as the task's
+    description), greedy, in process and through the hf engine (eval.target=served starts
+    `phase=serve`'s engine): the trained format in the replies, and the same score and replies
+    both ways."""
+    tasks = calculator_task(tmp_path / "tasks")
     common = (
         "phase=eval",
-        "model=smollm2_135m",
+        f"model.init_from={smollm2_sft}",
         "eval=lm_eval",
-        "eval.lm_eval.tasks=[lmstack_arith_gen]",
-        "eval.lm_eval.limit=8",
-        "eval.lm_eval.max_gen_toks=16",
+        "eval.lm_eval.tasks=[smollm2_calculator]",
+        f"eval.lm_eval.include_paths=[{tasks}]",
+        "eval.lm_eval.max_gen_toks=12",
         "logger=none",
     )
-    run_cli(*common, output_dir=tmp_path / "local", timeout=7200)
+    run_cli(*common, output_dir=tmp_path / "local", timeout=3600)
     served_run = run_cli(
         *common, "eval.target=served", output_dir=tmp_path / "served", timeout=3600
     )
     assert "starting hf engine" in served_run.stdout
-    (local, local_answers), (served, served_answers) = (
-        lm_eval_answers(tmp_path / "local"),
-        lm_eval_answers(tmp_path / "served"),
+    (local, local_replies), (served, served_replies) = (
+        lm_eval_replies(tmp_path / "local"),
+        lm_eval_replies(tmp_path / "served"),
     )
-    key = "lm_eval/lmstack_arith_gen/exact_match_answer"
+    key = "lm_eval/smollm2_calculator/exact_match_answer"
     print(f"{key}: in process {local[key]:.3f}, served {served[key]:.3f}")
+    print("replies:", local_replies, served_replies)
     assert served["eval/target"] == "served"
-    assert local[key] == served[key], (local[key], served[key])
-    assert len(local_answers) == 8
-    assert sum(a == b for a, b in zip(local_answers, served_answers)) >= 7
+    assert len(local_replies) == 8
+    # not vacuous: the base model never answers this way, the trained run does
+    assert sum(bool(ANSWER.match(reply)) for reply in local_replies) >= 6, local_replies
+    assert abs(local[key] - served[key]) <= 1 / 8, (local[key], served[key])
+    assert sum(a == b for a, b in zip(local_replies, served_replies)) >= 7
 
 
 @pytest.mark.slow

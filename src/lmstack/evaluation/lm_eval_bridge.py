@@ -331,13 +331,33 @@ def samples_table(results: dict[str, Any], limit: int = 20) -> list[dict[str, An
         for sample in samples[:limit]:
             responses = sample.get("filtered_resps") or sample.get("resps") or []
             doc = sample.get("doc", {})
-            rows.append(
-                {
-                    "task": task,
-                    "prompt": doc.get("question", doc.get("prompt", "")),
-                    "reference": str(sample.get("target")),
-                    "completion": str(responses[0] if responses else ""),
-                    "score": sample.get("exact_match", sample.get("acc")),
-                }
-            )
+            row = {
+                "task": task,
+                "prompt": doc.get("question", doc.get("prompt")) or _context(sample),
+                "reference": str(sample.get("target")),
+                "completion": str(responses[0] if responses else ""),
+                "score": sample.get("exact_match", sample.get("acc")),
+            }
+            if (reply := _raw_reply(sample)) is not None:
+                row["reply"] = reply  # before the task's filters (completion is after them)
+            rows.append(row)
     return rows
+
+
+def _context(sample: dict[str, Any]) -> str:
+    """The prompt the harness sent (a user task's documents have no `question` field)."""
+    arguments = sample.get("arguments") or []
+    if isinstance(arguments, dict):  # the harness's saved form: {"gen_args_0": {"arg_0": ...}}
+        arguments = [list(args.values()) for args in arguments.values() if isinstance(args, dict)]
+    first = arguments[0] if arguments else None
+    context = first[0] if isinstance(first, list | tuple) and first else None
+    return context if isinstance(context, str) else ""
+
+
+def _raw_reply(sample: dict[str, Any]) -> str | None:
+    """A generative task's reply as the model gave it; None for scored (loglikelihood) ones."""
+    responses = sample.get("resps") or []
+    first = responses[0] if responses else None
+    if isinstance(first, list) and first and isinstance(first[0], str):
+        return first[0]
+    return None
