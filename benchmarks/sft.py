@@ -97,9 +97,9 @@ def compare(args) -> None:
         print(f"\ncase {name}: {args.rows} rows, {tokens} tokens, batch {args.batch_size}")
         sides = [common.Side("lmstack", lmstack_side(model, data, args, case, tokens, None))]
         if args.checkpointing:  # TRL's default has it on; lmstack's plan decides (the log says)
-            for forced, name in ((True, "lmstack +ckpt"), (False, "lmstack -ckpt")):
+            for forced, label in ((True, "lmstack +ckpt"), (False, "lmstack -ckpt")):
                 side = lmstack_side(model, data, args, case, tokens, forced)
-                sides.append(common.Side(name, side))
+                sides.append(common.Side(label, side))
         sides += [
             common.Side(f"trl {v}", trl_side(model, data, args, case, v))
             for v in args.trl.split(",")
