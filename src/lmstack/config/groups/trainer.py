@@ -63,7 +63,8 @@ class TrainerConfig:
     num_threads: int = 0
     # recompute activations in the backward pass: much less memory, ~30% more compute;
     # null = decided by the memory plan (models/memory.py checkpointing_choice): on for dpo
-    # (two sequences per example), and wherever saved activations exceed 1 GB per device
+    # (two sequences per example), and where kept activations would exceed 1 GB and the rest
+    # of the plan, or the device
     gradient_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
