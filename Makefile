@@ -42,10 +42,11 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(ARGS)
 
-# the tests that need the serving engines (`make engines`) and a running Slurm cluster
-# (.ci/slurm_cluster.sh start); CI runs them after `make test`
+# the tests that need the serving engines (`make engines`), a running Slurm cluster
+# (.ci/slurm_cluster.sh start) or minutes of the real model (`make smollm2`, part of install);
+# CI runs them after `make test`
 test-integration: install
-	$(BIN)/python -m pytest -m '(engines or slurm) and not slow and not gpu' $(ARGS)
+	$(BIN)/python -m pytest -m '(engines or slurm or real_model) and not slow and not gpu' $(ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(ARGS)

@@ -184,7 +184,7 @@ def test_data_chat_template_lets_such_a_model_train_and_travels_with_the_run(
     assert saved == template.read_text()  # serving the run renders with the same template
 
 
-# ---- learning on the real model (slow: minutes on 2 CPU cores) ---------------------------
+# ---- learning on the real model (real_model: ~6 min in all on 2 quiet CPU cores) ---------------------------
 
 SYSTEM_PROMPT = "You are a terse calculator. Reply only with 'ANSWER: <number>'."
 ANSWER = re.compile(r"^ANSWER: \d+$")
@@ -263,7 +263,7 @@ def smollm2_sft(smollm2, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_sft_lora_halves_the_held_out_loss(smollm2_sft):
     """The recipe on 63 chats (9 held out): the held-out loss at least halves in 20 steps."""
     metrics = json.loads((smollm2_sft / "metrics.json").read_text())
@@ -297,7 +297,7 @@ def merged_model(run_dir):
     return merged
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_sft_run_served_by_hf_answers_in_the_trained_format(smollm2_sft, tmp_path):
     """`phase=serve serving.model=<run dir>` (hf engine): the OpenAI client gets the trained
     format ("ANSWER: 42", not the base model's prose), rendered with the run's ChatML
@@ -307,7 +307,7 @@ def test_smollm2_sft_run_served_by_hf_answers_in_the_trained_format(smollm2_sft,
     assert answer == greedy_reply_with(merged_model(smollm2_sft), QUESTION, 12).strip()
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.engines
 def test_smollm2_sft_run_served_by_vllm_answers_in_the_trained_format(smollm2_sft, tmp_path):
     """The same run behind vLLM's CPU build (`make engines`)."""
@@ -335,7 +335,7 @@ def greedy_reply_with(model_dir, messages, max_new_tokens) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_dpo_on_conversational_pairs_raises_held_out_reward_accuracy(smollm2, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     conversational_preference_rows(pairs)
@@ -358,7 +358,7 @@ def test_smollm2_dpo_on_conversational_pairs_raises_held_out_reward_accuracy(smo
     assert metrics["val/reward_accuracy"] >= metrics["val/reward_accuracy_before"] + 0.3, metrics
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_qlora_learns_like_lora_and_full_fine_tuning_runs(smollm2, tmp_path):
     """Same rows, steps and settings (8 steps, 2 of warm-up): QLoRA's held-out loss within 25%
     of LoRA's, and at most 0.6x its start (before the repack fix it stayed near its start);
@@ -432,7 +432,7 @@ def lm_eval_replies(output) -> tuple[dict, list[str]]:
     return metrics, [sample["reply"].strip() for sample in samples]
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_lm_eval_on_the_trained_run_in_process_and_served_agree(smollm2_sft, tmp_path):
     """lm-eval on the SFT run (a task file of the user's, its system prompt as the task's
     description), greedy, in process and through the hf engine (eval.target=served starts
@@ -468,7 +468,7 @@ def test_smollm2_lm_eval_on_the_trained_run_in_process_and_served_agree(smollm2_
     assert sum(a == b for a, b in zip(local_replies, served_replies)) >= 7
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_memory_plan_is_within_25_percent_of_the_measured_peak(smollm2, tmp_path):
     """The plan that opens every train run (models/memory.py), against the measured peak of
     tensor memory (tests/memory_probe.py) for LoRA and QLoRA on the real model."""
