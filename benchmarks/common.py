@@ -596,7 +596,9 @@ def report_comparison(
         "table": table,
         "cases": cases,
     }
-    write_results(kind, payload, args.model)
+    # a bf16 run goes beside the float32 one, not over it
+    name = kind if args.precision == "fp32" else f"{kind}-{args.precision}"
+    write_results(name, payload, args.model)
 
 
 def trl_dataset(args: Any) -> Any:
