@@ -184,7 +184,7 @@ def test_data_chat_template_lets_such_a_model_train_and_travels_with_the_run(
     assert saved == template.read_text()  # serving the run renders with the same template
 
 
-# ---- learning on the real model (real_model: ~6 min in all on 2 quiet CPU cores) ---------------------------
+# ---- learning on the real model (real_model: ~6 min in all on 2 quiet CPU cores) -------------
 
 SYSTEM_PROMPT = "You are a terse calculator. Reply only with 'ANSWER: <number>'."
 ANSWER = re.compile(r"^ANSWER: \d+$")
