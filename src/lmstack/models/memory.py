@@ -53,9 +53,9 @@ LOGIT_COPIES = 3
 REFERENCE_OBJECTIVES = ("dpo", "ppo", "grpo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
-# the device holds: SmolLM2-135M SFT at batch 8 x ~300 tokens keeps ~3 GB against 0.7 GB of
-# weights and states. Below it (the demo model) the memory saved is not worth the time; TRL's
-# SFT default checkpoints always.
+# the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,200 tokens a step) would keep
+# 1.5 GB against 1.3 GB for weights, logits and states. Below it (the demo model) the memory
+# saved is not worth the time; TRL's SFT default checkpoints always.
 CHECKPOINT_ABOVE = GB
 
 
