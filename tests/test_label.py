@@ -100,7 +100,9 @@ class LabelPage:
                 self.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True,
             )  # fmt: skip
-        deadline = time.monotonic() + 60
+        # generous: a page over arena items may first build the built-in base (minutes on a
+        # cold cache); a process that dies fails at once below
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
