@@ -160,6 +160,10 @@ class MemoryPlan:
             )
         return "\n".join(lines)
 
+    def checkpointing_line(self) -> str:
+        state = "on" if self.checkpointing else "off"
+        return f"lmstack: gradient checkpointing {state}: {self.checkpointing_reason}"
+
     def refusal(self) -> str:
         biggest = self.biggest
         return (

@@ -39,8 +39,7 @@ def preflight(ctx: RunContext) -> Any:
             f"(biggest: {plan.biggest}; device {(plan.device_bytes or 0) / GB:.2f} GB)",
             flush=True,
         )
-        state = "on" if plan.checkpointing else "off"
-        print(f"lmstack: gradient checkpointing {state}: {plan.checkpointing_reason}", flush=True)
+        print(plan.checkpointing_line(), flush=True)
     if not plan.fits and config.trainer.memory_check:
         raise ConfigError(plan.refusal())
     return rows
@@ -57,8 +56,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "model.name_or_path at a local folder with its config.json"
         )
     print(plan.table(), flush=True)
-    state = "on" if plan.checkpointing else "off"
-    print(f"lmstack: gradient checkpointing {state}: {plan.checkpointing_reason}", flush=True)
+    print(plan.checkpointing_line(), flush=True)
     verdict = "fits" if plan.fits else "does NOT fit"
     print(f"lmstack: {verdict}: {plan.total / GB:.3f} GB per device", flush=True)
     write_json(ctx.run_dir / "memory_plan.json", plan.as_dict())
