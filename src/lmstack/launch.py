@@ -93,6 +93,11 @@ def run_task(cfg: DictConfig) -> float | None:
                 raise
             _interrupted(run_dir, identity, signum, multirun)
         except Exception:
+            if received:
+                # the signal's KeyboardInterrupt, raised in library code (an import, a C
+                # extension), can be swallowed there and surface as another error later on:
+                # the signal is what ended the run
+                _interrupted(run_dir, identity, received[0], multirun, traceback.format_exc())
             if not multirun:
                 _record(run_dir, "failed", traceback.format_exc())
                 announce(identity, run_dir, "failed; see error.log in")
@@ -152,11 +157,16 @@ def _signal_of(stop: BaseException) -> int | None:
     return None
 
 
-def _interrupted(run_dir: Path, identity: str, signum: int, multirun: bool) -> None:
+def _interrupted(
+    run_dir: Path, identity: str, signum: int, multirun: bool, cut_short: str = ""
+) -> None:
+    """Records the run as interrupted and exits 128 + signal; `cut_short` is the trace of what
+    the signal broke off, kept in error.log above the status line."""
     name = signal.Signals(signum).name
     # a signal between status.json's "running" and the context's return: the id is recorded
     identity = identity or (read_json(run_dir / "status.json") or {}).get("run_id", "")
-    _record(run_dir, "interrupted", f"stopped by {name}; re-run the command to resume")
+    stopped = f"stopped by {name}; re-run the command to resume"
+    _record(run_dir, "interrupted", f"{cut_short}\n{stopped}" if cut_short else stopped)
     announce(identity, run_dir, f"interrupted by {name}; its records are in")
     if multirun and signum == signal.SIGINT:
         raise KeyboardInterrupt  # Ctrl-C stops the whole sweep
