@@ -87,6 +87,34 @@ def test_cross_field_rule_at_start_up(tmp_path, bad):
     assert result.returncode == 2
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        # Hydra's own answer would be "To append to your config use +trainer.max_stepz=5"
+        (
+            "trainer.max_stepz=5",
+            "trainer.max_stepz: unknown key, not in TrainerConfig (did you mean 'max_steps'?)",
+        ),
+        # the schema of the objective chosen, not the default one
+        (
+            "objective=dpo objective.bta=0.1",
+            "objective.bta: unknown key, not in DPOObjectiveConfig (did you mean 'beta'?)",
+        ),
+        # a group's key without its group
+        (
+            "max_steps=5",
+            "max_steps: unknown key, not in the config (did you mean 'trainer.max_steps'?)",
+        ),
+        ("objectiv=dpo", "objectiv: unknown key, not in the config (did you mean 'objective'?)"),
+    ],
+)
+def test_a_misspelt_key_is_named_with_the_key_it_resembles(tmp_path, override, said):
+    result = run_cli(*override.split(), output_dir=tmp_path, check=False)
+    assert_rejected(result, f"lmstack: error: {said}")
+    assert result.returncode == 2
+    assert "+" not in result.stdout + result.stderr  # no advice to add the key
+
+
 def test_added_unknown_key_is_refused_before_anything_runs(tmp_path):
     """`+model.nosuchfield=1`: Hydra adds the key; lmstack names it and exits 2 at once. The
     time is CPU time (user + system) of the command: on a shared machine, wall time measures

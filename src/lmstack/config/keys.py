@@ -3,7 +3,8 @@
 Hydra refuses `model.nosuchfield=1` against a group's schema, but `+model.nosuchfield=1` (and
 `+nosuchgroup=1`) adds the key anyway, and OmegaConf then drops it without a word: the run
 would train as if it had not been given. This walk finds every such key, naming the schema
-that lacks it and the nearest field it has.
+that lacks it and the nearest field it has. Hydra's own refusal of the first form advises
+the `+` that lmstack then refuses; `name_unknown_override_keys` words it as lmstack does.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from lmstack.config.groups.objective import ObjectiveConfig
+from lmstack.config.schema import GROUP_SCHEMAS
 from lmstack.errors import ConfigError
 
 # the root's keys that are Hydra's, not lmstack's
@@ -50,10 +56,52 @@ def check_known_keys(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def name_unknown_override_keys() -> None:
+    """`trainer.max_stepz=5` answers "trainer.max_stepz: unknown key, not in TrainerConfig (did
+    you mean 'max_steps'?)" where Hydra says "To append to your config use +trainer.max_stepz=5".
+    Hydra has no hook for the wording: wrap where it applies overrides (as config/store.py
+    wraps its option listing), once."""
+    apply_overrides = ConfigLoaderImpl._apply_overrides_to_config
+    if getattr(apply_overrides, "names_unknown_keys", False):
+        return
+
+    def _apply_overrides_to_config(overrides, cfg):
+        try:
+            apply_overrides(overrides, cfg)
+        except ConfigCompositionException as error:
+            schema = _schema_without(error.__cause__)
+            if schema is None:
+                raise
+            key = error.__cause__.full_key
+            raise ConfigCompositionException(f"lmstack: error: {_describe(key, schema)}") from None
+
+    _apply_overrides_to_config.names_unknown_keys = True
+    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(_apply_overrides_to_config)
+
+
+def _schema_without(cause: BaseException | None) -> type | None:
+    """The schema an override's key is missing from, when that is why Hydra refused it."""
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
+        return None
+    schema = cause.object_type
+    return schema if isinstance(schema, type) and dataclasses.is_dataclass(schema) else None
+
+
 def _describe(key: str, schema: type) -> str:
     name = key.rsplit(".", 1)[-1]
-    fields = [f.name for f in dataclasses.fields(schema)]
-    close = difflib.get_close_matches(name, fields, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(schema)], n=1)
+    if not close and "." not in key:
+        close = _group_keys_like(name)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     where = "the config" if "." not in key else schema.__name__
     return f"{key}: unknown key, not in {where}{hint}"
+
+
+def _group_keys_like(name: str) -> list[str]:
+    """A group's key given at the top: `max_steps=5` is meant as `trainer.max_steps=5`."""
+    dotted: dict[str, list[str]] = {}
+    for group, schema in {**GROUP_SCHEMAS, "objective": ObjectiveConfig}.items():
+        for field in dataclasses.fields(schema):
+            dotted.setdefault(field.name, []).append(f"{group}.{field.name}")
+    close = difflib.get_close_matches(name, list(dotted), n=1)
+    return dotted[close[0]][:3] if close else []

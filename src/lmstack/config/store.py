@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 
 from lmstack.config.groups.serving import SERVING_SCHEMAS
+from lmstack.config.keys import name_unknown_override_keys
 from lmstack.config.objectives import objective_schemas
 from lmstack.config.schema import GROUP_SCHEMAS, Config
 
@@ -34,6 +35,7 @@ def register_configs() -> None:
     for name, schema in SERVING_SCHEMAS.items():
         store.store(group="serving", name=f"{name}_schema", node=schema)
     _hide_internal_options()
+    name_unknown_override_keys()
     # conf/hydra/launcher/joblib.yaml shares the joblib plugin's name on purpose (it is what
     # hydra/launcher=joblib picks); Hydra then validates it against the plugin's schema, and warns
     warnings.filterwarnings(
