@@ -171,8 +171,9 @@ SMOLLM2_SHAPE = {
 def test_the_plan_turns_gradient_checkpointing_on_where_activations_dominate():
     """trainer.gradient_checkpointing=null: off for SFT on the demo model's step; on for a real
     model's batch of long rows (SmolLM2, 8 x 300 tokens: ~3 GB kept, more than the rest of the
-    plan), for a step that would not fit the device without it, and for DPO; an explicit
-    choice wins. The run's log and memory_plan.json carry the choice and why."""
+    plan) at float32 and at bf16-mixed, for a step that would not fit the device without it,
+    and for DPO; an explicit choice wins. The run's log and memory_plan.json carry the choice
+    and why."""
     from lmstack.config.groups.objective import DPOObjectiveConfig
     from lmstack.models.memory import CHECKPOINT_ABOVE, ModelShape
 
@@ -181,7 +182,10 @@ def test_the_plan_turns_gradient_checkpointing_on_where_activations_dominate():
     smollm2 = ModelShape.from_hf_config(SMOLLM2_SHAPE)
     long_rows = plan_for(tokens=8 * 300, shape=smollm2)
     assert long_rows.checkpointing, long_rows.checkpointing_reason
-    assert "more than 1.000 GB and than the rest" in long_rows.checkpointing_reason
+    assert "more than 0.500 GB and than the rest" in long_rows.checkpointing_reason
+    # autocast keeps the norms and the residual stream in float32: not half of float32's
+    assert plan_for(tokens=8 * 165, shape=smollm2, precision="bf16-mixed").checkpointing
+    assert not plan_for(tokens=8 * 100, shape=smollm2, precision="bf16-mixed").checkpointing
     kept = plan_for(tokens=8 * 300, shape=smollm2, gradient_checkpointing=False)
     assert kept.terms["activations"] > CHECKPOINT_ABOVE > long_rows.terms["activations"]
     assert kept.checkpointing_reason == "trainer.gradient_checkpointing=false"

@@ -9,7 +9,7 @@ activations; REFERENCES.md "Scale and memory"):
   full fine-tuning: gradients and moments of all N weights
 - activations saved for the backward pass, per token of the step: A_layer per decoder layer
   (or only the layer's input with gradient checkpointing, plus one layer recomputed), and the
-  LM head's logits with their log-softmax and gradient (tokens x vocab x 4 bytes each)
+  LM head's logits with their gradient (tokens x vocab x 4 bytes, LOGIT_COPIES times)
 - the reference model (DPO, PPO, GRPO after full fine-tuning: a frozen copy; with an adapter
   the policy with its adapter off, no copy), the reward model (PPO), the value head (PPO)
 - the rollout KV cache (PPO, GRPO): 2 x layers x kv width x (prompt + new tokens) per sample
@@ -18,9 +18,10 @@ Sharding: fsdp FULL_SHARD and deepspeed_stage_3 divide weights, gradients and op
 states by the world size; SHARD_GRAD_OP and deepspeed_stage_2 divide gradients and states;
 ddp replicates everything. Activations are per device: the device's share of the batch.
 
-The activation constants were measured on this code (float32 on CPU, allocations traced by
-torch's profiler, tests/test_memory_plan.py) and hold for the Llama-architecture models
-lmstack trains; the tests compare the whole estimate with the measured peak.
+The activation and logit constants were measured on this code (float32 and bf16-mixed on
+CPU, allocations traced by torch's profiler, tests/memory_probe.py) and hold for the
+Llama-architecture models lmstack trains; the tests compare the whole estimate with the
+measured peak.
 
 Light: no torch, no transformers (a refusal answers in about a second).
 
@@ -48,15 +49,22 @@ LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # c_i per MLP unit (norms, q/k/v after rotary, attention output, gate/up/act/product)
 ACT_PER_HIDDEN = 10
 ACT_PER_INTERMEDIATE = 3
-# the LM head at each token: logits, their log-softmax, and the gradient of each in backward
-LOGIT_COPIES = 3
+# the LM head at each token, in float32-sized copies of tokens x vocab: the logits and their
+# gradient (the loss upcasts one row at a time, objectives/losses.py). Measured on SmolLM2 at
+# 4,096 tokens a step: 1.2 copies at float32, 1.5 at bf16-mixed (bf16 logits, float32 rows)
+LOGIT_COPIES = 1.5
+# bytes a saved activation takes: under bf16-mixed (and 16-mixed) autocast keeps the matmuls'
+# inputs in 16 bits but the norms and the residual stream in float32 (measured on SmolLM2: 0.66
+# of float32's); 16-true precisions keep everything in 16 bits
+ACTIVATION_BYTES = {"mixed": 2.75, "true": 2}
 REFERENCE_OBJECTIVES = ("dpo", "ppo", "grpo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
-# the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,200 tokens a step) would keep
-# 1.5 GB against 1.3 GB for weights, logits and states. Below it (the demo model) the memory
-# saved is not worth the time; TRL's SFT default checkpoints always.
-CHECKPOINT_ABOVE = GB
+# the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
+# 1.5 GB at float32 (1.0 GB at bf16-mixed) against 0.9 GB for weights, logits and states.
+# Below it (the demo model keeps MBs) the memory saved is not worth the time; TRL's SFT
+# default checkpoints always.
+CHECKPOINT_ABOVE = GB // 2
 
 
 @dataclass
@@ -300,7 +308,7 @@ def plan_memory(
     terms["optimizer states"] = 2 * trainable * train_bytes // states_div
     notes["optimizer states"] = "AdamW: two moments a trainable weight"
 
-    terms["logits"] = tokens_per_step * shape.vocab_size * 4 * LOGIT_COPIES
+    terms["logits"] = int(tokens_per_step * shape.vocab_size * 4 * LOGIT_COPIES)
     notes["logits"] = (
         f"{tokens_per_step} tokens x vocab {shape.vocab_size} x float32 x {LOGIT_COPIES}"
     )
@@ -349,13 +357,15 @@ def plan_memory(
 def saved_activation_bytes(
     config: Any, shape: ModelShape, tokens_per_step: int, checkpointing: bool
 ) -> int:
-    # 16-bit precisions (bf16-mixed, 16-mixed, bf16-true) keep activations in 2 bytes
-    act_bytes = 2 if config.trainer.precision.startswith(("bf16", "16")) else 4
+    precision = config.trainer.precision
+    act_bytes = 4
+    if precision.startswith(("bf16", "16")):
+        act_bytes = ACTIVATION_BYTES["true" if precision.endswith("true") else "mixed"]
     per_layer = shape.layer_activation_elements() * act_bytes
     if checkpointing:
         # each layer keeps its input; backward recomputes one layer at a time
-        return tokens_per_step * (shape.num_layers * shape.hidden_size * act_bytes + per_layer)
-    return tokens_per_step * shape.num_layers * per_layer
+        return int(tokens_per_step * (shape.num_layers * shape.hidden_size * act_bytes + per_layer))
+    return int(tokens_per_step * shape.num_layers * per_layer)
 
 
 def checkpointing_choice(
