@@ -61,10 +61,12 @@ REFERENCE_OBJECTIVES = ("dpo", "ppo", "grpo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
 # the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
-# 1.5 GB at float32 (1.0 GB at bf16-mixed) against 0.9 GB for weights, logits and states.
-# Below it (the demo model keeps MBs) the memory saved is not worth the time; TRL's SFT
-# default checkpoints always.
-CHECKPOINT_ABOVE = GB // 2
+# 1.5 GB at float32 (1.0 GB at bf16-mixed) against 0.9 GB for weights, logits and states;
+# a 21M-parameter model on the same rows keeps 0.37 GB against 0.09 GB, and its process peak
+# then passed TRL's (which checkpoints: glibc keeps freed activation memory, docs/benchmarks.md
+# "Findings"). Below it (the demo model keeps 36 MB) the memory saved is not worth the time;
+# TRL's SFT default checkpoints always.
+CHECKPOINT_ABOVE = GB // 4
 
 
 @dataclass

@@ -63,7 +63,7 @@ class TrainerConfig:
     num_threads: int = 0
     # recompute activations in the backward pass: much less memory, ~30% more compute;
     # null = decided by the memory plan (models/memory.py checkpointing_choice): on for dpo
-    # (two sequences per example), and where kept activations would exceed 0.5 GB and the rest
+    # (two sequences per example), and where kept activations would exceed 0.25 GB and the rest
     # of the plan, or the device
     gradient_checkpointing: bool | None = None
 
