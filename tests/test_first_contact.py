@@ -279,6 +279,7 @@ def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["logger=none"], return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(tmp_path)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # unset again after the test
     HydraConfig.instance().set_config(cfg)
     del cfg.hydra  # as Hydra hands the task its config
     with pytest.raises(SystemExit) as stop:

@@ -62,7 +62,7 @@ REFERENCE_OBJECTIVES = ("dpo", "ppo", "grpo")
 # pass (~30% more compute) when keeping them would take more than this and more than all else
 # the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
 # 1.5 GB at float32 (1.0 GB at bf16-mixed) against 0.9 GB for weights, logits and states;
-# a 21M-parameter model on the same rows keeps 0.37 GB against 0.09 GB, and its process peak
+# a 21M-parameter model on benchmarks/sft.py's chat rows keeps 0.37 GB against 0.09 GB, and its peak
 # then passed TRL's (which checkpoints: glibc keeps freed activation memory, docs/benchmarks.md
 # "Findings"). Below it (the demo model keeps 36 MB) the memory saved is not worth the time;
 # TRL's SFT default checkpoints always.
