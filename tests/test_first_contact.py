@@ -245,18 +245,16 @@ def test_a_stopped_run_is_recorded_as_interrupted(phase, signame, tmp_path, tiny
         return
     assert process.returncode == 128 + SIGNALS[signame], output[-3000:]
     for name, status in statuses.items():
-        assert status["status"] == "interrupted", (name, status, output[-3000:])
+        # a message, not a tuple: pytest would shorten the output in a tuple's repr
+        assert status["status"] == "interrupted", f"{name}: {status}\n{output[-3000:]}"
         assert "stopped by SIG" in status["error"]  # a pipeline stops its stage with SIGTERM
     assert any(f"stopped by {signame}" in status["error"] for status in statuses.values())
     assert f"interrupted by {signame}" in output
 
 
-def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
-    tmp_path, monkeypatch, capsys
-):
-    """A stop signal that lands inside an import (numpy's, under Lightning's) can be caught
-    there, leaving a half-imported module that fails later with some other error: that run was
-    stopped, not broken, and says so without a traceback."""
+def run_task_in_process(phase, tmp_path: Path, monkeypatch) -> int:
+    """launch.run_task on the default config, as Hydra calls it, with `phase` standing in for
+    the phase's work; returns its exit status."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
@@ -266,6 +264,25 @@ def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
 
     register_configs()
     register_resolvers()
+    monkeypatch.setattr(launch, "dispatch", phase)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["logger=none"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # unset again after the test
+    HydraConfig.instance().set_config(cfg)
+    del cfg.hydra  # as Hydra hands the task its config
+    with pytest.raises(SystemExit) as stop:
+        launch.run_task(cfg)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's handler is gone
+    return stop.value.code
+
+
+def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
+    tmp_path, monkeypatch, capsys
+):
+    """A stop signal that lands inside an import (numpy's, under Lightning's) can be caught
+    there, leaving a half-imported module that fails later with some other error: that run was
+    stopped, not broken, and says so without a traceback."""
 
     def phase_whose_library_swallows_the_signal(ctx):
         try:
@@ -275,22 +292,40 @@ def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
             pass  # as a library's own clean-up might
         raise AttributeError("module 'numpy._core' has no attribute '_multiarray_umath'")
 
-    monkeypatch.setattr(launch, "dispatch", phase_whose_library_swallows_the_signal)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=["logger=none"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(tmp_path)
-    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # unset again after the test
-    HydraConfig.instance().set_config(cfg)
-    del cfg.hydra  # as Hydra hands the task its config
-    with pytest.raises(SystemExit) as stop:
-        launch.run_task(cfg)
-    assert stop.value.code == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's handler is gone
+    code = run_task_in_process(phase_whose_library_swallows_the_signal, tmp_path, monkeypatch)
+    assert code == 128 + signal.SIGTERM
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "interrupted"
     assert status["error"] == "stopped by SIGTERM; re-run the command to resume"
     assert "_multiarray_umath" in (tmp_path / "error.log").read_text()  # what it cut short
     assert "interrupted by SIGTERM" in capsys.readouterr().out
+
+
+def test_a_signal_repeated_after_one_was_swallowed_stops_the_run(tmp_path, monkeypatch):
+    """A signal whose KeyboardInterrupt a library swallowed outright (a __del__ running at that
+    moment prints "Exception ignored" and goes on) leaves the run going: the same signal sent
+    again stops it, but not when it comes in the same burst (Ctrl-C and a pipeline's SIGTERM
+    together), which would cut short the unwinding the first one began."""
+    from lmstack.launch import REPEAT_INTERRUPTS_AFTER_S
+
+    reached = []
+
+    def phase_that_goes_on_after_a_swallowed_signal(ctx):
+        with contextlib.suppress(KeyboardInterrupt):  # as the interpreter does around a __del__
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at once; the sleep is never finished
+        os.kill(os.getpid(), signal.SIGINT)  # the same burst: no second interrupt
+        reached.append("after the burst")
+        time.sleep(REPEAT_INTERRUPTS_AFTER_S + 0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's repeat
+        time.sleep(5)
+        reached.append("after the repeat")
+
+    code = run_task_in_process(phase_that_goes_on_after_a_swallowed_signal, tmp_path, monkeypatch)
+    assert code == 128 + signal.SIGTERM
+    assert reached == ["after the burst"]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and "stopped by SIGTERM" in status["error"]
 
 
 @pytest.mark.slow

@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,7 @@ def run_task(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     quiet_library_warnings()
     identity = ""
-    with stop_signals() as received:
+    with stop_signals() as stops:
         try:
             ctx = build_context(cfg, run_dir, multirun)
             identity = ctx.run_id
@@ -82,22 +85,25 @@ def run_task(cfg: DictConfig) -> float | None:
             announce(ctx.run_id, run_dir, "finished; results in")
             return sweep_metric(metrics, ctx.config)
         except LmstackError as error:
+            stops.recording = True
             # bad input exits 2; an error class may name its own code (a run with no score: 1)
             code = getattr(error, "exit_code", EXIT_BAD_INPUT)
             return _fail(run_dir, multirun, f"lmstack: error: {error}", code, identity)
         except (KeyboardInterrupt, SystemExit) as stop:
+            stops.recording = True
             # Lightning turns Ctrl-C during fit into sys.exit(1), and the serving code SIGTERM
-            # into SystemExit(143): which signal stopped the run is what `received` noted
-            signum = received[0] if received else _signal_of(stop)
+            # into SystemExit(143): which signal stopped the run is what `stops` noted
+            signum = stops.received[0] if stops.received else _signal_of(stop)
             if signum is None:
                 raise
             _interrupted(run_dir, identity, signum, multirun)
         except Exception:
-            if received:
+            stops.recording = True
+            if stops.received:
                 # the signal's KeyboardInterrupt, raised in library code (an import, a C
                 # extension), can be swallowed there and surface as another error later on:
                 # the signal is what ended the run
-                _interrupted(run_dir, identity, received[0], multirun, traceback.format_exc())
+                _interrupted(run_dir, identity, stops.received[0], multirun, traceback.format_exc())
             if not multirun:
                 _record(run_dir, "failed", traceback.format_exc())
                 announce(identity, run_dir, "failed; see error.log in")
@@ -112,28 +118,46 @@ def announce(identity: str, run_dir: Path, what: str) -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop signal repeated this long after the one that last interrupted the run interrupts it
+# again: that one's KeyboardInterrupt may have been swallowed by library code (a __del__ running
+# at that moment prints "Exception ignored" and the run goes on). A burst of signals must not:
+# Ctrl-C reaches a pipeline's stage beside the pipeline's own SIGTERM, and the second one would
+# cut short the unwinding (Lightning's teardown, the loggers' last writes) the first one began.
+REPEAT_INTERRUPTS_AFTER_S = 2.0
+
+
+@dataclass
+class StopSignals:
+    """The stop signals a run received; `recording` once the run is recording how it ended,
+    which no signal interrupts."""
+
+    received: list[int] = field(default_factory=list)
+    recording: bool = False
+    last_interrupt: float = -math.inf
+
+    def interrupt(self, signum: int, _frame: Any) -> None:
+        self.received.append(signum)
+        now = time.monotonic()
+        if self.recording or now - self.last_interrupt < REPEAT_INTERRUPTS_AFTER_S:
+            return
+        self.last_interrupt = now
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def stop_signals():
     """SIGTERM and SIGINT unwind the run like Ctrl-C (so engines stop and the status is
-    recorded); yields the list of the signals received. Under Slurm SIGTERM is left to the
-    requeue machinery (lmstack/slurm.py), which checkpoints and records it itself."""
+    recorded); yields the StopSignals. Under Slurm SIGTERM is left to the requeue machinery
+    (lmstack/slurm.py), which checkpoints and records it itself."""
 
-    received: list[int] = []
+    stops = StopSignals()
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield stops
         return
     caught = [s for s in STOP_SIGNALS if not (s == signal.SIGTERM and _slurm_job_step())]
-
-    def note_and_stop(signum: int, _frame: Any) -> None:
-        received.append(signum)
-        if len(received) == 1:  # a second signal must not cut short the recording of the first
-            raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, note_and_stop) for s in caught}
+    previous = {s: signal.signal(s, stops.interrupt) for s in caught}
     try:
-        yield received
+        yield stops
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

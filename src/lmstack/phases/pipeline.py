@@ -8,9 +8,11 @@ identity: re-running a pipeline skips finished stages and resumes a killed one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from lmstack.config.recipes import for_stage, inherited_overrides
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
 from lmstack.phases.eval import comparison_markdown
-from lmstack.tracking.run_dir import set_status, write_json
+from lmstack.tracking.run_dir import read_json, set_status, write_json
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -83,32 +85,83 @@ def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:
 
 def run_stage(name: str, overrides: list[str]) -> str:
     """Runs one stage in a child process (its output streams through) and returns its run dir."""
+    command = [sys.executable, str(REPO_ROOT / "run.py"), *overrides]
+    return run_stage_command(name, command)
+
+
+def run_stage_command(name: str, command: list[str]) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "run_dir"
         env = {**os.environ, "LMSTACK_RUN_DIR_REPORT": str(report)}
-        command = [sys.executable, str(REPO_ROOT / "run.py"), *overrides]
-        returncode = run_child(command, env)
-        run_dir = report.read_text() if report.exists() else None
+        process = subprocess.Popen(command, env=env)
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            try:
+                stop_stage(process)
+            finally:
+                close_stage_record(reported_dir(report), process.returncode, stopped=True)
+            raise
+        run_dir = reported_dir(report)
     if returncode != 0 or run_dir is None:
+        close_stage_record(run_dir, returncode, stopped=False)
         where = f"; see {run_dir}/error.log" if run_dir else ""
-        raise LmstackError(f"pipeline stage '{name}' failed (exit {returncode}){where}")
-    return run_dir
+        raise LmstackError(f"pipeline stage '{name}' failed ({how_it_ended(returncode)}){where}")
+    return str(run_dir)
+
+
+def reported_dir(report: Path) -> Path | None:
+    """The run dir the stage reported, once it had one."""
+    return Path(report.read_text()) if report.exists() else None
 
 
 STAGE_STOP_GRACE_S = 60.0
+# past the usual length of a stage's unwinding: a stage still running then may have had its
+# KeyboardInterrupt swallowed by library code, and a repeated SIGTERM interrupts it again
+STAGE_SIGTERM_REPEAT_S = 20.0
 
 
-def run_child(command: list[str], env: dict[str, str]) -> int:
-    """The stage's exit status. When the pipeline is stopped (SIGTERM, Ctrl-C) the stage is
-    told with SIGTERM and waited for, so it records itself as interrupted (a kill would leave
-    its status.json saying "running")."""
-    process = subprocess.Popen(command, env=env)
+def stop_stage(process: subprocess.Popen) -> None:
+    """When the pipeline is stopped (SIGTERM, Ctrl-C) the stage is told with SIGTERM and
+    waited for, so it records itself as interrupted; told again, then killed, if it goes on.
+    Stopping the pipeline again while it waits (Ctrl-C pressed twice) kills the stage."""
+    process.terminate()
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        try:
-            process.wait(timeout=STAGE_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
+        for wait_s, then in (
+            (STAGE_SIGTERM_REPEAT_S, process.terminate),
+            (STAGE_STOP_GRACE_S - STAGE_SIGTERM_REPEAT_S, process.kill),
+        ):
+            try:
+                process.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                then()
+    finally:
+        if process.poll() is None:
             process.kill()
-        raise
+        process.wait()
+
+
+def close_stage_record(stage_dir: Path | None, returncode: int | None, stopped: bool) -> None:
+    """A stage that ended without recording its end (killed, or crashed in native code on
+    the signal) would say "running" forever: the pipeline records it for the stage."""
+    if stage_dir is None or (read_json(stage_dir / "status.json") or {}).get("status") != "running":
+        return
+    ended = f"the stage's process ended ({how_it_ended(returncode)}) before recording its end"
+    detail = (
+        f"{ended}\nstopped by SIGTERM from its pipeline; re-run the command to resume"
+        if stopped
+        else ended
+    )
+    (stage_dir / "error.log").write_text(detail + "\n")
+    status = "interrupted" if stopped else "failed"
+    set_status(stage_dir, status, error=detail.splitlines()[-1])
+    print(f"lmstack: {ended}; the pipeline recorded it as {status} in {stage_dir}", flush=True)
+
+
+def how_it_ended(returncode: int | None) -> str:
+    """'exit 1', or the signal that killed it ('killed by SIGABRT')."""
+    if returncode is not None and returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit {returncode}"
