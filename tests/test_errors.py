@@ -1,4 +1,4 @@
-"""Bad input: a clear one-paragraph message and a non-zero exit, before any model is loaded."""
+"""Bad input: a clear one-paragraph message and exit 2, before any model is loaded."""
 
 from __future__ import annotations
 
@@ -8,35 +8,23 @@ import time
 
 import pytest
 
-from conftest import run_cli
-
-
-def assert_rejected(result, *fragments: str, max_seconds: float | None = None):
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
-    for fragment in fragments:
-        assert fragment in output, f"{fragment!r} not in:\n{output}"
-    # rejected before any model was loaded or trained
-    assert "trainable of" not in output and "Traceback" not in output, output
+from conftest import assert_rejected_early, run_cli
 
 
 def test_unknown_group_option(tmp_path):
     result = run_cli("adapter=lorax", output_dir=tmp_path, check=False)
-    assert_rejected(result, "Could not find 'adapter/lorax'", "qlora")
-    assert result.returncode == 2  # bad input, as for a value lmstack rejects
+    assert_rejected_early(result, "Could not find 'adapter/lorax'", "qlora")
 
 
 def test_unknown_key(tmp_path):
     result = run_cli("adapter.rank=4", output_dir=tmp_path, check=False)
-    assert_rejected(result, "adapter.rank")
-    assert result.returncode == 2
+    assert_rejected_early(result, "adapter.rank")
 
 
 def test_wrong_type_answers_fast(tmp_path):
     started = time.perf_counter()
     result = run_cli("adapter.r=abc", output_dir=tmp_path, check=False)
-    assert_rejected(result, "adapter.r", "abc")
-    assert result.returncode == 2
+    assert_rejected_early(result, "adapter.r", "abc")
     assert time.perf_counter() - started < 5
 
 
@@ -44,8 +32,7 @@ def test_missing_data_file(tmp_path):
     result = run_cli(
         "data=jsonl", f"data.path={tmp_path}/nope.jsonl", output_dir=tmp_path, check=False
     )
-    assert_rejected(result, "no such file", "nope.jsonl")
-    assert result.returncode == 2
+    assert_rejected_early(result, "no such file", "nope.jsonl")
 
 
 def test_malformed_jsonl_line_is_named(tmp_path):
@@ -53,7 +40,7 @@ def test_malformed_jsonl_line_is_named(tmp_path):
     good = json.dumps({"prompt": "1 + 1?", "completion": "2"})
     path.write_text(f'{good}\n{good}\n{{"prompt": "broken"\n')
     result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
-    assert_rejected(result, f"{path}:3", "malformed JSON")
+    assert_rejected_early(result, f"{path}:3", "malformed JSON")
 
 
 def test_row_missing_fields_is_named(tmp_path):
@@ -61,21 +48,21 @@ def test_row_missing_fields_is_named(tmp_path):
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}, {"prompt": "e"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
-    assert_rejected(result, f"{path}:3", "missing completion")
+    assert_rejected_early(result, f"{path}:3", "missing completion")
 
 
 def test_empty_dataset(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("\n")
     result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
-    assert_rejected(result, "empty")
+    assert_rejected_early(result, "empty")
 
 
 def test_unrecognised_row_format(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     result = run_cli("data=jsonl", f"data.path={path}", output_dir=tmp_path, check=False)
-    assert_rejected(result, "cannot tell the row format", "question")
+    assert_rejected_early(result, "cannot tell the row format", "question")
 
 
 @pytest.mark.parametrize(
@@ -83,8 +70,7 @@ def test_unrecognised_row_format(tmp_path):
 )
 def test_cross_field_rule_at_start_up(tmp_path, bad):
     result = run_cli(*bad.split(), output_dir=tmp_path, check=False)
-    assert_rejected(result, "lmstack: error:")
-    assert result.returncode == 2
+    assert_rejected_early(result, "lmstack: error:")
 
 
 @pytest.mark.parametrize(
@@ -110,8 +96,7 @@ def test_cross_field_rule_at_start_up(tmp_path, bad):
 )
 def test_a_misspelt_key_is_named_with_the_key_it_resembles(tmp_path, override, said):
     result = run_cli(*override.split(), output_dir=tmp_path, check=False)
-    assert_rejected(result, f"lmstack: error: {said}")
-    assert result.returncode == 2
+    assert_rejected_early(result, f"lmstack: error: {said}")
     assert "+" not in result.stdout + result.stderr  # no advice to add the key
 
 
@@ -122,6 +107,5 @@ def test_added_unknown_key_is_refused_before_anything_runs(tmp_path):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run_cli("+model.nosuchfield=1", output_dir=tmp_path, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    assert_rejected(result, "model.nosuchfield: unknown key")
-    assert result.returncode == 2
+    assert_rejected_early(result, "model.nosuchfield: unknown key")
     assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 2
