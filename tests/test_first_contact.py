@@ -328,6 +328,28 @@ def test_a_signal_repeated_after_one_was_swallowed_stops_the_run(tmp_path, monke
     assert status["status"] == "interrupted" and "stopped by SIGTERM" in status["error"]
 
 
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
+    """The garbage collector runs a __del__ at any moment (regex's, during an import), and an
+    exception raised in one is printed and dropped: the signal is handled again outside it."""
+    reached = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside the finalizer
+            reached.append("the finalizer's end")
+
+    def phase_whose_signal_lands_in_a_finalizer(ctx):
+        Finalized()  # dropped at once: its __del__ runs
+        time.sleep(5)  # the signal, sent again, interrupts this
+        reached.append("past the sleep")
+
+    code = run_task_in_process(phase_whose_signal_lands_in_a_finalizer, tmp_path, monkeypatch)
+    assert code == 128 + signal.SIGTERM
+    assert reached == ["the finalizer's end"]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and "stopped by SIGTERM" in status["error"]
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_rerun_to_the_end_drops_its_error(tmp_path, tiny_base):
     args, ready = PHASES["train"]
