@@ -46,6 +46,7 @@ from lmstack.tracking.run_dir import (
     set_status,
     write_run_records,
 )
+from lmstack.util.signals import resent_from_finalizer
 
 log = logging.getLogger("lmstack")
 EXIT_BAD_INPUT = 2
@@ -125,11 +126,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Ctrl-C reaches a pipeline's stage beside the pipeline's own SIGTERM, and the second one would
 # cut short the unwinding (Lightning's teardown, the loggers' last writes) the first one began.
 REPEAT_INTERRUPTS_AFTER_S = 2.0
-# An exception raised in a finalizer (a __del__ the garbage collector runs, as it can during any
-# import) is printed as "Exception ignored" and dropped: a signal that lands in one is sent
-# again this long after, to be handled outside it (measured: 4 of 80 SIGTERMs during the train
-# phase's imports landed in regex's Group.__del__)
-REDELIVER_AFTER_S = 0.05
 
 
 @dataclass
@@ -142,10 +138,7 @@ class StopSignals:
     last_interrupt: float = -math.inf
 
     def interrupt(self, signum: int, frame: FrameType | None) -> None:
-        if in_finalizer(frame):
-            redeliver = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), signum))
-            redeliver.daemon = True
-            redeliver.start()
+        if resent_from_finalizer(signum, frame):
             return
         self.received.append(signum)
         now = time.monotonic()
@@ -153,14 +146,6 @@ class StopSignals:
             return
         self.last_interrupt = now
         raise KeyboardInterrupt
-
-
-def in_finalizer(frame: FrameType | None) -> bool:
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from lmstack.evaluation.label_server import LOOPBACK, LabelApp, make_server, pag
 from lmstack.phases.context import RunContext
 from lmstack.phases.eval import arena_problems
 from lmstack.tracking.run_dir import set_status, write_json
+from lmstack.util.signals import resent_from_finalizer
 
 TOKEN_FILE_NAME = "label_token"
 
@@ -67,7 +68,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    if not resent_from_finalizer(signum, frame):
+        raise KeyboardInterrupt
 
 
 def address(label_cfg: Any) -> tuple[str, int]:

@@ -47,6 +47,7 @@ from lmstack.serving.processes import (
     wait_until_healthy,
 )
 from lmstack.util import openai_api
+from lmstack.util.signals import resent_from_finalizer
 
 # the engines lmstack starts, by serving.name (serving=external starts none)
 ENGINES: dict[str, Engine] = {
@@ -288,7 +289,8 @@ def _sigterm_as_exit() -> Iterator[None]:
         return
 
     def _exit(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        if not resent_from_finalizer(signum, frame):
+            raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
