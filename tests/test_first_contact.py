@@ -277,6 +277,13 @@ def run_task_in_process(phase, tmp_path: Path, monkeypatch) -> int:
     return stop.value.code
 
 
+def assert_stopped_by_sigterm(code: int, run_dir: Path) -> None:
+    assert code == 128 + signal.SIGTERM
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted", status
+    assert status["error"] == "stopped by SIGTERM; re-run the command to resume"
+
+
 def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
     tmp_path, monkeypatch, capsys
 ):
@@ -293,10 +300,7 @@ def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
         raise AttributeError("module 'numpy._core' has no attribute '_multiarray_umath'")
 
     code = run_task_in_process(phase_whose_library_swallows_the_signal, tmp_path, monkeypatch)
-    assert code == 128 + signal.SIGTERM
-    status = json.loads((tmp_path / "status.json").read_text())
-    assert status["status"] == "interrupted"
-    assert status["error"] == "stopped by SIGTERM; re-run the command to resume"
+    assert_stopped_by_sigterm(code, tmp_path)
     assert "_multiarray_umath" in (tmp_path / "error.log").read_text()  # what it cut short
     assert "interrupted by SIGTERM" in capsys.readouterr().out
 
@@ -322,10 +326,8 @@ def test_a_signal_repeated_after_one_was_swallowed_stops_the_run(tmp_path, monke
         reached.append("after the repeat")
 
     code = run_task_in_process(phase_that_goes_on_after_a_swallowed_signal, tmp_path, monkeypatch)
-    assert code == 128 + signal.SIGTERM
+    assert_stopped_by_sigterm(code, tmp_path)
     assert reached == ["after the burst"]
-    status = json.loads((tmp_path / "status.json").read_text())
-    assert status["status"] == "interrupted" and "stopped by SIGTERM" in status["error"]
 
 
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
@@ -344,10 +346,8 @@ def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(tmp_path, monkey
         reached.append("past the sleep")
 
     code = run_task_in_process(phase_whose_signal_lands_in_a_finalizer, tmp_path, monkeypatch)
-    assert code == 128 + signal.SIGTERM
+    assert_stopped_by_sigterm(code, tmp_path)
     assert reached == ["the finalizer's end"]
-    status = json.loads((tmp_path / "status.json").read_text())
-    assert status["status"] == "interrupted" and "stopped by SIGTERM" in status["error"]
 
 
 @pytest.mark.slow
