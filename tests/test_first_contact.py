@@ -306,16 +306,15 @@ def test_a_signal_a_library_swallowed_still_ends_the_run_as_interrupted(
 
 
 def test_a_signal_repeated_after_one_was_swallowed_stops_the_run(tmp_path, monkeypatch):
-    """A signal whose KeyboardInterrupt a library swallowed outright (a __del__ running at that
-    moment prints "Exception ignored" and goes on) leaves the run going: the same signal sent
-    again stops it, but not when it comes in the same burst (Ctrl-C and a pipeline's SIGTERM
-    together), which would cut short the unwinding the first one began."""
+    """A signal whose KeyboardInterrupt library code caught and went on from leaves the run
+    going: the same signal sent again stops it, but not when it comes in the same burst (Ctrl-C
+    and a pipeline's SIGTERM together), which would cut short the unwinding the first began."""
     from lmstack.launch import REPEAT_INTERRUPTS_AFTER_S
 
     reached = []
 
     def phase_that_goes_on_after_a_swallowed_signal(ctx):
-        with contextlib.suppress(KeyboardInterrupt):  # as the interpreter does around a __del__
+        with contextlib.suppress(KeyboardInterrupt):  # as a library's clean-up might
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler runs at once; the sleep is never finished
         os.kill(os.getpid(), signal.SIGINT)  # the same burst: no second interrupt

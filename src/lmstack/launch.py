@@ -121,8 +121,8 @@ def announce(identity: str, run_dir: Path, what: str) -> None:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal repeated this long after the one that last interrupted the run interrupts it
-# again: that one's KeyboardInterrupt may have been swallowed by library code (a __del__ running
-# at that moment prints "Exception ignored" and the run goes on). A burst of signals must not:
+# again: that one's KeyboardInterrupt may have been swallowed by library code that catches it and
+# goes on (one raised in a finalizer is sent again: util/signals.py). A burst of signals must not:
 # Ctrl-C reaches a pipeline's stage beside the pipeline's own SIGTERM, and the second one would
 # cut short the unwinding (Lightning's teardown, the loggers' last writes) the first one began.
 REPEAT_INTERRUPTS_AFTER_S = 2.0
