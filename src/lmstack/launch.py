@@ -42,6 +42,7 @@ from lmstack.tracking.run_dir import (
     finished_metrics,
     provenance,
     read_json,
+    record_end,
     resolved_config,
     set_status,
     write_run_records,
@@ -275,8 +276,7 @@ def slurm_job() -> dict[str, str]:
 
 def _record(run_dir: Path, status: str, detail: str) -> None:
     if run_dir.exists():
-        (run_dir / "error.log").write_text(detail)
-        set_status(run_dir, status, error=detail.strip().splitlines()[-1] if detail else "")
+        record_end(run_dir, status, detail)
 
 
 def _fail(run_dir: Path, multirun: bool, message: str, exit_code: int, identity: str = "") -> None:

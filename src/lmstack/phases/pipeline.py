@@ -23,7 +23,7 @@ from lmstack.config.recipes import for_stage, inherited_overrides
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
 from lmstack.phases.eval import comparison_markdown
-from lmstack.tracking.run_dir import read_json, set_status, write_json
+from lmstack.tracking.run_dir import read_json, record_end, set_status, write_json
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -125,17 +125,13 @@ def stop_stage(process: subprocess.Popen) -> None:
     """When the pipeline is stopped (SIGTERM, Ctrl-C) the stage is told with SIGTERM and
     waited for, so it records itself as interrupted; told again, then killed, if it goes on.
     Stopping the pipeline again while it waits (Ctrl-C pressed twice) kills the stage."""
-    process.terminate()
     try:
-        for wait_s, then in (
-            (STAGE_SIGTERM_REPEAT_S, process.terminate),
-            (STAGE_STOP_GRACE_S - STAGE_SIGTERM_REPEAT_S, process.kill),
-        ):
-            try:
+        for wait_s in (STAGE_SIGTERM_REPEAT_S, STAGE_STOP_GRACE_S - STAGE_SIGTERM_REPEAT_S):
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=wait_s)
+            if process.returncode is not None:
                 return
-            except subprocess.TimeoutExpired:
-                then()
     finally:
         if process.poll() is None:
             process.kill()
@@ -153,9 +149,8 @@ def close_stage_record(stage_dir: Path | None, returncode: int | None, stopped: 
         if stopped
         else ended
     )
-    (stage_dir / "error.log").write_text(detail + "\n")
     status = "interrupted" if stopped else "failed"
-    set_status(stage_dir, status, error=detail.splitlines()[-1])
+    record_end(stage_dir, status, detail + "\n")
     print(f"lmstack: {ended}; the pipeline recorded it as {status} in {stage_dir}", flush=True)
 
 

@@ -74,6 +74,13 @@ def set_status(run_dir: Path, status: str, **extra: Any) -> None:
     write_json(run_dir / "status.json", record)
 
 
+def record_end(run_dir: Path, status: str, detail: str) -> None:
+    """How an attempt ended other than finished: `detail` in error.log, its last line as
+    status.json's error."""
+    (run_dir / "error.log").write_text(detail)
+    set_status(run_dir, status, error=detail.strip().splitlines()[-1] if detail.strip() else "")
+
+
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     status = read_json(run_dir / "status.json") or {}
     if status.get("status") != "finished":
