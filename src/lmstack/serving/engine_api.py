@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from lmstack.errors import ConfigError
 from lmstack.models.adapters import is_adapter_folder, merged_adapter
 from lmstack.tracking.run_dir import read_json
+from lmstack.util.cpu_kind import cpu_kind
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Engine:
     environment: ClassVar[str] = ""
     program: ClassVar[str] = "bin/python"
     health_path: ClassVar[str] = "/health"
+    # the file `make engines` writes last in the environment, holding the CPU kind it was built on
+    built_stamp: ClassVar[str] = ".installed"
 
     def check_quantization(self, serving: Any, device: str) -> None:
         """Exit 2 (ConfigError) for a quantization this engine cannot do on this device."""
@@ -85,12 +88,30 @@ class Engine:
             return str(Path(found).absolute())
         own = Path(engines_dir) / self.environment / self.program
         if self.environment and own.exists():
+            self.warn_if_built_for_another_cpu(Path(engines_dir) / self.environment)
             return str(own.absolute())
         return self.fallback_executable(engines_dir)
+
+    def warn_if_built_for_another_cpu(self, environment: Path) -> None:
+        """A build carried from another kind of CPU may run, or die of an illegal instruction
+        mid-request: say so before starting it."""
+        stamp = environment / self.built_stamp
+        built_on = stamp.read_text().strip() if stamp.is_file() else ""
+        if built_on and built_on != cpu_kind():
+            print(
+                f"lmstack: warning: serving={self.name}'s environment {environment.resolve()} "
+                f"was built on a {built_on} CPU, this one is {cpu_kind()}; run `make engines` "
+                "to build it for this CPU",
+                flush=True,
+            )
 
     def fallback_executable(self, engines_dir: str) -> str:
         """Without an environment of its own: lmstack's own Python."""
         return sys.executable
+
+    def startup_note(self, log_text: str) -> str:
+        """What the engine chose at start-up that a user should see (from its log), or ''."""
+        return ""
 
     def target(self, config: Any, cache_dir: str) -> Target:
         """What to load: the served model resolved to a Hugging Face folder by default."""

@@ -7,6 +7,7 @@ gguf/ from export.gguf is used as it is); a .gguf file is served as it is.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +32,15 @@ class LlamaCppEngine(Engine):
     quantizations: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ALL, "cuda": ALL}
     environment = "llamacpp"
     program = "bin/llama-server"
+    built_stamp = ".built"
+
+    def startup_note(self, log_text: str) -> str:
+        """`make engines` builds one CPU backend per x86 level; the server loads the best one
+        this CPU runs ("load_backend: loaded CPU backend from .../libggml-cpu-icelake.so")."""
+        loaded = re.findall(r"loaded CPU backend from \S*libggml-cpu-?([\w.]*)\.so", log_text)
+        if not loaded:
+            return ""
+        return f"llama.cpp runs its CPU kernels for {loaded[-1] or 'this CPU'} (picked at start-up)"
 
     def fallback_executable(self, engines_dir: str) -> str:
         raise ConfigError(

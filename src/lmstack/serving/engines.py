@@ -139,6 +139,9 @@ def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
             wait_until_healthy(
                 process, f"{base_url}{engine.health_path}", serving.startup_timeout_s, log_path
             )
+            note = engine.startup_note(log_path.read_text(errors="replace"))
+            if note:
+                print(f"lmstack: {serving.name}: {note}", flush=True)
             yield Endpoint(
                 f"{base_url}/v1", launch.model_name, "EMPTY", serving.name, target.served
             )

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lmstack.errors import LmstackError
+from lmstack.util.signals import how_it_ended
 
 HEALTH_POLL_S = 0.25
 STOP_GRACE_S = 10.0
@@ -84,7 +85,7 @@ def wait_until_healthy(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise EngineError(
-                f"serving: {what} exited with code {process.returncode} before it was "
+                f"serving: {what} ended ({how_it_ended(process.returncode)}) before it was "
                 f"healthy; its last log lines ({log_path}):\n{log_tail(log_path)}"
             )
         with contextlib.suppress(httpx.HTTPError):

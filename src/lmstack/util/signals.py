@@ -1,8 +1,11 @@
-"""Signal handlers that raise: the one case where the exception would be lost."""
+"""Signals: handlers that raise (and the one case where the exception would be lost), and how
+a child process that a signal ended is described."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 from types import FrameType
 
@@ -30,3 +33,23 @@ def in_finalizer(frame: FrameType | None) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# what a native program's death by these signals most often means here, and what to do
+SIGNAL_CAUSES = {
+    "SIGILL": (
+        "an illegal instruction: it was built for another CPU; rebuild it with `make engines`"
+    ),
+    "SIGBUS": "a bus error: a memory-mapped file shrank under it, or the disk is full",
+}
+
+
+def how_it_ended(returncode: int | None) -> str:
+    """'exit 1', or the signal that killed it ('killed by SIGABRT'), with the likely cause
+    where the signal names one ('killed by SIGILL, an illegal instruction: ...')."""
+    if returncode is not None and returncode < 0:
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(-returncode).name
+            cause = SIGNAL_CAUSES.get(name)
+            return f"killed by {name}, {cause}" if cause else f"killed by {name}"
+    return f"exit {returncode}"

@@ -1,0 +1,206 @@
+"""The upstream canary (`make test-latest`): the newest versions pyproject allows, in a scratch
+venv, under the default test suite; then a report of what changed against the lock
+(requirements/lmstack.txt) and which tests broke, so an upgrade is a decision, not a surprise.
+
+    python scripts/test_latest.py --extras serve,dev --torch torch==2.13.0 [-- PYTEST ARGS]
+
+The report is printed and written to .cache/latest/report.md (with the venv's `pip freeze` and
+pytest's junit XML beside it). Exit 0 whether tests broke or not: breaking is the finding; exit
+1 only when the canary itself could not run (no venv, say). --skip-if-unchanged skips the suite
+when the newest versions are the locked ones, which `make test` tests; --quiet keeps the
+suite's own output in .cache/latest/pytest.log (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOCK = REPO / "requirements" / "lmstack.txt"
+NO_DEPS_LOCKS = (REPO / "requirements" / "smollm2.txt",)  # installed as locked, no resolving
+OUT = REPO / ".cache" / "latest"
+PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_versions(lock: Path) -> dict[str, str]:
+    pins = (PINNED.match(line) for line in lock.read_text().splitlines())
+    return {normalized(pin[1]): pin[2] for pin in pins if pin}
+
+
+def installed_versions(python: Path) -> dict[str, str]:
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True
+    )
+    listed.check_returncode()
+    return {normalized(row["name"]): row["version"] for row in json.loads(listed.stdout)}
+
+
+def make_venv(extras: str, torch_pin: str) -> tuple[Path, str]:
+    """The scratch venv with the newest allowed versions; its python, and pip's error if the
+    newest versions do not install (a finding too)."""
+    venv = OUT / "venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+    pip = [python, "-m", "pip", "install", "--quiet", "--upgrade"]
+    steps = [
+        [*pip, torch_pin],
+        [*pip, "--upgrade-strategy", "eager", "-e", f"{REPO}[{extras}]"],
+        *([*pip, "--no-deps", "--require-hashes", "-r", lock] for lock in NO_DEPS_LOCKS),
+    ]
+    for step in steps:
+        print(f"test-latest: {' '.join(map(str, step[3:]))}", flush=True)
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            return python, (done.stdout + done.stderr)[-3000:]
+    return python, ""
+
+
+def version_changes(locked: dict[str, str], latest: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(package, locked version, newest version) for every package whose version differs;
+    '-' where one side lacks it. lmstack itself is left out."""
+    names = sorted((set(locked) | set(latest)) - {"lmstack", "pip", "setuptools", "wheel"})
+    rows = [(name, locked.get(name, "-"), latest.get(name, "-")) for name in names]
+    return [row for row in rows if row[1] != row[2]]
+
+
+def run_suite(
+    python: Path, pytest_args: list[str], quiet: bool, limit_s: float
+) -> tuple[Path, bool]:
+    """The default suite in the scratch venv; its output in pytest.log (and on the terminal
+    unless quiet: CI reads the last test runner's summary as its own, so it keeps this one's
+    off its log)."""
+    junit, log_path = OUT / "junit.xml", OUT / "pytest.log"
+    junit.unlink(missing_ok=True)
+    command = [python, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    command += pytest_args
+    print(f"test-latest: {' '.join(map(str, command[1:]))} (log: {log_path})", flush=True)
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its whole group (engines, run.py children) stops at the limit
+        ) as suite,
+    ):
+        watchdog = threading.Timer(limit_s, stop_group, (suite, log))
+        watchdog.start()
+        for line in suite.stdout:
+            log.write(line)
+            if not quiet:
+                print(line, end="", flush=True)
+        stopped = watchdog.finished.is_set()
+        watchdog.cancel()
+    return junit, stopped
+
+
+def stop_group(suite: subprocess.Popen, log) -> None:
+    log.write("\ntest-latest: time limit reached; the suite was stopped (SIGTERM)\n")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(suite.pid, signal.SIGTERM)
+
+
+def broken_tests(junit: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Counts (tests, failures, errors, skipped) and each broken test with its first line."""
+    if not junit.is_file():
+        return {}, []
+    root = ElementTree.parse(junit).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures")}
+    counts |= {key: sum(int(s.get(key, 0)) for s in suites) for key in ("errors", "skipped")}
+    broken = []
+    for case in root.iter("testcase"):
+        for outcome in (*case.findall("failure"), *case.findall("error")):
+            message = (outcome.get("message") or outcome.text or "").strip().splitlines()
+            name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+            broken.append((name, message[0][:200] if message else outcome.tag))
+    return counts, broken
+
+
+def report(
+    changes: list[tuple[str, str, str]],
+    latest: dict[str, str],
+    install_error: str,
+    counts: dict[str, int],
+    broken: list[tuple[str, str]],
+    ran: bool,
+    stopped: bool = False,
+) -> str:
+    lines = [f"# Upstream canary, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    lines += [f"Newest allowed versions vs the lock ({LOCK.relative_to(REPO)}):", ""]
+    if changes:
+        lines += ["| package | locked | newest |", "|---|---|---|"]
+        lines += [f"| {name} | {old} | {new} |" for name, old, new in changes]
+    else:
+        lines += ["(none: the lock holds the newest allowed versions)"]
+    key = ("torch", "transformers", "peft", "lightning", "bitsandbytes", "vllm", "lm-eval")
+    newest = ", ".join(f"{name} {latest[name]}" for name in key if name in latest)
+    lines += ["", f"Newest of the ones most likely to break: {newest}", ""]
+    if install_error:
+        lines += ["The newest versions do not install:", "```", install_error, "```"]
+    elif not ran:
+        lines += ["Suite not run: nothing changed against the lock, which `make test` tests."]
+    else:
+        total = counts.get("tests", 0)
+        lines += [
+            f"Default suite on them: {total} tests, {counts.get('failures', 0)} failed, "
+            f"{counts.get('errors', 0)} errors, {counts.get('skipped', 0)} skipped."
+        ]
+        if stopped:
+            lines += ["", "The suite hit its time limit and was stopped: the counts are partial."]
+        lines += ["", *(f"- BROKEN {name}: {why}" for name, why in broken)] if broken else []
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--extras", default="serve,slurm,optuna,joblib,gguf,dev")
+    parser.add_argument("--torch", default="torch==2.13.0", help="the torch pin (CPU build)")
+    parser.add_argument("--skip-if-unchanged", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="the suite's output to its log only")
+    parser.add_argument("--time-limit-s", type=float, default=1800, help="then the suite stops")
+    args, pytest_args = parser.parse_known_args()
+    pytest_args = [arg for arg in pytest_args if arg != "--"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    python, install_error = make_venv(args.extras, args.torch)
+    if not python.exists():
+        print("test-latest: could not make the scratch venv", file=sys.stderr)
+        return 1
+    latest = installed_versions(python)
+    (OUT / "freeze.json").write_text(json.dumps(latest, indent=1, sort_keys=True) + "\n")
+    locked = {}
+    for lock in (LOCK, *NO_DEPS_LOCKS):
+        locked |= locked_versions(lock)
+    changes = version_changes(locked, latest)
+    counts, broken, stopped = {}, [], False
+    ran = not install_error and (bool(changes) or not args.skip_if_unchanged)
+    if ran:
+        junit, stopped = run_suite(python, pytest_args, args.quiet, args.time_limit_s)
+        counts, broken = broken_tests(junit)
+    text = report(changes, latest, install_error, counts, broken, ran, stopped)
+    (OUT / "report.md").write_text(text)
+    print(f"\n{text}(written to {OUT / 'report.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
