@@ -66,7 +66,7 @@ test-slow: install
 # on them, and a report of what changed against the lock and which tests broke (exit 0 either
 # way: an upgrade is a decision; .cache/latest/report.md)
 test-latest:
-	$(PYTHON) scripts/test_latest.py --extras $(EXTRAS) --torch "$(TORCH_PIN)" $(ARGS)
+	$(PYTHON) scripts/upstream_canary.py --extras $(EXTRAS) --torch "$(TORCH_PIN)" $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,7 +2,7 @@
 venv, under the default test suite; then a report of what changed against the lock
 (requirements/lmstack.txt) and which tests broke, so an upgrade is a decision, not a surprise.
 
-    python scripts/test_latest.py --extras serve,dev --torch torch==2.13.0 [-- PYTEST ARGS]
+    python scripts/upstream_canary.py --extras serve,dev --torch torch==2.13.0 [-- PYTEST ARGS]
 
 The report is printed and written to .cache/latest/report.md (with the venv's `pip freeze` and
 pytest's junit XML beside it). Exit 0 whether tests broke or not: breaking is the finding; exit

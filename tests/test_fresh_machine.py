@@ -1,0 +1,155 @@
+"""What makes a fresh machine pass: the lock is what is installed, engines are filed by CPU
+kind, an engine killed by a signal is named, and the upstream canary reads its own results.
+
+All real: the installed distributions, real processes killed by real signals, a real pytest
+run for the canary's junit parsing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lmstack.serving.engine_llamacpp import LlamaCppEngine
+from lmstack.serving.processes import EngineError, start_process, wait_until_healthy
+from lmstack.util.cpu_kind import cpu_kind
+from lmstack.util.signals import how_it_ended
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import upstream_canary  # noqa: E402  (scripts/ is no package)
+
+LOCKS = [REPO / "requirements" / name for name in ("lmstack.txt", "smollm2.txt")]
+
+
+def locked() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for lock in LOCKS:
+        pins |= upstream_canary.locked_versions(lock)
+    return pins
+
+
+@pytest.mark.skipif(
+    os.environ.get("LMSTACK_LATEST_CANARY") == "1", reason="the canary installs newer versions"
+)
+def test_the_installed_versions_are_the_locked_ones():
+    """`make install` installs the lock exactly: a version that differs here came from
+    somewhere else (a hand install, an unpinned extra) and a fresh machine would not have it."""
+    differ = {
+        name: (version, importlib.metadata.version(name))
+        for name, version in locked().items()
+        if importlib.metadata.version(name) != version
+    }
+    assert not differ, f"installed versions differ from requirements/*.txt: {differ}"
+
+
+def test_every_dependency_of_the_installed_extras_is_locked():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = re.search(r"^EXTRAS := (\S+)", (REPO / "Makefile").read_text(), re.M)[1]
+    wanted = list(project["dependencies"])
+    for extra in extras.split(","):
+        wanted += project["optional-dependencies"][extra]
+    names = {upstream_canary.normalized(re.split(r"[\[<>=!~; ]", spec)[0]) for spec in wanted}
+    assert names and not names - set(locked()), names - set(locked())
+
+
+INTEL_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+AMD_AVX2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+def test_cpu_kind_names_vendor_and_widest_vector_instructions():
+    machine = os.uname().machine
+    assert cpu_kind(INTEL_AMX) == f"intel-{machine}-avx512-bf16-amx"
+    assert cpu_kind(AMD_AVX2) == f"amd-{machine}-avx2"
+    assert (
+        cpu_kind()
+        == subprocess.run(  # the Makefile's key is the same as lmstack's
+            [sys.executable, REPO / "src/lmstack/util/cpu_kind.py"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+
+
+def test_an_engine_built_for_another_cpu_kind_is_started_with_a_warning(tmp_path, capsys):
+    environment = tmp_path / "engines" / "llamacpp"
+    (environment / "bin").mkdir(parents=True)
+    (environment / "bin" / "llama-server").write_text("")
+    serving = type("Serving", (), {"python": ""})()
+    (environment / ".built").write_text(cpu_kind() + "\n")
+    LlamaCppEngine().executable(serving, str(tmp_path / "engines"))
+    assert "warning" not in capsys.readouterr().out
+    (environment / ".built").write_text("amd-x86_64-avx2\n")
+    LlamaCppEngine().executable(serving, str(tmp_path / "engines"))
+    assert f"built on a amd-x86_64-avx2 CPU, this one is {cpu_kind()}" in capsys.readouterr().out
+
+
+def test_an_engine_killed_by_sigill_is_named_with_its_cause(tmp_path):
+    dies = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"
+    log = tmp_path / "engine.log"
+    process = start_process([sys.executable, "-c", dies], log)
+    with pytest.raises(EngineError) as error:
+        wait_until_healthy(process, "http://127.0.0.1:9/health", 30, log)
+    assert "ended (killed by SIGILL, an illegal instruction" in str(error.value)
+    assert "rebuild it with `make engines`" in str(error.value)
+    assert how_it_ended(-signal.SIGKILL) == "killed by SIGKILL"
+    assert how_it_ended(3) == "exit 3"
+
+
+def test_llamacpp_startup_note_names_the_cpu_variant_it_loaded():
+    log = (
+        "load_backend: loaded RPC backend from /e/bin/libggml-rpc.so\n"
+        "load_backend: loaded CPU backend from /e/bin/libggml-cpu-sapphirerapids.so\n"
+    )
+    note = LlamaCppEngine().startup_note(log)
+    assert note == "llama.cpp runs its CPU kernels for sapphirerapids (picked at start-up)"
+    assert LlamaCppEngine().startup_note("main: server is listening\n") == ""
+
+
+def test_the_canary_reports_changed_versions_and_broken_tests(tmp_path):
+    suite = tmp_path / "test_sample.py"
+    suite.write_text(
+        textwrap.dedent(
+            """
+            def test_holds():
+                assert True
+
+            def test_breaks():
+                assert 1 == 2, "upstream moved"
+            """
+        )
+    )
+    junit = tmp_path / "junit.xml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            suite,
+            "-o",
+            "addopts=",
+            f"--junitxml={junit}",
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    counts, broken = upstream_canary.broken_tests(junit)
+    assert counts["tests"] == 2 and counts["failures"] == 1
+    ((name, why),) = broken
+    assert name.endswith("::test_breaks") and "upstream moved" in why
+    changes = upstream_canary.version_changes(
+        {"torch": "2.13.0", "peft": "0.21.2"}, {"torch": "2.13.0", "peft": "0.22.0", "new-dep": "1"}
+    )
+    assert changes == [("new-dep", "-", "1"), ("peft", "0.21.2", "0.22.0")]
+    text = upstream_canary.report(changes, {"peft": "0.22.0"}, "", counts, broken, ran=True)
+    assert "| peft | 0.21.2 | 0.22.0 |" in text and "1 failed" in text and "BROKEN" in text
