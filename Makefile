@@ -65,8 +65,8 @@ test-slow: install
 # the upstream canary: the newest versions pyproject allows in a scratch venv, the default suite
 # on them, and a report of what changed against the lock and which tests broke (exit 0 either
 # way: an upgrade is a decision; .cache/latest/report.md)
-test-latest:
-	$(PYTHON) scripts/upstream_canary.py --extras $(EXTRAS) --torch "$(TORCH_PIN)" $(ARGS)
+test-latest: $(UV)
+	$(PYTHON) scripts/upstream_canary.py --extras $(EXTRAS) --uv $(UV) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

