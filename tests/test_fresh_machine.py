@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -153,3 +154,34 @@ def test_the_canary_reports_changed_versions_and_broken_tests(tmp_path):
     assert changes == [("new-dep", "-", "1"), ("peft", "0.21.2", "0.22.0")]
     text = upstream_canary.report(changes, {"peft": "0.22.0"}, "", counts, broken, ran=True)
     assert "| peft | 0.21.2 | 0.22.0 |" in text and "1 failed" in text and "BROKEN" in text
+
+
+def wait_dead_unreaped(pid: int, timeout_s: float = 30) -> None:
+    """Until the child has exited, leaving it for its parent to reap (WNOWAIT): psutil's wait
+    would reap it and hide its signal from lmstack."""
+    deadline = time.monotonic() + timeout_s
+    flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+    while os.waitid(os.P_PID, pid, flags) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_an_engine_that_dies_while_serving_is_named_with_its_cause(tiny_base, tmp_path, capsys):
+    """A kernel the CPU cannot run may first be reached by a request, after the engine was
+    healthy: the requests fail, and lmstack says how the engine ended (a SIGKILL here: the
+    Python engine's own handlers catch SIGILL, llama-server's native code does not)."""
+    import psutil
+    from hydra import compose, initialize_config_dir
+
+    from lmstack.config.store import register_configs
+    from lmstack.launch import validate
+    from lmstack.serving.engines import serve
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        config = validate(compose("config", [f"serving.model={tiny_base}", "logger=none"]))
+    with serve(config, str(tiny_base.parent), tmp_path, gateway=False):
+        (engine,) = psutil.Process().children()
+        engine.send_signal(signal.SIGKILL)
+        wait_dead_unreaped(engine.pid)
+    out = capsys.readouterr().out
+    assert "lmstack: the hf engine ended while serving (killed by SIGKILL); its log: " in out

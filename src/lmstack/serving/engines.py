@@ -47,7 +47,7 @@ from lmstack.serving.processes import (
     wait_until_healthy,
 )
 from lmstack.util import openai_api
-from lmstack.util.signals import resent_from_finalizer
+from lmstack.util.signals import how_it_ended, resent_from_finalizer
 
 # the engines lmstack starts, by serving.name (serving=external starts none)
 ENGINES: dict[str, Engine] = {
@@ -146,6 +146,12 @@ def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
                 f"{base_url}/v1", launch.model_name, "EMPTY", serving.name, target.served
             )
         finally:
+            if process.poll() is not None:  # it died under the requests: say how, not just them
+                print(
+                    f"lmstack: the {serving.name} engine ended while serving "
+                    f"({how_it_ended(process.returncode)}); its log: {log_path}",
+                    flush=True,
+                )
             stop_process(process)
 
 
