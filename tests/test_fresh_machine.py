@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.serving.engine_llamacpp import LlamaCppEngine
+from lmstack.serving.engine_llamacpp import LlamaCppEngine, loaded_cpu_variant
 from lmstack.serving.processes import EngineError, start_process, wait_until_healthy
 from lmstack.util.cpu_kind import cpu_kind
 from lmstack.util.signals import how_it_ended
@@ -104,14 +104,16 @@ def test_an_engine_killed_by_sigill_is_named_with_its_cause(tmp_path):
     assert how_it_ended(3) == "exit 3"
 
 
-def test_llamacpp_startup_note_names_the_cpu_variant_it_loaded():
+def test_llamacpp_cpu_variant_is_read_from_its_backend_line():
     log = (
         "load_backend: loaded RPC backend from /e/bin/libggml-rpc.so\n"
-        "load_backend: loaded CPU backend from /e/bin/libggml-cpu-sapphirerapids.so\n"
+        "load_backend: loaded CPU backend from /e/bin/libggml-cpu-zen4.so\n"
     )
-    note = LlamaCppEngine().startup_note(log)
-    assert note == "llama.cpp runs its CPU kernels for sapphirerapids (picked at start-up)"
-    assert LlamaCppEngine().startup_note("main: server is listening\n") == ""
+    assert loaded_cpu_variant(log) == "zen4"
+    assert loaded_cpu_variant("load_backend: loaded CPU backend from /b/libggml-cpu.so") == (
+        "this CPU"
+    )
+    assert loaded_cpu_variant("main: server is listening\n") == "unknown"
 
 
 def test_the_canary_reports_changed_versions_and_broken_tests(tmp_path):

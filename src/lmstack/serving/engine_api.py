@@ -109,8 +109,8 @@ class Engine:
         """Without an environment of its own: lmstack's own Python."""
         return sys.executable
 
-    def startup_note(self, log_text: str) -> str:
-        """What the engine chose at start-up that a user should see (from its log), or ''."""
+    def startup_note(self, executable: str) -> str:
+        """What the engine will choose for this machine that a user should see, or ''."""
         return ""
 
     def target(self, config: Any, cache_dir: str) -> Target:

@@ -8,12 +8,14 @@ gguf/ from export.gguf is used as it is); a .gguf file is served as it is.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lmstack.errors import ConfigError
 from lmstack.models.gguf import export_gguf
 from lmstack.serving.engine_api import Engine, Launch, Target, servable_model
+from lmstack.util.signals import how_it_ended
 
 # serving.quantization -> the GGUF's type
 GGUF_TYPE = {
@@ -27,6 +29,15 @@ GGUF_TYPE = {
 ALL = tuple(GGUF_TYPE)
 
 
+def loaded_cpu_variant(log_text: str) -> str:
+    """'zen4' from "load_backend: loaded CPU backend from .../libggml-cpu-zen4.so"; 'this
+    CPU' for a build with one native backend (libggml-cpu.so), 'unknown' without the line."""
+    loaded = re.findall(r"loaded CPU backend from \S*libggml-cpu-?([\w.]*)\.so", log_text)
+    if not loaded:
+        return "unknown"
+    return loaded[-1] or "this CPU"
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
     quantizations: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ALL, "cuda": ALL}
@@ -34,13 +45,18 @@ class LlamaCppEngine(Engine):
     program = "bin/llama-server"
     built_stamp = ".built"
 
-    def startup_note(self, log_text: str) -> str:
-        """`make engines` builds one CPU backend per x86 level; the server loads the best one
-        this CPU runs ("load_backend: loaded CPU backend from .../libggml-cpu-icelake.so")."""
-        loaded = re.findall(r"loaded CPU backend from \S*libggml-cpu-?([\w.]*)\.so", log_text)
-        if not loaded:
-            return ""
-        return f"llama.cpp runs its CPU kernels for {loaded[-1] or 'this CPU'} (picked at start-up)"
+    def startup_note(self, executable: str) -> str:
+        """`make engines` builds one CPU backend per x86 level; llama-server loads the best one
+        this CPU runs, and says which only in its verbose log: asked of the binary itself
+        (`-v --list-devices`, 0.1 s), which also shows a build that cannot run here."""
+        probe = subprocess.run(
+            [executable, "-v", "--list-devices"], capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode != 0:
+            ended = how_it_ended(probe.returncode)
+            return f"its CPU probe `{executable} --list-devices` ended ({ended})"
+        variant = loaded_cpu_variant(probe.stdout + probe.stderr)
+        return f"llama.cpp runs its CPU kernels for {variant} (the best it has for this CPU)"
 
     def fallback_executable(self, engines_dir: str) -> str:
         raise ConfigError(

@@ -129,6 +129,9 @@ def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
         device = engine.device(executable)
         launch = engine.launch(serving, target, executable, device, port, scratch)
         env = {"TMPDIR": str(scratch), **engine_offline_env(target.path), **serving.env}
+        note = engine.startup_note(executable)
+        if note:
+            print(f"lmstack: {serving.name}: {note}", flush=True)
         process = start_process(launch.command, log_path, env)
         base_url = f"http://{serving.host}:{port}"
         try:
@@ -139,9 +142,6 @@ def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
             wait_until_healthy(
                 process, f"{base_url}{engine.health_path}", serving.startup_timeout_s, log_path
             )
-            note = engine.startup_note(log_path.read_text(errors="replace"))
-            if note:
-                print(f"lmstack: {serving.name}: {note}", flush=True)
             yield Endpoint(
                 f"{base_url}/v1", launch.model_name, "EMPTY", serving.name, target.served
             )
