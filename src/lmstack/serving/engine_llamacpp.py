@@ -49,9 +49,12 @@ class LlamaCppEngine(Engine):
         """`make engines` builds one CPU backend per x86 level; llama-server loads the best one
         this CPU runs, and says which only in its verbose log: asked of the binary itself
         (`-v --list-devices`, 0.1 s), which also shows a build that cannot run here."""
-        probe = subprocess.run(
-            [executable, "-v", "--list-devices"], capture_output=True, text=True, timeout=60
-        )
+        try:
+            probe = subprocess.run(
+                [executable, "-v", "--list-devices"], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            return f"its CPU probe `{executable} --list-devices` did not answer in 60 s"
         if probe.returncode != 0:
             ended = how_it_ended(probe.returncode)
             return f"its CPU probe `{executable} --list-devices` ended ({ended})"
