@@ -81,10 +81,13 @@ def test_bench_through_gateway_leaves_traces_that_agree_with_the_report(first_be
     assert report["report/requests"] == bench["bench/completed"]
     assert report["report/prompt_tokens"] == bench["bench/prompt_tokens"]
     assert report["report/completion_tokens"] == bench["bench/output_tokens"]
-    # the gateway's clock starts a little after the client's and stops a little before
+    # the gateway's clock starts a little after the client's and stops a little before: within
+    # 15%, or 25 ms of the client's own overhead where answers are fast (a 90 ms answer on an
+    # AVX-512 Xeon measured 78 ms at the gateway)
     for q in (50, 99):
         gateway_ms, client_ms = report[f"report/latency_ms_p{q}"], bench[f"bench/e2el_ms_p{q}"]
-        assert gateway_ms <= client_ms + 1 and gateway_ms == pytest.approx(client_ms, rel=0.15)
+        assert gateway_ms <= client_ms + 1
+        assert gateway_ms == pytest.approx(client_ms, rel=0.15, abs=25)
         ttft_gateway, ttft_client = report[f"report/ttft_ms_p{q}"], bench[f"bench/ttft_ms_p{q}"]
         assert ttft_gateway == pytest.approx(ttft_client, rel=0.25, abs=15)
     # the bench prices itself from the same traces the report reads
