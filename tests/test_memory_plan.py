@@ -106,9 +106,11 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tmp_path, tiny_base):
         "trainer.gradient_checkpointing=true",
         "trainer.device_memory_gb",
     )
-    # CPU seconds: wall time on this shared 2-core machine measures the neighbours too
+    # CPU seconds: wall time on this shared 2-core machine measures the neighbours too. The
+    # imports before the plan (torch, Lightning, transformers, peft, bitsandbytes) took 3-5 s
+    # of it, 5.1 s in one CI run on the AVX-512 Xeon; "no model loaded" above is the real guard
     print(f"refused in {time.monotonic() - started:.1f} s wall, {cpu_s:.1f} s CPU")
-    assert cpu_s < 5
+    assert cpu_s < 10
 
 
 def plan_for(tokens=1000, shape=None, objective=None, device_bytes=None, **trainer: object):
