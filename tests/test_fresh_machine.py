@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import upstream_canary  # noqa: E402  (scripts/ is no package)
 
-LOCKS = [REPO / "requirements" / name for name in ("lmstack.txt", "smollm2.txt")]
-
-
-def locked() -> dict[str, str]:
-    pins: dict[str, str] = {}
-    for lock in LOCKS:
-        pins |= upstream_canary.locked_versions(lock)
-    return pins
-
 
 @pytest.mark.skipif(
     os.environ.get("LMSTACK_LATEST_CANARY") == "1", reason="the canary installs newer versions"
@@ -47,7 +38,7 @@ def test_the_installed_versions_are_the_locked_ones():
     somewhere else (a hand install, an unpinned extra) and a fresh machine would not have it."""
     differ = {
         name: (version, importlib.metadata.version(name))
-        for name, version in locked().items()
+        for name, version in upstream_canary.all_locked_versions().items()
         if importlib.metadata.version(name) != version
     }
     assert not differ, f"installed versions differ from requirements/*.txt: {differ}"
@@ -60,7 +51,9 @@ def test_every_dependency_of_the_installed_extras_is_locked():
     for extra in extras.split(","):
         wanted += project["optional-dependencies"][extra]
     names = {upstream_canary.normalized(re.split(r"[\[<>=!~; ]", spec)[0]) for spec in wanted}
-    assert names and not names - set(locked()), names - set(locked())
+    assert names and not names - set(upstream_canary.all_locked_versions()), names - set(
+        upstream_canary.all_locked_versions()
+    )
 
 
 INTEL_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"

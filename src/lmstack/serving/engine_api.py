@@ -97,10 +97,11 @@ class Engine:
         mid-request: say so before starting it."""
         stamp = environment / self.built_stamp
         built_on = stamp.read_text().strip() if stamp.is_file() else ""
-        if built_on and built_on != cpu_kind():
+        here = cpu_kind()
+        if built_on and built_on != here:
             print(
                 f"lmstack: warning: serving={self.name}'s environment {environment.resolve()} "
-                f"was built on a {built_on} CPU, this one is {cpu_kind()}; run `make engines` "
+                f"was built on a {built_on} CPU, this one is {here}; run `make engines` "
                 "to build it for this CPU",
                 flush=True,
             )
