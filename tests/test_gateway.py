@@ -263,7 +263,8 @@ def test_gateway_verifies_and_relays_an_https_upstream(https_engine, engine, tmp
     direct = streamed(engine)[:2]  # text and finish reason
     direct_tokens = chat(engine, stream=False).usage.completion_tokens
     with gateway(upstream, make_config("logger=none"), tmp_path / "untrusted") as proxied:
-        answer = httpx.post(f"{proxied.base_url}/chat/completions", json={"model": engine.model})
+        body = {"model": engine.model, "messages": [{"role": "user", "content": QUESTION}]}
+        answer = httpx.post(f"{proxied.base_url}/chat/completions", json=body)
     assert answer.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in answer.text
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the gateway now trusts that certificate
     with gateway(upstream, make_config("logger=none"), tmp_path) as proxied:

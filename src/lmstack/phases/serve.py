@@ -18,16 +18,20 @@ from typing import Any
 from lmstack.phases.context import RunContext
 from lmstack.tracking.run_dir import write_json
 
+ENGINE_CHECK_S = 1.0  # how often the engine process is looked at (serving.on_engine_exit)
+
 
 def run(ctx: RunContext) -> dict[str, Any]:
     from lmstack.serving.engines import serve
 
     with serve(ctx.config, ctx.cache_dir, ctx.run_dir) as endpoint:
-        write_json(ctx.run_dir / "endpoint.json", endpoint.__dict__)
+        write_json(ctx.run_dir / "endpoint.json", endpoint.public())
         print(usage(endpoint), flush=True)
         try:
             while True:
-                time.sleep(3600)
+                time.sleep(ENGINE_CHECK_S)
+                if endpoint.watch is not None:  # an engine lmstack started (not external)
+                    endpoint.watch.check()
         except KeyboardInterrupt:
             # the task wrapper records the run as interrupted, naming the signal
             print("lmstack: stopping the server", flush=True)

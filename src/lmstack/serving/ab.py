@@ -116,24 +116,42 @@ def parse_feedback(raw: bytes) -> dict[str, Any]:
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise FeedbackError(400, "request_id: missing (the x-lmstack-request-id of the answer)")
+    check_storable("request_id", request_id)
     thumbs, score = body.get("thumbs"), body.get("score")
     if thumbs is not None and thumbs not in ("up", "down"):
         raise FeedbackError(400, f"thumbs: {thumbs!r} is not 'up' or 'down'")
-    if score is not None and (
-        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
-    ):
-        raise FeedbackError(400, f"score: {score!r} is not a finite number")
+    if score is not None and not is_finite_number(score):
+        raise FeedbackError(400, f"score: {score!r:.100} is not a finite number")
     if thumbs is None and score is None:
         raise FeedbackError(400, "thumbs or score: give one ('up'/'down', or a number)")
     comment = body.get("comment", "")
     if not isinstance(comment, str):
         raise FeedbackError(400, "comment: must be text")
+    check_storable("comment", comment)
     return {
         "request_id": request_id,
         "thumbs": None if thumbs is None else int(thumbs == "up"),
         "score": float(score) if score is not None else float(thumbs == "up"),
         "comment": comment[:2000],
     }
+
+
+def is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # JSON allows integers too large for a float
+        return False
+
+
+def check_storable(name: str, text: str) -> None:
+    """JSON's \\uXXXX escapes can make a lone surrogate, which no UTF-8 store takes: refused
+    here, or the feedback would be answered as recorded and then dropped by the store."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise FeedbackError(400, f"{name}: not valid Unicode (a lone surrogate escape)") from None
 
 
 # ---------------------------------------------------------------- analysis (phase=report)

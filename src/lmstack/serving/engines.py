@@ -19,6 +19,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,6 +81,55 @@ class Endpoint:
     engine: str = "hf"
     # what is served: path, run_id, artifact_hash, quantization
     served: dict[str, Any] = field(default_factory=dict)
+    # the engine process lmstack started, watched while serving (None: an external URL)
+    watch: EngineWatch | None = field(default=None, repr=False, compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """What a client needs, as endpoint.json keeps it."""
+        return {k: v for k, v in self.__dict__.items() if k != "watch"}
+
+
+RESTART_BACKOFF_S = (1, 2, 4, 8, 16, 30)  # seconds before each restart, the last repeated
+
+
+@dataclass
+class EngineWatch:
+    """An engine process while phase=serve serves it: `check()` notices that it ended and
+    does what serving.on_engine_exit says: `fail` (the run fails, with the engine's last
+    log lines) or `restart` (on the same port, after a backoff, at most max_restarts
+    times; the gateway in front reconnects by itself)."""
+
+    name: str
+    start: Any  # () -> subprocess.Popen: the engine, started again the same way
+    process: Any
+    health_url: str
+    log_path: Path
+    startup_timeout_s: float
+    on_exit: str = "fail"
+    max_restarts: int = 5
+    restarts: int = 0
+
+    def check(self) -> None:
+        if self.process.poll() is None:
+            return
+        how = how_it_ended(self.process.returncode)
+        if self.on_exit == "fail" or self.restarts >= self.max_restarts:
+            after = f" after {self.restarts} restarts" if self.restarts else ""
+            raise EngineError(
+                f"serving: the {self.name} engine ended while serving ({how}){after}; "
+                f"its last log lines ({self.log_path}):\n{log_tail(self.log_path)}"
+            )
+        wait_s = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restarts += 1
+        print(
+            f"lmstack: the {self.name} engine ended while serving ({how}); restart "
+            f"{self.restarts} of {self.max_restarts} in {wait_s}s (serving.on_engine_exit=restart)",
+            flush=True,
+        )
+        time.sleep(wait_s)
+        self.process = self.start()
+        wait_until_healthy(self.process, self.health_url, self.startup_timeout_s, self.log_path)
+        print(f"lmstack: the {self.name} engine is serving again", flush=True)
 
 
 @contextlib.contextmanager
@@ -132,20 +182,28 @@ def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
         note = engine.startup_note(executable)
         if note:
             print(f"lmstack: {serving.name}: {note}", flush=True)
-        process = start_process(launch.command, log_path, env)
         base_url = f"http://{serving.host}:{port}"
+        watch = EngineWatch(
+            name=serving.name,
+            start=lambda: start_process(launch.command, log_path, env),
+            process=start_process(launch.command, log_path, env),
+            health_url=f"{base_url}{engine.health_path}",
+            log_path=log_path,
+            startup_timeout_s=serving.startup_timeout_s,
+            on_exit=serving.on_engine_exit,
+            max_restarts=serving.max_engine_restarts,
+        )
         try:
             print(
                 f"lmstack: starting {serving.name} engine on {base_url} (log: {log_path})",
                 flush=True,
             )
-            wait_until_healthy(
-                process, f"{base_url}{engine.health_path}", serving.startup_timeout_s, log_path
-            )
+            wait_until_healthy(watch.process, watch.health_url, serving.startup_timeout_s, log_path)
             yield Endpoint(
-                f"{base_url}/v1", launch.model_name, "EMPTY", serving.name, target.served
+                f"{base_url}/v1", launch.model_name, "EMPTY", serving.name, target.served, watch
             )
         finally:
+            process = watch.process
             if process.poll() is not None:  # it died under the requests: say how, not just them
                 print(
                     f"lmstack: the {serving.name} engine ended while serving "

@@ -43,6 +43,10 @@ class Exchange:
     error: str = ""
     variant: str = ""  # the A/B variant chosen (serving.ab), and what it serves
     served: dict[str, Any] | None = None
+    upstream_retries: int = 0  # sent again on a fresh connection (the pooled one was closed)
+    # the traced prompt and its hash when made already (a large body's, capped, off the loop)
+    prompt: str | None = None
+    prompt_hash: str | None = None
 
     def take_chunk(self, chunk: dict[str, Any], now: float) -> None:
         """Fold one streamed event (a parsed `data:` payload) into the exchange."""
@@ -100,7 +104,7 @@ class Exchange:
         latency_ms = (now - self.started_perf) * 1000
         first = self.first_token_perf
         usage = self.usage or {}
-        prompt = prompt_of(self.body)
+        prompt = prompt_of(self.body) if self.prompt is None else self.prompt
         return TraceRecord(
             request_id=self.request_id,
             time=self.started,
@@ -122,10 +126,11 @@ class Exchange:
             usage_source="upstream" if self.usage else "counted",
             finish_reason=self.finish_reason,
             prompt=prompt,
-            prompt_hash=hashlib.sha256(prompt.encode()).hexdigest()[:16],
+            prompt_hash=self.prompt_hash or hash_of_prompt(prompt),
             response="".join(self.text),
             params=json.dumps({k: v for k, v in self.body.items() if k not in PROMPT_FIELDS}),
             variant=self.variant,
+            upstream_retries=self.upstream_retries,
         )
 
     def _counted_tokens(self) -> int | None:
@@ -134,6 +139,10 @@ class Exchange:
 
 
 PROMPT_FIELDS = ("messages", "prompt")
+
+
+def hash_of_prompt(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
 def prompt_of(body: dict[str, Any]) -> str:

@@ -37,10 +37,12 @@ import threading
 import time
 from typing import Any
 
+from lmstack.config.groups.gateway import GatewayLimits
 from lmstack.serving import ab
 from lmstack.serving.exchange import Exchange
 from lmstack.serving.gateway_process import UPSTREAM_KEY_ENV
 from lmstack.serving.openai_compat import ServedModel
+from lmstack.serving.preparing import Preparer
 from lmstack.serving.relay import ClientConnection, Incoming, error_payload
 from lmstack.serving.traces import FeedbackRecord, TraceStore, otlp_exporter, stored_request
 from lmstack.serving.upstream import Upstream
@@ -62,9 +64,13 @@ class Gateway:
         served: dict,
         router: Any = None,
         model: ServedModel | None = None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.upstream, self.store, self.engine, self.served = upstream, store, engine, served
         self.model = model or ServedModel(engine=engine)
+        self.limits = limits or GatewayLimits()
+        self.max_body_bytes = self.limits.body_limit(self.model.context_length())
+        self.preparer = Preparer(self.model)
         # clients use a name the engine does not answer to (transformers serve: its path)
         self.renames = self.model.name != self.model.upstream_name and bool(self.model.name)
         self.clients: set[ClientConnection] = set()
@@ -73,8 +79,8 @@ class Gateway:
         self.router = router
         self.upstreams: dict[str, Upstream] = {}
         if router is not None:
-            key = upstream.api_key
-            self.upstreams = {v.name: Upstream(v.upstream, key) for v in router.variants}
+            key, idle_s = upstream.api_key, upstream.idle_s
+            self.upstreams = {v.name: Upstream(v.upstream, key, idle_s) for v in router.variants}
         self.request_ids: dict[str, None] = {}  # recent ids, for feedback (insertion-ordered)
 
     def route(self, incoming: Incoming, exchange: Exchange) -> Any:
@@ -108,6 +114,15 @@ class Gateway:
         self.tasks.add(task)  # held, so the loop does not drop it half way
         task.add_done_callback(self.tasks.discard)
 
+    async def drop_idle_upstream_connections(self) -> None:
+        """Close pooled engine connections idle longer than limits.upstream_idle_s, before
+        the engine's own keep-alive timeout closes them from its side."""
+        pools = [self.upstream, *self.upstreams.values()]
+        while True:
+            await asyncio.sleep(max(self.limits.upstream_idle_s / 2, 0.1))
+            for pool in pools:
+                pool.drop_idle(time.monotonic() - pool.idle_s)
+
     def busy(self) -> bool:
         return any(client.relay is not None for client in self.clients)
 
@@ -119,7 +134,16 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("gateway on http://%s:%d/v1 -> %s", host, port, self.upstream.base_url)
+        log.info(
+            "limits: body %d bytes, headers %d bytes / %d, %d connections",
+            self.max_body_bytes,
+            self.limits.max_header_bytes,
+            self.limits.max_headers,
+            self.limits.max_connections,
+        )
+        sweeper = asyncio.ensure_future(self.drop_idle_upstream_connections())
         await stop.wait()
+        sweeper.cancel()
         server.close()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while self.busy() and time.monotonic() < deadline:
@@ -127,6 +151,7 @@ class Gateway:
         for client in list(self.clients):
             client.transport.close()
         self.upstream.close()
+        self.preparer.close()
         for upstream in self.upstreams.values():
             upstream.close()
         await asyncio.sleep(0)  # let connection_lost callbacks record what they cut off
@@ -151,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="", help="A/B: JSON [{name, weight, upstream, ...}]")
     parser.add_argument("--user-header", default=ab.USER_HEADER, help="A/B: sticky user id")
     parser.add_argument("--ab-seed", type=int, default=0)
+    parser.add_argument("--limits", default="{}", help="JSON: serving.limits (GatewayLimits)")
     return parser.parse_args(argv)
 
 
@@ -159,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     exporter = otlp_exporter(args.otlp_endpoint) if args.otlp_endpoint else None
     store = TraceStore(args.trace_db, args.redaction, args.retry_s, span_exporter=exporter)
-    upstream = Upstream(args.upstream, os.environ.get(UPSTREAM_KEY_ENV, ""))
+    limits = GatewayLimits(**json.loads(args.limits))
+    raise_open_files_limit()
+    key = os.environ.get(UPSTREAM_KEY_ENV, "")
+    upstream = Upstream(args.upstream, key, limits.upstream_idle_s)
     router = None
     if args.variants:
         variants = ab.variants_from_json(json.loads(args.variants))
@@ -175,11 +204,21 @@ def main(argv: list[str] | None = None) -> None:
         # token ids are decoded, long prompts counted, with the model's tokenizer: loaded in
         # the background, so the gateway is up at once
         threading.Thread(target=model.tokenizer, daemon=True).start()
-    app = Gateway(upstream, store, args.engine, served, router, model)
+    app = Gateway(upstream, store, args.engine, served, router, model, limits)
     try:
         event_loop_runner()(app.serve(args.host, args.port))
     finally:
         store.close()
+
+
+def raise_open_files_limit() -> None:
+    """Each client holds two descriptors (its own and the engine's): the soft limit (often
+    1024) is raised to the hard one, so max_connections, not EMFILE, is what refuses."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def event_loop_runner() -> Any:

@@ -7,6 +7,7 @@ so that it never competes with a benchmark client, or the caller's Python, for t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -62,6 +63,10 @@ def gateway(
         command += [f"--redaction={trace.redaction}", f"--retry-s={trace.retry_s}"]
         if trace.otlp_endpoint:
             command.append(f"--otlp-endpoint={trace.otlp_endpoint}")
+    limits = getattr(getattr(config, "serving", None), "limits", None)
+    if limits is not None:
+        fields = dataclasses.asdict(limits) if dataclasses.is_dataclass(limits) else dict(limits)
+        command.append(f"--limits={json.dumps(fields)}")
     if variants:
         ab_cfg = config.serving.ab
         command += [f"--variants={json.dumps(variants, default=str)}"]

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmstack.serving.request_schema import schema_problem
+
 
 @dataclass(frozen=True)
 class EngineSupport:
@@ -107,6 +109,7 @@ class _Tokenizer:
 
     def __init__(self, fast: Any = None, slow: Any = None) -> None:
         self.fast, self.slow = fast, slow
+        self._longest: int | None = None
 
     def __len__(self) -> int:
         return self.fast.get_vocab_size(with_added_tokens=True) if self.fast else len(self.slow)
@@ -117,9 +120,17 @@ class _Tokenizer:
         return self.slow.decode(ids, skip_special_tokens=False)
 
     def count(self, text: str) -> int:
-        if self.fast:
-            return len(self.fast.encode(text).ids)
+        if self.fast:  # encode_batch releases the GIL (encode holds it: seconds for MBs)
+            return len(self.fast.encode_batch([text])[0].ids)
         return len(self.slow(text)["input_ids"])
+
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a text of b bytes is at least
+        b / this many tokens, which refuses a huge prompt without tokenizing it."""
+        if self._longest is None:
+            decode = self.decode
+            self._longest = max(len(decode([i]).encode()) for i in range(len(self))) or 1
+        return self._longest
 
 
 def _load_tokenizer(path: str) -> _Tokenizer:
@@ -164,6 +175,8 @@ class Plan:
 
 def normalise(body: dict[str, Any], endpoint: str, served: ServedModel) -> Plan:
     """The request as the engine takes it (or RequestRejected, a 400 for the client)."""
+    if problem := schema_problem(body, endpoint):  # first: later steps trust the types
+        raise RequestRejected(*problem)
     support = served.support
     body = dict(body)
     if served.upstream_name and body.get("model") in (served.name, None):
@@ -312,7 +325,7 @@ def check_context_length(
         )
     if size + overhead + (max_tokens or 0) <= context:
         return
-    for prompt_tokens in _token_counts(texts, messages, served):
+    for prompt_tokens in _token_counts(texts, messages, served, context):
         if prompt_tokens + (max_tokens or 0) > context:
             raise RequestRejected(
                 "messages" if messages is not None else "prompt",
@@ -329,13 +342,23 @@ TEMPLATE_TOKENS_PER_MESSAGE = 3
 TEMPLATE_TOKENS = 2
 
 
-def _token_counts(texts: list[str], messages: Any, served: ServedModel) -> list[int]:
+def _token_counts(texts: list[str], messages: Any, served: ServedModel, context: int) -> list[int]:
+    """Each prompt's tokens; or, for a text far over the context, the fewest tokens it can
+    be (its bytes over the longest token's), without the seconds of tokenizing megabytes."""
     tokenizer = served.tokenizer()
     if isinstance(messages, list):
         contents = [m.get("content") for m in messages if isinstance(m, dict)]
-        tokens = sum(tokenizer.count(c if isinstance(c, str) else json.dumps(c)) for c in contents)
-        return [tokens + TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + TEMPLATE_TOKENS]
-    return [tokenizer.count(text) for text in texts]
+        texts = [c if isinstance(c, str) else json.dumps(c) for c in contents]
+        extra = TEMPLATE_TOKENS_PER_MESSAGE * len(messages) + TEMPLATE_TOKENS
+        return [_tokens_at_least(texts, tokenizer, context) + extra]
+    return [_tokens_at_least([text], tokenizer, context) for text in texts]
+
+
+def _tokens_at_least(texts: list[str], tokenizer: Any, context: int) -> int:
+    fewest = sum(len(t.encode()) for t in texts) // tokenizer.longest_token_bytes()
+    if fewest > context:
+        return fewest
+    return sum(tokenizer.count(t) for t in texts)
 
 
 # ---------------------------------------------------------------- the adapted answer

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lmstack.config.groups.gateway import GatewayLimits
 from lmstack.prompts import PROMPT_VERSION_HEADER
 from lmstack.serving.ab import REQUEST_ID_HEADER, VARIANT_HEADER
 from lmstack.serving.exchange import REQUEST_TAG_HEADER, Exchange
@@ -42,17 +43,18 @@ from lmstack.serving.openai_compat import (
     chunk_text,
     combine,
     models_listing,
-    normalise,
     sse_event,
     stream_object,
     summed_usage,
 )
+from lmstack.serving.preparing import OFFLOAD_BYTES, Busy, Prepared, Preparer, prepare
 from lmstack.serving.sse import EventSplitter, parse_event
 from lmstack.serving.upstream import DROP_RESPONSE_HEADERS, Upstream, UpstreamConnection
 
 log = logging.getLogger("lmstack.gateway")
 
 ENDPOINTS = {"/chat/completions": "chat", "/completions": "completions"}
+FRAMING_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 class GatewayState(Protocol):
@@ -62,6 +64,9 @@ class GatewayState(Protocol):
     upstreams: dict[str, Upstream]  # an A/B test's variants by name; empty without one
     router: Any  # serving/ab.py's Router, or None
     model: ServedModel
+    limits: GatewayLimits
+    preparer: Preparer  # large bodies are prepared in its worker process
+    max_body_bytes: int  # limits.max_body_bytes, or derived from the model's context length
     renames: bool  # clients use a name the engine does not answer to
     clients: set[ClientConnection]
 
@@ -74,14 +79,6 @@ class GatewayState(Protocol):
     def record(self, exchange: Exchange) -> None: ...
 
     def track(self, task: asyncio.Future) -> None: ...
-
-
-def wants_usage(body: dict[str, Any]) -> bool:
-    return bool((body.get("stream_options") or {}).get("include_usage"))
-
-
-def with_usage_requested(body: dict[str, Any]) -> dict[str, Any]:
-    return {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
 
 
 def is_usage_only(chunk: dict[str, Any]) -> bool:
@@ -104,10 +101,12 @@ def response_head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: b
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def json_answer(status: int, payload: Any, keep_alive: bool) -> bytes:
+def json_answer(
+    status: int, payload: Any, keep_alive: bool, extra: list[tuple[bytes, bytes]] = ()
+) -> bytes:
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    return response_head(status, headers, keep_alive) + body
+    return response_head(status, [*headers, *extra], keep_alive) + body
 
 
 def error_payload(message: str, kind: str) -> dict[str, Any]:
@@ -165,6 +164,9 @@ class Relay:
         self.connection: UpstreamConnection | None = None
         self.request = b""
         self.reused = self.retried = self.head_sent = self.chunked = self.done = False
+        self.answer_started = False  # a byte of the engine's answer has arrived
+        self.held_head: tuple[int, list[tuple[bytes, bytes]]] | None = None
+        self.last_piece = b""  # a stream's [DONE], held until the trace is stored
         self.framed = True  # upstream marks the body's end (length or chunks), not by closing
         self.whole = True  # trace the body as one JSON answer, not as a stream of events
         self.pieces: list[tuple[float, bytes]] = []
@@ -185,61 +187,63 @@ class Relay:
         else:
             body = b"".join(self.incoming.body)
             if self.incoming.method == b"POST" and route[3:] in ENDPOINTS:
-                body = self.begin_exchange(route[3:], body)
-                if body is None:  # answered by the gateway (a 400, or an adapted request)
-                    return
-            method, headers = self.incoming.method, self.incoming.headers
-            self.request = self.upstream.request_bytes(method, headers, path[3:], body)
-            self.gateway.track(asyncio.ensure_future(self.send()))
+                self.begin_exchange(route[3:], body)
+            else:
+                self.forward(body)
 
-    def begin_exchange(self, route: str, raw: bytes) -> bytes | None:
-        """Start the trace of a completion request; the body to send upstream, or None when
-        the gateway answers it itself (see `normalised`)."""
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            body = {}
-        body = body if isinstance(body, dict) else {}
+    def forward(self, body: bytes) -> None:
+        """Send the request, with this body, to the engine."""
+        method, headers = self.incoming.method, self.incoming.headers
+        self.request = self.upstream.request_bytes(method, headers, self.incoming.url[3:], body)
+        self.gateway.track(asyncio.ensure_future(self.send()))
+
+    def begin_exchange(self, route: str, raw: bytes) -> None:
+        """Start the trace of a completion request and prepare it for the engine
+        (serving/preparing.py): here, or in the worker process when the body is large."""
         self.exchange = Exchange(
             request_id=self.incoming.header(b"x-request-id") or uuid.uuid4().hex,
             started=time.time(),
             started_perf=time.perf_counter(),
             endpoint=ENDPOINTS[route],
-            body=body,
+            body={},
             prompt_version=self.incoming.header(PROMPT_VERSION_HEADER.lower().encode()),
             tag=self.incoming.header(REQUEST_TAG_HEADER.lower().encode()),
-            stream=bool(body.get("stream")),
+            stream=False,
         )
+        model = None
         if self.gateway.router is not None:  # an A/B test: the variant's engine and model name
             variant = self.gateway.route(self.incoming, self.exchange)
             self.upstream = self.gateway.upstreams[variant.name]
-            body = {**body, "model": variant.model}
-            raw = json.dumps(body).encode()
-        plan = self.normalised(route, body)
-        if plan is None:
-            return None
-        if plan.body != body:  # re-encoded only when normalising changed it
-            body, raw = plan.body, json.dumps(plan.body).encode()
-        if not (self.exchange.stream and not wants_usage(body)):
-            return raw
-        self.stripper = UsageStripper()
-        return json.dumps(with_usage_requested(body)).encode()
+            model = variant.model
+        if len(raw) > OFFLOAD_BYTES:
+            self.gateway.track(asyncio.ensure_future(self.prepare_off_loop(route, raw, model)))
+        else:
+            self.proceed(route, raw, prepare(raw, ENDPOINTS[route], self.gateway.model, model))
 
-    def normalised(self, route: str, body: dict[str, Any]) -> Plan | None:
-        """The request as the engine takes it (openai_compat.normalise); None when the gateway
-        answers it itself: a 400 naming the field the engine cannot honour, or an adapted
-        request (fanned out, stop strings trimmed) whose answer the gateway builds."""
-        if not body:
-            return Plan(body, ENDPOINTS[route])  # not JSON: the engine says what is wrong
+    async def prepare_off_loop(self, route: str, raw: bytes, model: str | None) -> None:
         try:
-            plan = normalise(body, ENDPOINTS[route], self.gateway.model)
-        except RequestRejected as rejected:
-            self.reject(rejected)
-            return None
-        if plan.adapted:
-            self.gateway.track(asyncio.ensure_future(self.adapted(plan, route)))
-            return None
-        return plan
+            prepared = await self.gateway.preparer.prepare(raw, ENDPOINTS[route], model)
+        except Busy as busy:
+            self.fail(503, f"{busy}; try again shortly", "overloaded")
+            return
+        if not self.done:  # the client may have gone meanwhile
+            self.proceed(route, raw, prepared)
+
+    def proceed(self, route: str, raw: bytes, prepared: Prepared) -> None:
+        """Go on with a prepared request: a 400 naming the field the engine cannot honour,
+        an adapted request (fanned out, stop strings trimmed) whose answer the gateway
+        builds, or the request forwarded."""
+        exchange = self.exchange
+        exchange.body, exchange.stream = prepared.body, prepared.stream
+        exchange.prompt, exchange.prompt_hash = prepared.prompt, prepared.prompt_hash
+        if prepared.rejected is not None:
+            self.reject(RequestRejected(*prepared.rejected))
+        elif prepared.plan.adapted:
+            self.gateway.track(asyncio.ensure_future(self.adapted(prepared.plan, route)))
+        else:
+            if prepared.strip_usage:
+                self.stripper = UsageStripper()
+            self.forward(raw if prepared.upstream_raw is None else prepared.upstream_raw)
 
     def reject(self, rejected: RequestRejected) -> None:
         message = str(rejected)
@@ -316,9 +320,10 @@ class Relay:
                 sse_event({**event_head, "choices": [], "usage": summed_usage(usages, plan.n)})
             )
         if not self.done:
-            self.emit(b"data: [DONE]\n\n")
-            self.client.write(b"0\r\n\r\n")
-            self.finish()
+            done = b"data: [DONE]\n\n"
+            self.pieces.append((time.perf_counter(), done))
+            self.finish()  # traced before the stream's end leaves
+            self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
             self.client.response_done(self.incoming.keep_alive)
 
     async def relay_choice(self, plan: Plan, head: dict, index: int, stream: Any) -> dict:
@@ -355,14 +360,14 @@ class Relay:
 
     def answer_bytes(self, status: int, body: bytes, content_type: bytes) -> None:
         headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        self.finish()  # traced before the answer leaves: a gateway killed after has traced it
         self.client.write(response_head(status, headers, self.incoming.keep_alive) + body)
-        self.finish()
         self.client.response_done(self.incoming.keep_alive)
 
-    async def send(self) -> None:
+    async def send(self, fresh: bool = False) -> None:
         upstream = self.upstream
         try:
-            connection, self.reused = await upstream.connection()
+            connection, self.reused = await upstream.connection(fresh)
         except OSError as error:  # TimeoutError included
             message = f"upstream {upstream.base_url} unreachable: {error!r}"
             self.fail(502, message, "bad_gateway")
@@ -396,51 +401,85 @@ class Relay:
         elif has_body:
             self.chunked = True
             kept.append((b"transfer-encoding", b"chunked"))
+        self.answer_started = True
+        if self.exchange is not None and self.whole and has_body:
+            # a whole answer is held until it has all arrived: an engine that dies half way
+            # then still gets its client a 502, and the trace is stored before the answer
+            # goes out (a gateway killed after answering has traced it)
+            self.held_head = (status, [(n, v) for n, v in kept if n not in FRAMING_HEADERS])
+            return
         self.client.write(response_head(status, kept, self.incoming.keep_alive))
         self.head_sent = True
 
     def upstream_body(self, piece: bytes) -> None:
         if self.exchange is not None:
             self.pieces.append((time.perf_counter(), piece))
+        if self.held_head is not None:
+            return
         if self.stripper is not None:
             piece = self.stripper.feed(piece)
             if not piece:
                 return
-        self.client.write(b"%x\r\n%b\r\n" % (len(piece), piece) if self.chunked else piece)
+        framed = b"%x\r\n%b\r\n" % (len(piece), piece) if self.chunked else piece
+        if self.exchange is not None and b"data: [DONE]" in piece:
+            self.last_piece = framed  # sent once the trace is stored (upstream_done)
+            return
+        self.client.write(framed)
 
     def upstream_done(self, connection: UpstreamConnection | None, keep_alive: bool) -> None:
-        if self.stripper is not None and (rest := self.stripper.finish()):
-            self.client.write(b"%x\r\n%b\r\n" % (len(rest), rest))
-        if self.chunked:
-            self.client.write(b"0\r\n\r\n")
         self.connection = None
         if connection is not None and keep_alive:
             self.upstream.release(connection)
         elif connection is not None:
             connection.transport.close()
-        self.finish()
+        self.finish()  # traced before the answer's last bytes leave
+        if self.held_head is not None:
+            status, headers = self.held_head
+            body = b"".join(piece for _, piece in self.pieces)
+            headers.append((b"content-length", b"%d" % len(body)))
+            self.client.write(response_head(status, headers, self.incoming.keep_alive) + body)
+            self.head_sent = True
+        else:
+            self.client.write(self.last_piece)
+            if self.stripper is not None and (rest := self.stripper.finish()):
+                self.client.write(b"%x\r\n%b\r\n" % (len(rest), rest))
+            if self.chunked:
+                self.client.write(b"0\r\n\r\n")
         self.client.response_done(self.incoming.keep_alive)
 
     def upstream_lost(self, error: Exception | None) -> None:
         if self.done:
             return
-        if not self.head_sent and self.reused and not self.retried:
-            # an idle keep-alive connection the engine had closed: send again on a fresh one
+        if not self.answer_started and self.reused and not self.retried:
+            # a pooled connection the engine closed before a byte of the answer: the engine
+            # did nothing with the request, so it is sent again, once, on a fresh connection
+            # (what mature proxies do for a closed idle upstream)
             self.retried, self.connection = True, None
-            self.gateway.track(asyncio.ensure_future(self.send()))
+            if self.exchange is not None:
+                self.exchange.upstream_retries += 1
+            self.gateway.track(asyncio.ensure_future(self.send(fresh=True)))
         elif self.head_sent and not self.framed and error is None:
             self.upstream_done(None, keep_alive=False)  # a body that ends when upstream closes
         else:
             self.upstream_broken(f"upstream closed the connection: {error!r}")
 
     def upstream_broken(self, message: str) -> None:
+        """The engine's answer cannot be finished (it died, or sent invalid HTTP): a 502 when
+        the client has not had the head yet; mid-stream, a last SSE error event ends the
+        stream in a way clients read; otherwise the connection is cut."""
         if self.done:
             return
         if not self.head_sent:
             self.fail(502, message, "bad_gateway")
             return
-        if self.exchange is not None:  # mid-stream: the client sees the connection end
+        if self.exchange is not None:
             self.exchange.error = self.exchange.error or f"stream broken: {message}"
+        if self.chunked and not self.whole:
+            event = sse_event(error_payload(f"the engine's stream ended: {message}", "bad_gateway"))
+            self.finish()
+            self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+            self.client.response_done(keep_alive=False)
+            return
         self.finish()
         self.client.abort()
 
@@ -458,8 +497,8 @@ class Relay:
         self.finish()
 
     def answer(self, status: int, payload: Any) -> None:
+        self.finish()  # traced before the answer leaves
         self.client.write(json_answer(status, payload, self.incoming.keep_alive))
-        self.finish()
         self.client.response_done(self.incoming.keep_alive)
 
     def fail(self, status: int, message: str, kind: str) -> None:
@@ -486,13 +525,30 @@ class Relay:
             log.exception("gateway: could not record request %s", self.exchange.request_id)
 
 
+class RequestRefused(Exception):
+    """A client request over one of the gateway's limits: answered with `status`, then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ClientConnection(asyncio.Protocol):
-    """One client connection: HTTP/1.1 keep-alive, requests answered one after another."""
+    """One client connection: HTTP/1.1 keep-alive, requests answered one after another.
+
+    The limits (config/groups/gateway.py's `GatewayLimits`) are checked as bytes arrive, so
+    an oversized request is refused before it is buffered: the request line (414) and the
+    header block (431) while they arrive, the body from its Content-Length (413). A
+    timer runs whenever the gateway waits on the client, never while the engine answers:
+    the headers' (408), the body's between bytes (408), keep-alive between requests (the
+    connection is closed quietly).
+    """
 
     def __init__(self, gateway: GatewayState) -> None:
         import httptools
 
         self.gateway = gateway
+        self.limits = gateway.limits
         self.parser = httptools.HttpRequestParser(self)
         self.parse_error = httptools.HttpParserError
         self.transport: Any = None
@@ -500,22 +556,80 @@ class ClientConnection(asyncio.Protocol):
         self.waiting: deque[Incoming] = deque()
         self.relay: Relay | None = None
         self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_head = False  # between a request's first byte and the end of its headers
+        self.in_body = False
+        self.head_bytes = self.header_bytes = self.body_bytes = 0
+        self.refusal: tuple[int, str] | None = None  # held while an answer is being written
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if len(self.gateway.clients) >= self.limits.max_connections:
+            self.refuse_connection()
+            return
         self.gateway.clients.add(self)
+        # a connection that never sends a byte holds a slot: it gets the headers' time
+        self.wait_for_client(self.limits.header_timeout_s, None)
+
+    def refuse_connection(self) -> None:
+        """One connection over max_connections: a 503 saying when to come back, then closed."""
+        self.closed = True
+        limit = self.limits.max_connections
+        message = f"{limit} connections are open (serving.limits.max_connections)"
+        retry = [(b"retry-after", b"%d" % self.limits.retry_after_s)]
+        payload = error_payload(message, "overloaded")
+        self.transport.write(json_answer(503, payload, keep_alive=False, extra=retry))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.in_head and not self.in_body and self.relay is None and not self.waiting:
+            self.start_head()
+        if self.in_head:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
+            if self.in_head and self.head_bytes > self.head_limit():
+                raise RequestRefused(431, self.header_limit_message())
+        except RequestRefused as refused:
+            self.refuse(refused.status, str(refused))
         except self.parse_error as error:
-            payload = error_payload(f"invalid HTTP request: {error}", "bad_request")
-            self.write(json_answer(400, payload, keep_alive=False))
-            self.transport.close()
-            self.closed = True  # whatever else arrives on it is not answered
+            cause = error.__context__
+            if isinstance(cause, RequestRefused):  # raised in a callback, wrapped by httptools
+                self.refuse(cause.status, str(cause))
+            else:
+                self.refuse(400, f"invalid HTTP request: {error}")
+
+    def head_limit(self) -> int:
+        return self.limits.max_request_line_bytes + self.limits.max_header_bytes
+
+    def header_limit_message(self) -> str:
+        return (
+            f"request headers over {self.limits.max_header_bytes} bytes "
+            "(serving.limits.max_header_bytes)"
+        )
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer a request the gateway will not read further, and close the connection:
+        whatever else arrives on it is not answered. A request pipelined behind one being
+        answered is refused after that answer, never in the middle of it."""
+        if self.relay is not None:
+            self.refusal = (status, message)
+            self.transport.pause_reading()
+            return
+        kind = "request_timeout" if status == 408 else "invalid_request_error"
+        self.write(json_answer(status, error_payload(message, kind), keep_alive=False))
+        self.close()
+
+    def close(self) -> None:
+        self.cancel_timer()
+        self.transport.close()
+        self.closed = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.cancel_timer()
         self.gateway.clients.discard(self)
         if self.relay is not None:
             self.relay.client_gone()
@@ -528,35 +642,118 @@ class ClientConnection(asyncio.Protocol):
         if self.relay is not None and self.relay.connection is not None:
             self.relay.connection.transport.resume_reading()
 
+    # ---- timers: each names what the gateway is waiting for
+
+    def wait_for_client(self, seconds: float, status: int | None, what: str = "") -> None:
+        """(Re)arm the one timer: on expiry answer `status` (408) or, between requests,
+        close quietly. None runs while the engine answers (next_request arms it after)."""
+        self.cancel_timer()
+        if self.relay is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(seconds, self.timed_out, status, what)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def timed_out(self, status: int | None, what: str) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if status is None:
+            self.close()  # idle keep-alive: nothing was asked, nothing to answer
+        else:
+            self.refuse(status, what)
+
+    def start_head(self) -> None:
+        self.in_head, self.head_bytes, self.header_bytes = True, 0, 0
+        self.wait_for_head()
+
+    def wait_for_head(self) -> None:
+        seconds = self.limits.header_timeout_s
+        what = f"request headers not complete within {seconds:g}s (serving.limits.header_timeout_s)"
+        self.wait_for_client(seconds, 408, what)
+
+    def wait_for_body(self) -> None:
+        seconds = self.limits.body_timeout_s
+        what = f"no request body bytes for {seconds:g}s (serving.limits.body_timeout_s)"
+        self.wait_for_client(seconds, 408, what)
+
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.incoming = Incoming()
+        self.body_bytes = 0
+        if not self.in_head:  # a pipelined request that arrived with the one before it
+            self.start_head()
 
     def on_url(self, url: bytes) -> None:
         self.incoming.url += url
+        if len(self.incoming.url) > self.limits.max_request_line_bytes:
+            limit = self.limits.max_request_line_bytes
+            message = f"request line over {limit} bytes (serving.limits.max_request_line_bytes)"
+            raise RequestRefused(414, message)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.incoming.headers.append((name.lower(), value))
+        self.header_bytes += len(name) + len(value) + 4
+        if len(self.incoming.headers) > self.limits.max_headers:
+            limit = self.limits.max_headers
+            raise RequestRefused(431, f"over {limit} request headers (serving.limits.max_headers)")
+        if self.header_bytes > self.limits.max_header_bytes:
+            raise RequestRefused(431, self.header_limit_message())
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         self.incoming.method = self.parser.get_method()
         self.incoming.keep_alive = self.parser.should_keep_alive()
+        self.check_body_length(self.incoming.header(b"content-length"))
+        self.in_body = True
+        self.wait_for_body()
         if self.incoming.header(b"expect").lower() == "100-continue":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before the body
 
+    def check_body_length(self, declared: str) -> None:
+        """413 from Content-Length, before a byte of the body is read."""
+        if declared.strip().isdigit() and int(declared) > self.gateway.max_body_bytes:
+            raise RequestRefused(413, self.body_limit_message())
+
+    def body_limit_message(self) -> str:
+        return (
+            f"request body over {self.gateway.max_body_bytes} bytes (serving.limits."
+            "max_body_bytes; by default derived from the served model's context length)"
+        )
+
     def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.gateway.max_body_bytes:  # a chunked body has no length
+            raise RequestRefused(413, self.body_limit_message())
         self.incoming.body.append(body)
+        self.wait_for_body()
 
     def on_message_complete(self) -> None:
+        self.in_body = False
+        self.cancel_timer()  # the engine's time is not the client's: no timer while it answers
         self.waiting.append(self.incoming)
         if self.relay is None:
             self.next_request()
 
     # used by Relay
     def next_request(self) -> None:
-        if self.waiting and not self.closed:
+        if self.closed:
+            return
+        if self.waiting:  # the requests before the refused one are answered first
             self.relay = Relay(self.gateway, self, self.waiting.popleft())
             self.relay.start()
+        elif self.refusal is not None:
+            self.refuse(*self.refusal)
+        elif self.in_head:  # a pipelined request's head, arriving: its time starts now
+            self.wait_for_head()
+        elif self.in_body:
+            self.wait_for_body()
+        else:
+            self.wait_for_client(self.limits.keep_alive_timeout_s, None)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -565,10 +762,10 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, keep_alive: bool) -> None:
         self.relay = None
         if not keep_alive:
-            self.transport.close()
+            self.close()
         else:
             self.next_request()
 
     def abort(self) -> None:
         self.relay = None
-        self.transport.close()
+        self.close()

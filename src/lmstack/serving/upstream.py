@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import urllib.parse
 from typing import Any, Protocol
 
@@ -52,9 +53,14 @@ class AnswerReader(Protocol):
 
 
 class Upstream:
-    """The engine's …/v1 URL, and a pool of idle keep-alive connections to it."""
+    """The engine's …/v1 URL, and a pool of idle keep-alive connections to it.
 
-    def __init__(self, base_url: str, api_key: str = "") -> None:
+    An idle connection is kept `idle_s` at most: under the engine's own keep-alive timeout,
+    so the gateway does not send on a connection the engine is closing at that moment. When
+    that still happens (the engine closed it first), the relay sends again on a fresh one.
+    """
+
+    def __init__(self, base_url: str, api_key: str = "", idle_s: float = 2.0) -> None:
         url = urllib.parse.urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"--upstream: '{base_url}' is not an http(s) URL")
@@ -65,13 +71,19 @@ class Upstream:
         self.host_header = url.netloc.rsplit("@", 1)[-1].encode()
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self.api_key = api_key
-        self.idle: list[UpstreamConnection] = []
+        self.idle_s = idle_s
+        self.idle: list[tuple[float, UpstreamConnection]] = []  # (released at, connection)
 
-    async def connection(self) -> tuple[UpstreamConnection, bool]:
-        """An idle connection (reused=True) or a new one."""
-        while self.idle:
-            connection = self.idle.pop()
-            if not connection.closed:
+    async def connection(self, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+        """An idle connection (reused=True) younger than idle_s, or a new one (always when
+        `fresh`)."""
+        expired = time.monotonic() - self.idle_s
+        while self.idle and not fresh:
+            released, connection = self.idle.pop()  # the most recently used first
+            if released < expired:
+                self.drop_idle(expired)  # the rest are older still
+                connection.transport.close()
+            elif not connection.closed:
                 return connection, True
         loop = asyncio.get_running_loop()
         opening = loop.create_connection(UpstreamConnection, self.host, self.port, ssl=self.ssl)
@@ -80,7 +92,13 @@ class Upstream:
 
     def release(self, connection: UpstreamConnection) -> None:
         if not connection.closed:
-            self.idle.append(connection)
+            self.idle.append((time.monotonic(), connection))
+
+    def drop_idle(self, older_than: float) -> None:
+        """Close idle connections released before `older_than` (the list is oldest first)."""
+        while self.idle and self.idle[0][0] < older_than:
+            _, connection = self.idle.pop(0)
+            connection.transport.close()
 
     def request_bytes(
         self, method: bytes, headers: list[tuple[bytes, bytes]], path: bytes, body: bytes
@@ -99,7 +117,7 @@ class Upstream:
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
     def close(self) -> None:
-        for connection in self.idle:
+        for _, connection in self.idle:
             connection.transport.close()
         self.idle.clear()
 

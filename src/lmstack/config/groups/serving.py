@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from lmstack.config.groups.gateway import GatewayLimits
 from lmstack.config.rules import require, require_choice
 
 ENGINES = ("hf", "vllm", "llamacpp", "external")
+ENGINE_EXIT_POLICIES = ("fail", "restart")
 
 
 # what `serving.quantization` may ask of each engine on some device; which of these the
@@ -87,6 +89,12 @@ class ServingConfig:
     extra_args: list[str] = field(default_factory=list)
     # put lmstack's tracing gateway (an OpenAI-compatible proxy) in front of the engine
     gateway: bool = True
+    # phase=serve, when the engine process ends: fail (the run fails, with the engine's last
+    # log lines) or restart (same port, backoff 1, 2, 4 ... 30 s, at most max_engine_restarts)
+    on_engine_exit: str = "fail"
+    max_engine_restarts: int = 5
+    # the gateway's request limits and timeouts (config/groups/gateway.py)
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
     # an A/B test: the gateway splits traffic between variants (see serving/ab.py)
     ab: ABConfig = field(default_factory=ABConfig)
 
@@ -95,6 +103,8 @@ class ServingConfig:
         require_choice(self.quantization, ENGINE_QUANTIZATIONS[self.name], "serving.quantization")
         require(0 <= self.port < 65536, "serving.port", f"{self.port} is not a port number")
         require(self.startup_timeout_s > 0, "serving.startup_timeout_s", "must be > 0")
+        require_choice(self.on_engine_exit, ENGINE_EXIT_POLICIES, "serving.on_engine_exit")
+        require(self.max_engine_restarts >= 0, "serving.max_engine_restarts", "must be >= 0")
         self.ab.check(self.gateway)
 
 
