@@ -194,6 +194,53 @@ class TestOneVllmEngine:
         local, served = local_and_served_answers(sft_run, tmp_path, *external(vllm_endpoint))
         assert len(local) == 12 and served == local
 
+    def test_vllm_accepts_what_the_gateway_lets_through(self, vllm_endpoint):
+        """Each request straight to the vLLM engine: vLLM answers it (< 400) exactly when the
+        gateway's request schema lets it through (serving/request_schema.py). Left out, as
+        known differences: the gateway refuses, as OpenAI does, what vLLM's lax parsing
+        takes (`max_tokens: "10"`, `n: true`, a tool message without its tool_call_id), and
+        lets through what only an engine setting refuses (top_logprobs over --max-logprobs,
+        more stop strings than VLLM_MAX_STOP_STRINGS)."""
+        import httpx
+
+        from lmstack.serving.openai_compat import RequestRejected, ServedModel, normalise
+
+        gateway_root = vllm_endpoint["base_url"].removesuffix("/v1")
+        engine_url = httpx.get(f"{gateway_root}/health").json()["upstream"]
+        (model,) = [m["id"] for m in httpx.get(f"{engine_url}/models").json()["data"]]
+        user = [{"role": "user", "content": QUESTION}]
+        table = [
+            {"temperature": -1},
+            {"temperature": 2.5},
+            {"temperature": 0.7},
+            {"top_p": 0},
+            {"top_p": 1},
+            {"n": 0},
+            {"messages": "hi"},
+            {"messages": [{"content": QUESTION}]},  # no role
+            {"messages": []},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]},
+            {"messages": [{"role": "wizard", "content": QUESTION}]},  # a custom role
+            {"stop": ["\n", "."]},
+            {"tools": "x"},
+            {"max_tokens": 0},
+            {"stream_options": {"include_usage": True}},  # without stream
+            {"logprobs": True, "top_logprobs": 2, "tools": None},
+            {"top_k": 5, "ignore_eos": True, "min_tokens": 1},  # vLLM's own keys
+        ]
+        disagreements = []
+        for fields in table:
+            body = {"model": model, "messages": user, "max_tokens": 2} | fields
+            answer = httpx.post(f"{engine_url}/chat/completions", json=body, timeout=120)
+            try:
+                normalise(body, "chat", ServedModel(name=model, engine="vllm"))
+                passes = True
+            except RequestRejected:
+                passes = False
+            if (answer.status_code < 400) != passes:
+                disagreements.append((fields, answer.status_code, answer.text[:300], passes))
+        assert not disagreements, disagreements
+
 
 @NEEDS_ENGINES
 def test_vllm_serves_base_plus_adapter_without_merging(sft_run, tmp_path):

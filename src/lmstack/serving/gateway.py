@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from lmstack.config.groups.gateway import GatewayLimits
-from lmstack.serving import ab
+from lmstack.serving import ab, request_schema
 from lmstack.serving.exchange import Exchange
 from lmstack.serving.gateway_process import UPSTREAM_KEY_ENV
 from lmstack.serving.openai_compat import ServedModel
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         # token ids are decoded, long prompts counted, with the model's tokenizer: loaded in
         # the background, so the gateway is up at once
         threading.Thread(target=model.tokenizer, daemon=True).start()
+    # the request validators import the openai package's types (~0.7 s): in the background
+    # too, so no client's first request pays for it
+    threading.Thread(target=request_schema.warm_up, daemon=True).start()
     app = Gateway(upstream, store, args.engine, served, router, model, limits)
     try:
         event_loop_runner()(app.serve(args.host, args.port))

@@ -17,6 +17,7 @@ import multiprocessing
 from dataclasses import dataclass
 from typing import Any
 
+from lmstack.serving import request_schema
 from lmstack.serving.exchange import PROMPT_FIELDS, hash_of_prompt, prompt_of
 from lmstack.serving.openai_compat import Plan, RequestRejected, ServedModel, normalise
 
@@ -98,6 +99,7 @@ _WORKER_MODEL = ServedModel()
 def _start_worker(name: str, upstream_name: str, path: str, engine: str) -> None:
     global _WORKER_MODEL
     _WORKER_MODEL = ServedModel(name=name, upstream_name=upstream_name, path=path, engine=engine)
+    request_schema.warm_up()
 
 
 class Busy(Exception):

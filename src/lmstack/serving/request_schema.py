@@ -3,7 +3,8 @@
 A body the engine cannot parse (`messages: "hi"`) or whose values are out of range
 (`temperature: -1`) is answered with a 400 naming the field, as vLLM and OpenAI answer it,
 rather than a 500 from the engine or a silent 200. The types are the openai package's own
-request TypedDicts, validated by pydantic; what they do not carry (ranges) is a small table.
+request TypedDicts, validated by pydantic; what they do not carry (ranges, lists that must
+not be empty, a field that needs another) is in small tables below.
 
 What the engines accept beyond OpenAI passes: unknown keys (vLLM's `top_k`, `ignore_eos`,
 lmstack's own), and variants OpenAI does not define, such as a custom message role
@@ -66,6 +67,7 @@ def schema_problem(body: dict[str, Any], endpoint: str) -> tuple[str, str] | Non
 
 
 def _missing_partner(body: dict[str, Any]) -> tuple[str, str] | None:
+    """A field set without the one it needs (NEEDS), as (field, message)."""
     for name, needed in NEEDS.items():
         if body.get(name) and not body.get(needed):
             return name, f"{name} is only allowed with {needed}: true."
