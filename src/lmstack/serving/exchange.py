@@ -104,7 +104,7 @@ class Exchange:
         latency_ms = (now - self.started_perf) * 1000
         first = self.first_token_perf
         usage = self.usage or {}
-        prompt = prompt_of(self.body) if self.prompt is None else self.prompt
+        prompt = storable(prompt_of(self.body) if self.prompt is None else self.prompt)
         return TraceRecord(
             request_id=self.request_id,
             time=self.started,
@@ -127,7 +127,7 @@ class Exchange:
             finish_reason=self.finish_reason,
             prompt=prompt,
             prompt_hash=self.prompt_hash or hash_of_prompt(prompt),
-            response="".join(self.text),
+            response=storable("".join(self.text)),
             params=json.dumps({k: v for k, v in self.body.items() if k not in PROMPT_FIELDS}),
             variant=self.variant,
             upstream_retries=self.upstream_retries,
@@ -139,6 +139,15 @@ class Exchange:
 
 
 PROMPT_FIELDS = ("messages", "prompt")
+
+
+def storable(text: str) -> str:
+    """`text`, with any unpaired surrogate (which UTF-8 and SQLite refuse) spelled out."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def hash_of_prompt(prompt: str) -> str:

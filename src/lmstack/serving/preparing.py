@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import json
 import multiprocessing
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ class Prepared:
 def prepare(raw: bytes, endpoint: str, served: ServedModel, model: str | None) -> Prepared:
     """`raw` as the engine takes it; `model` replaces the client's (an A/B variant's)."""
     body = parsed(raw)
+    if (field := field_with_lone_surrogate(raw, body)) is not None:
+        message = f"{field} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not text"
+        return Prepared(body={}, stream=False, rejected=(field, message))
     changed = model is not None
     if changed:
         body = {**body, "model": model}
@@ -67,6 +71,23 @@ def prepare(raw: bytes, endpoint: str, served: ServedModel, model: str | None) -
     if changed or upstream != body:  # re-encoded only when something changed
         prepared.upstream_raw = json.dumps(upstream).encode()
     return prepared
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def field_with_lone_surrogate(raw: bytes, body: dict[str, Any]) -> str | None:
+    """The top-level field whose JSON string holds an unpaired surrogate escape: JSON takes
+    it, but it is no character, and no tokenizer, engine or trace store can encode it. Only
+    a body with a surrogate escape at all (a fast byte search) is looked at closer."""
+    if not SURROGATE_ESCAPE.search(raw):
+        return None
+    for name, value in body.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return str(name)
+    return None
 
 
 def parsed(raw: bytes) -> dict[str, Any]:

@@ -498,7 +498,10 @@ class Relay:
 
     def answer(self, status: int, payload: Any) -> None:
         self.finish()  # traced before the answer leaves
-        self.client.write(json_answer(status, payload, self.incoming.keep_alive))
+        data = json_answer(status, payload, self.incoming.keep_alive)
+        if self.incoming.method == b"HEAD":  # the head a GET would get, without its body
+            data = data[: data.index(b"\r\n\r\n") + 4]
+        self.client.write(data)
         self.client.response_done(self.incoming.keep_alive)
 
     def fail(self, status: int, message: str, kind: str) -> None:
@@ -551,6 +554,7 @@ class ClientConnection(asyncio.Protocol):
         self.limits = gateway.limits
         self.parser = httptools.HttpRequestParser(self)
         self.parse_error = httptools.HttpParserError
+        self.upgrade = httptools.HttpParserUpgrade
         self.transport: Any = None
         self.incoming = Incoming()
         self.waiting: deque[Incoming] = deque()
@@ -594,6 +598,11 @@ class ClientConnection(asyncio.Protocol):
                 raise RequestRefused(431, self.header_limit_message())
         except RequestRefused as refused:
             self.refuse(refused.status, str(refused))
+        except self.upgrade:
+            # the request before the switch is complete and queued; the gateway speaks no
+            # other protocol, so it answers that one over HTTP/1.1 and closes (as uvicorn does)
+            self.incoming.keep_alive = False
+            self.transport.pause_reading()
         except self.parse_error as error:
             cause = error.__context__
             if isinstance(cause, RequestRefused):  # raised in a callback, wrapped by httptools
@@ -745,7 +754,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.waiting:  # the requests before the refused one are answered first
             self.relay = Relay(self.gateway, self, self.waiting.popleft())
-            self.relay.start()
+            try:
+                self.relay.start()
+            except Exception:  # a gateway bug: this request gets a 500, the rest go on
+                log.exception("gateway: request %r failed", self.relay.incoming.url[:200])
+                self.relay.fail(500, "internal error (see gateway.log)", "internal_error")
         elif self.refusal is not None:
             self.refuse(*self.refusal)
         elif self.in_head:  # a pipelined request's head, arriving: its time starts now
