@@ -162,7 +162,7 @@ class Relay:
         self.exchange: Exchange | None = None
         self.stripper: UsageStripper | None = None
         self.connection: UpstreamConnection | None = None
-        self.request = b""
+        self.request: list[bytes] = []
         self.reused = self.retried = self.head_sent = self.chunked = self.done = False
         self.answer_started = False  # a byte of the engine's answer has arrived
         self.held_head: tuple[int, list[tuple[bytes, bytes]]] | None = None

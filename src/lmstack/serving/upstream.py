@@ -102,7 +102,7 @@ class Upstream:
 
     def request_bytes(
         self, method: bytes, headers: list[tuple[bytes, bytes]], path: bytes, body: bytes
-    ) -> bytes:
+    ) -> list[bytes]:
         """The client's request as the engine gets it: its path under the engine's prefix,
         hop-by-hop headers dropped, the gateway's key for the engine's when it has one."""
         lines = [method + b" " + self.prefix + path + b" HTTP/1.1"]
@@ -114,7 +114,8 @@ class Upstream:
         if self.api_key:
             lines.append(b"authorization: Bearer " + self.api_key.encode())
         lines.append(b"content-length: %d" % len(body))
-        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+        # head and body written one after the other: a megabytes body is not copied again
+        return [b"\r\n".join(lines) + b"\r\n\r\n", body]
 
     def close(self) -> None:
         for _, connection in self.idle:
@@ -138,9 +139,10 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def send(self, relay: AnswerReader, request: bytes) -> None:
+    def send(self, relay: AnswerReader, request: list[bytes]) -> None:
         self.relay, self.headers = relay, []
-        self.transport.write(request)
+        for part in request:
+            self.transport.write(part)
 
     def data_received(self, data: bytes) -> None:
         if self.relay is None:  # bytes nobody asked for: this connection is not reusable
