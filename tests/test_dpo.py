@@ -12,7 +12,7 @@ import torch
 
 from conftest import FAST, assert_rejected_early, run_cli, run_dirs, run_one
 
-OBJECTIVE = SimpleNamespace(beta=0.1, loss="sigmoid", label_smoothing=0.0)
+OBJECTIVE = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -258,7 +258,7 @@ def test_dpo_gradient_sign():
         ({"beta": -1.0}, "beta"),
         ({"beta": 0.1, "label_smoothing": 0.5}, "label_smoothing"),
         ({"beta": 0.1, "label_smoothing": -0.1}, "label_smoothing"),
-        ({"beta": 0.1, "loss_type": "hinge"}, "sigmoid.*robust.*ipo"),
+        ({"beta": 0.1, "loss_type": "hinged"}, "sigmoid.*robust.*ipo"),
     ],
 )
 def test_dpo_validation(kwargs, match):

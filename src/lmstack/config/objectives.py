@@ -19,11 +19,15 @@ from typing import Any
 from lmstack.config.groups.objective import (
     DPOObjectiveConfig,
     GRPOObjectiveConfig,
+    KTOObjectiveConfig,
     ObjectiveConfig,
+    ORPOObjectiveConfig,
     PPOObjectiveConfig,
     PretrainObjectiveConfig,
     RewardObjectiveConfig,
+    RLOOObjectiveConfig,
     SFTObjectiveConfig,
+    SimPOObjectiveConfig,
 )
 
 
@@ -84,8 +88,16 @@ for _spec in (
     ),
     # two sequences (chosen and rejected) per example make activations the memory limit
     ObjectiveSpec("dpo", DPOObjectiveConfig, "lmstack.objectives.dpo", ("preference",), True),
+    # reference-free pairwise objectives: two sequences an example, as DPO, no reference pass
+    ObjectiveSpec("orpo", ORPOObjectiveConfig, "lmstack.objectives.orpo", ("preference",), True),
+    ObjectiveSpec("simpo", SimPOObjectiveConfig, "lmstack.objectives.simpo", ("preference",), True),
+    # unpaired thumbs-up/down rows; preference pairs become one row of each
+    ObjectiveSpec(
+        "kto", KTOObjectiveConfig, "lmstack.objectives.kto", ("preference", "unpaired_preference")
+    ),
     ObjectiveSpec("reward", RewardObjectiveConfig, "lmstack.objectives.reward", ("preference",)),
     ObjectiveSpec("ppo", PPOObjectiveConfig, "lmstack.objectives.ppo", ("prompt",)),
     ObjectiveSpec("grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",)),
+    ObjectiveSpec("rloo", RLOOObjectiveConfig, "lmstack.objectives.rloo", ("prompt",)),
 ):
     register_objective(_spec)

@@ -26,6 +26,8 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
+    # TRL's unpaired preference rows (kto): a completion with a thumbs up (true) or down (false)
+    "unpaired_preference": ("prompt", "completion", "label"),
     # prompts for online RL (grpo, ppo); an optional "answer" feeds the task verifier
     "prompt": ("prompt",),
 }
@@ -181,6 +183,10 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
             _check_messages(row["messages"], origin, row.get("_line", "?"))
         for key in CHAT_FIELDS.intersection(needed):
             _check_chat_field(row[key], key, origin, row.get("_line", "?"))
+        if "label" in needed:
+            _check_label(row["label"], origin, row.get("_line", "?"))
+    if "label" in needed:
+        _require_both_labels(rows, origin)
     return fmt
 
 
@@ -220,6 +226,25 @@ def _check_chat_field(value: Any, key: str, origin: str, line: Any) -> None:
         f"{origin}:{line}: '{key}' is {type(value).__name__} {str(value)[:60]!r}; it must be a "
         f"string or a list of {{role, content}} chat messages, e.g. {example}"
     )
+
+
+def _check_label(value: Any, origin: str, line: Any) -> None:
+    if not isinstance(value, bool):
+        raise DataError(
+            f"{origin}:{line}: 'label' is {type(value).__name__} {repr(value)[:60]}; it must be "
+            "true (a desirable completion) or false (an undesirable one)"
+        )
+
+
+def _require_both_labels(rows: list[dict[str, Any]], origin: str) -> None:
+    """KTO weighs desirable against undesirable completions: one kind alone teaches nothing."""
+    desirable = sum(row["label"] for row in rows)
+    if desirable in (0, len(rows)):
+        raise DataError(
+            f"{origin}: every row has the same label ({desirable} with label true, "
+            f"{len(rows) - desirable} with label false); unpaired preference rows need both "
+            "desirable (true) and undesirable (false) completions"
+        )
 
 
 def _split(rows: list[dict[str, Any]], data: Any) -> tuple[list[dict], list[dict]]:

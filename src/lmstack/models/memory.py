@@ -10,7 +10,7 @@ activations; REFERENCES.md "Scale and memory"):
 - activations saved for the backward pass, per token of the step: A_layer per decoder layer
   (or only the layer's input with gradient checkpointing, plus one layer recomputed), and the
   LM head's logits with their gradient (tokens x vocab x 4 bytes, LOGIT_COPIES times)
-- the reference model (DPO, PPO, GRPO after full fine-tuning: a frozen copy; with an adapter
+- the reference model (DPO, KTO, PPO, GRPO after full fine-tuning: a frozen copy; with an adapter
   the policy with its adapter off, no copy), the reward model (PPO), the value head (PPO)
 - the rollout KV cache (PPO, GRPO): 2 x layers x kv width x (prompt + new tokens) per sample
 
@@ -57,7 +57,8 @@ LOGIT_COPIES = 1.5
 # inputs in 16 bits but the norms and the residual stream in float32 (measured on SmolLM2: 0.66
 # of float32's); 16-true precisions keep everything in 16 bits
 ACTIVATION_BYTES = {"mixed": 2.75, "true": 2}
-REFERENCE_OBJECTIVES = ("dpo", "ppo", "grpo")
+# orpo and simpo (cpo too) are reference-free: no frozen copy, no reference pass
+REFERENCE_OBJECTIVES = ("dpo", "kto", "ppo", "grpo", "rloo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
 # the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
@@ -206,7 +207,7 @@ SHRINK = {
     "weights": "quantization=nf4 adapter=qlora, model.dtype=bfloat16, or trainer.strategy=fsdp "
     "(shards them over trainer.devices)",
     "reference model": "an adapter (adapter=lora: the reference is the base, no copy) or "
-    "objective.precompute_ref=true (dpo)",
+    "objective.precompute_ref=true (dpo, kto)",
     "reward model": "a smaller reward model (objective.reward_model) or model.dtype=bfloat16",
     "adapter weights": "adapter.r or adapter.target_modules",
     "gradients": "adapter=lora (only the adapter is trained) or trainer.strategy=fsdp",
@@ -316,7 +317,9 @@ def plan_memory(
     )
 
     if objective in REFERENCE_OBJECTIVES and adapter.name == "none":
-        precomputed = objective == "dpo" and getattr(config.objective, "precompute_ref", False)
+        precomputed = objective in ("dpo", "kto") and getattr(
+            config.objective, "precompute_ref", False
+        )
         if not precomputed:
             terms["reference model"] = weights // weights_div
             notes["reference model"] = (
@@ -327,7 +330,7 @@ def plan_memory(
         notes["reward model"] = "assumed the policy's size (objective.reward_model)"
         terms["value head"] = (shape.hidden_size + 1) * 4 * 4
         notes["value head"] = "weights, gradient and AdamW moments"
-    if objective in ("ppo", "grpo"):
+    if objective in ("ppo", "grpo", "rloo"):
         samples = config.data.batch_size // world * getattr(config.objective, "group_size", 1)
         length = config.data.max_length + config.objective.max_new_tokens
         kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dense
@@ -414,12 +417,13 @@ def tokens_per_step(rows: Any, config: Any, tokenizer_file: Path | None) -> int:
     if not lengths:
         return per_device * config.data.max_length
     objective = config.objective.name
-    if objective in ("ppo", "grpo"):
+    if objective in ("ppo", "grpo", "rloo"):
         new_tokens = config.objective.max_new_tokens
         samples = getattr(config.objective, "group_size", 1)
         return per_device * samples * (lengths[-1] + new_tokens)
     length = lengths[int(0.9 * (len(lengths) - 1))] if config.data.packing else lengths[-1]
-    sequences = 2 if rows.format == "preference" else 1
+    # kto scores each unpaired row and a mismatched KL pair of it
+    sequences = 2 if rows.format in ("preference", "unpaired_preference") else 1
     return per_device * sequences * length
 
 
@@ -433,7 +437,7 @@ def _sequence_lengths(rows: Any, config: Any, tokenizer_file: Path | None) -> li
             text = max(
                 text, f"{_text(row.get('prompt', ''))} {_text(row.get('rejected', ''))}", key=len
             )
-        elif config.objective.name in ("ppo", "grpo"):
+        elif config.objective.name in ("ppo", "grpo", "rloo"):
             text = _text(row.get("prompt", row.get("messages", "")))
         else:
             text = _text(row)

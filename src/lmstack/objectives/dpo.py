@@ -18,9 +18,9 @@ import torch
 
 from lmstack.data.loading import collate_preference
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.causal_lm import TrainedModelModule, target_token_logprobs
+from lmstack.objectives.causal_lm import TrainedModelModule
 from lmstack.objectives.losses import dpo_loss
-from lmstack.objectives.pairs import preference_setup
+from lmstack.objectives.pairs import completion_logprob_totals, preference_setup
 from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
 from lmstack.tracking.identity import stable_hash
 
@@ -39,16 +39,15 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
 
 def reference_cache_key(examples: list[dict], loaded: Any, config: Any) -> str:
     """What reference log-probs depend on: the reference weights (base folder and its
-    quantization), the exact token ids (data, tokenizer, template, max_length) and
-    whether log-probs are averaged (ipo). Beta, loss variant and seed are not in it,
-    so a sweep over them reuses one computation."""
+    quantization) and the exact token ids (data, tokenizer, template, max_length). Beta, loss
+    type and seed are not in it, so a sweep over them reuses one computation (the cache holds
+    summed log-probs; the length-normalised losses divide by token counts from the batch)."""
 
     return stable_hash(
         {
             "model": folder_fingerprint(loaded.base_path),
             "quantization": vars(config.quantization),
             "examples": stable_hash([[e["chosen"], e["rejected"]] for e in examples], 32),
-            "average": config.objective.loss == "ipo",
         },
         24,
     )
@@ -118,22 +117,8 @@ def completion_sequence_logprobs(
     rows, or the sequences packed in one row (``position_ids``). Logits are computed only at
     positions that predict a completion token (:func:`target_token_logprobs`); equal to
     `sequence_logprobs` / `packed_sequence_logprobs` of the full logits."""
-    labels = batch["labels"]
-    logps, keep = target_token_logprobs(model, batch)
-    if "position_ids" in batch:  # the sequence that label position t + 1 belongs to
-        starts = batch["position_ids"][0] == 0
-        owner = torch.zeros_like(labels)
-        owner[0, :-1] = (starts.cumsum(0) - 1)[1:]
-        count = int(starts.sum())
-    else:
-        owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-        count = labels.shape[0]
-    groups = owner[keep]
-    total = logps.new_zeros(count).index_add(0, groups, logps)
-    if not average:
-        return total
-    tokens = logps.new_zeros(count).index_add(0, groups, torch.ones_like(logps))
-    return total / tokens.clamp(min=1.0)
+    total, tokens = completion_logprob_totals(model, batch)
+    return total / tokens.clamp(min=1.0) if average else total
 
 
 class DPOModule(TrainedModelModule):
@@ -148,14 +133,11 @@ class DPOModule(TrainedModelModule):
         return self
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        """``(chosen, rejected)`` log-probs of the completions, each ``(P,)``.
-
-        Summed over completion tokens, or averaged over them for ``loss=ipo``; from 2P padded
-        rows, or from one packed row (``position_ids`` in the batch, padding-free).
+        """``(chosen, rejected)`` log-probs of the completions, each ``(P,)``, summed over
+        completion tokens (the length-normalised losses divide by token counts themselves);
+        from 2P padded rows, or from one packed row (``position_ids`` in the batch).
         """
-        average = self.objective.loss == "ipo"
-        logps = completion_sequence_logprobs(model, batch, average)
-        return logps.chunk(2)
+        return completion_sequence_logprobs(model, batch, average=False).chunk(2)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]):
@@ -167,15 +149,22 @@ class DPOModule(TrainedModelModule):
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor, torch.Tensor]:
         ref_chosen, ref_rejected = self.reference_logps(batch)
-        chosen, rejected = self.sequence_logps(self.model, batch)
+        logps, tokens = completion_logprob_totals(self.model, batch)
+        chosen, rejected = logps.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.clamp(min=1.0).chunk(2)
+        objective = self.objective
         result = dpo_loss(
             chosen,
             rejected,
             ref_chosen,
             ref_rejected,
-            beta=self.objective.beta,
-            loss_type=self.objective.loss,
-            label_smoothing=self.objective.label_smoothing,
+            beta=objective.beta,
+            loss_type=objective.loss_type,
+            label_smoothing=objective.label_smoothing,
+            loss_weights=getattr(objective, "loss_weights", None),
+            chosen_tokens=chosen_tokens,
+            rejected_tokens=rejected_tokens,
+            discopop_tau=getattr(objective, "discopop_tau", 0.05),
         )
         return result, chosen.detach(), rejected.detach()
 

@@ -4,6 +4,8 @@ Per batch of B prompts: sample G completions each (in process, ``model.generate`
 cache), score them with the weighted reward functions, turn the rewards into group-relative
 advantages ``A_i = (r_i - mean_group r) / (std_group r + eps)``, then take ``iterations``
 policy updates on :func:`~lmstack.objectives.losses.grpo_loss` over the completion tokens.
+The variants (objective.loss_type, importance_sampling_level, clip_eps_low/high,
+scale_rewards, dynamic_sampling, overlong_buffer, mask_truncated_completions) follow TRL 1.16.
 
 Optimisation is manual (several updates per batch of rollouts), so ``trainer.max_steps``
 counts policy updates. The old log-probs are those of the first update's forward pass: the
@@ -21,7 +23,12 @@ import torch
 
 from lmstack.errors import DataError
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.losses import grpo_advantages, grpo_loss
+from lmstack.objectives.losses import (
+    grpo_advantages,
+    grpo_loss,
+    overlong_penalty,
+    uniform_groups,
+)
 from lmstack.objectives.reference import reference_of
 from lmstack.objectives.reward_functions import (
     REFERENCE_REWARDS,
@@ -81,6 +88,17 @@ class Rollout(Sampled):
     parts: dict[str, torch.Tensor]  # each reward function's (N,) scores
     advantages: torch.Tensor  # (N,)
     ref_logps: torch.Tensor | None  # (N, L); None when beta = 0
+    groups_dropped: int = 0  # groups left out of the update by dynamic sampling
+
+    def rows(self, kept: torch.Tensor) -> Rollout:
+        """A rollout of only the ``kept`` rows (a bool ``(N,)`` mask)."""
+        fields = {
+            name: value[kept] if isinstance(value, torch.Tensor) else value
+            for name, value in vars(self).items()
+        }
+        fields["parts"] = {key: scores[kept] for key, scores in self.parts.items()}
+        fields["texts"] = [text for text, keep in zip(self.texts, kept.tolist()) if keep]
+        return Rollout(**fields)
 
 
 class GRPOModule(RolloutModule):
@@ -116,19 +134,36 @@ class GRPOModule(RolloutModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> Rollout:
-        group = self.objective.group_size
+        objective = self.objective
+        group = objective.group_size
         sampled = self.sample(batch, group)
         rewards, parts = self.score(batch, sampled.texts, group)
+        if objective.overlong_buffer > 0:
+            parts["overlong"] = overlong_penalty(
+                sampled.mask.sum(-1),
+                objective.max_new_tokens,
+                objective.overlong_buffer,
+                objective.overlong_penalty,
+            ).to(rewards.device)
+            rewards = rewards + parts["overlong"]
+        if objective.mask_truncated_completions:
+            # no EOS: cut off at max_new_tokens, so its reward judges an unfinished answer
+            finished = (sampled.completions == self.tokenizer.eos_token_id).any(-1, keepdim=True)
+            sampled.mask = sampled.mask & finished
         rollout = Rollout(
             **vars(sampled),
             rewards=rewards,
             parts=parts,
-            advantages=grpo_advantages(rewards, group),
+            advantages=self.group_advantages(rewards),
             ref_logps=None,
         )
-        if self.objective.beta > 0:
+        if objective.beta > 0:
             rollout.ref_logps = self.reference_logps(rollout)
         return rollout
+
+    def group_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        objective = self.objective
+        return grpo_advantages(rewards, objective.group_size, scale=objective.scale_rewards)
 
     def policy_logps(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
         # the ratio and the KL are those of the sampling policy, softmax(logits / temperature)
@@ -151,19 +186,29 @@ class GRPOModule(RolloutModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
         self.watch_rewards(batch, rollout)
+        trained = rollout
+        if self.objective.dynamic_sampling == "drop":
+            trained = drop_uniform_groups(rollout, self.objective.group_size)
+            dropped = float(rollout.groups_dropped)
+            size = rollout.rewards.numel()
+            self.log("train/groups_dropped", dropped, batch_size=size, sync_dist=True)
         old_logps = None
         for _ in range(self.objective.iterations):
-            logps = self.policy_logps(self.model, rollout)
+            logps = self.policy_logps(self.model, trained)
             if old_logps is None:
                 old_logps = logps.detach()
             result = grpo_loss(
                 logps,
                 old_logps,
-                old_logps if rollout.ref_logps is None else rollout.ref_logps,
-                rollout.advantages,
-                rollout.mask,
-                clip_eps=self.objective.clip_eps,
+                old_logps if trained.ref_logps is None else trained.ref_logps,
+                trained.advantages,
+                trained.mask,
+                clip_eps=self.objective.clip_eps_low,
                 beta=self.objective.beta,
+                clip_eps_high=self.objective.clip_eps_high,
+                loss_type=self.objective.loss_type,
+                importance_sampling_level=self.objective.importance_sampling_level,
+                max_completion_length=self.objective.max_new_tokens,
             )
             self.take_update(result["loss"])
         self.publish_policy()
@@ -207,6 +252,19 @@ class GRPOModule(RolloutModule):
         self.log("val/reward_mean", rewards.mean(), prog_bar=True, batch_size=size)
         for key, scores in parts.items():
             self.log(f"val/reward_{key}", scores.float().mean(), batch_size=size)
+
+
+def drop_uniform_groups(rollout: Rollout, group_size: int) -> Rollout:
+    """DAPO's dynamic sampling, drop form (Yu et al. 2025): groups whose rewards all agree have
+    zero advantages, so they only dilute a token-mean loss; the update sees the others. The
+    count goes on ``rollout`` (logged with the full batch's rewards). When every group agrees
+    the batch is kept whole (an update on its KL term alone), so that trainer.max_steps still
+    counts one update per batch."""
+    uniform = uniform_groups(rollout.rewards, group_size)
+    rollout.groups_dropped = int(uniform.sum())
+    if rollout.groups_dropped in (0, uniform.numel()):
+        return rollout
+    return rollout.rows((~uniform).repeat_interleave(group_size))
 
 
 # the objective's plug-in interface (lmstack.objectives.Objective)

@@ -1,13 +1,40 @@
-"""Preference-pair data shared by the pairwise objectives (dpo, reward)."""
+"""Preference-pair data shared by the pairwise objectives (dpo, orpo, simpo, reward), and the
+completion log-probs they score pairs by."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from lmstack.data.loading import build_eval_loader, build_train_loader
 from lmstack.data.tokenize import encode_preference, fit_length, has_target, truncation_metrics
 from lmstack.objectives import ObjectiveSetup, require_examples
+from lmstack.objectives.causal_lm import target_token_logprobs
+
+
+def completion_logprob_totals(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(totals, tokens)``, each ``(S,)``: the summed completion log-probs of the batch's S
+    sequences and how many completion tokens each has; S padded rows, or the sequences packed
+    in one row (``position_ids``). One forward pass, logits only where a completion token is
+    predicted (:func:`target_token_logprobs`)."""
+    labels = batch["labels"]
+    logps, keep = target_token_logprobs(model, batch)
+    if "position_ids" in batch:  # the sequence that label position t + 1 belongs to
+        starts = batch["position_ids"][0] == 0
+        owner = torch.zeros_like(labels)
+        owner[0, :-1] = (starts.cumsum(0) - 1)[1:]
+        count = int(starts.sum())
+    else:
+        owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        count = labels.shape[0]
+    groups = owner[keep]
+    totals = logps.new_zeros(count).index_add(0, groups, logps)
+    tokens = logps.new_zeros(count).index_add(0, groups, torch.ones_like(logps))
+    return totals, tokens
 
 
 def encode_pairs(

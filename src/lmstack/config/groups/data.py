@@ -17,7 +17,15 @@ class DataSource(Choice):
 DATA_SOURCES = tuple(DataSource)
 
 
-DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "prompt")
+DATA_FORMATS = (
+    "auto",
+    "text",
+    "prompt_completion",
+    "messages",
+    "preference",
+    "unpaired_preference",
+    "prompt",
+)
 
 
 @dataclass

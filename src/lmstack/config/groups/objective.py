@@ -4,6 +4,7 @@ schema per objective (config/objectives.py registers them; a plug-in brings its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -13,7 +14,28 @@ ROLLOUT_ENGINES = ("in_process", "vllm")
 
 
 # same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
-DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "robust",
+    "ipo",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+# same tuples as lmstack.objectives.losses' GRPO_LOSS_TYPES, GRPO_IS_LEVELS, GRPO_REWARD_SCALES
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+GRPO_IS_LEVELS = ("token", "sequence")
+GRPO_REWARD_SCALES = ("group", "batch", "none")
+GRPO_DYNAMIC_SAMPLING = ("off", "drop")
 
 
 @dataclass
@@ -47,9 +69,15 @@ class DPOObjectiveConfig(ObjectiveConfig):
     lr: float = 5e-4
     # strength of the pull towards the reference model (the KL weight)
     beta: float = 0.1
-    loss: str = "sigmoid"
-    # assumed share of flipped preference labels (sigmoid and robust losses)
+    # one of DPO_LOSS_TYPES, or a list of them summed with loss_weights (Any: Hydra takes
+    # both `objective.loss_type=ipo` and `'objective.loss_type=[sigmoid,sft]'`)
+    loss_type: Any = "sigmoid"
+    # one weight per loss_type entry (default 1 each)
+    loss_weights: list[float] | None = None
+    # assumed share of flipped preference labels (sigmoid, robust, exo_pair, aot losses)
     label_smoothing: float = 0.0
+    # DiscoPOP's temperature of the logistic/exponential mix (the paper's 0.05)
+    discopop_tau: float = 0.05
     # reference log-probs computed once before training and cached on disk (keyed by
     # model, tokenizer and data), so a sweep over beta or loss reuses them
     precompute_ref: bool = False
@@ -57,12 +85,115 @@ class DPOObjectiveConfig(ObjectiveConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
-        require_choice(self.loss, DPO_LOSS_TYPES, "objective.loss")
+        loss_types = self.loss_types
+        require(len(loss_types) > 0, "objective.loss_type", "names no loss")
+        for loss_type in loss_types:
+            require_choice(str(loss_type), DPO_LOSS_TYPES, "objective.loss_type")
+        if self.loss_weights is not None:
+            require(
+                len(self.loss_weights) == len(loss_types),
+                "objective.loss_weights",
+                f"has {len(self.loss_weights)} weights for the {len(loss_types)} loss types "
+                f"{loss_types}; give one weight per objective.loss_type entry",
+            )
         require(
             0.0 <= self.label_smoothing < 0.5,
             "objective.label_smoothing",
             f"must be in [0, 0.5), got {self.label_smoothing}",
         )
+        require(
+            "exo_pair" not in loss_types or self.label_smoothing > 0,
+            "objective.label_smoothing",
+            "exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)",
+        )
+        require(self.discopop_tau > 0, "objective.discopop_tau", "must be > 0")
+
+    @property
+    def loss_types(self) -> list[str]:
+        """`loss_type` as a list (one name, or the names of a weighted mix)."""
+        given = self.loss_type
+        return list(given) if isinstance(given, list | tuple) else [given]
+
+
+@dataclass
+class ORPOObjectiveConfig(ObjectiveConfig):
+    """ORPO (Hong et al. 2024): SFT on the chosen answer plus an odds-ratio preference term;
+    no reference model."""
+
+    name: str = "orpo"
+    lr: float = 5e-4
+    # weight of the odds-ratio term against the SFT term (the paper's lambda, TRL's beta)
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # 0 would be plain SFT (objective=sft)
+        require(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
+
+
+# same tuple as lmstack.objectives.losses.SIMPO_LOSS_TYPES, repeated so this module stays torch-free
+SIMPO_LOSS_TYPES = ("simpo", "cpo")
+
+
+@dataclass
+class SimPOObjectiveConfig(ObjectiveConfig):
+    """SimPO (Meng et al. 2024) or, with loss_type=cpo, CPO (Xu et al. 2024): preference
+    losses on the policy's own log-probs; no reference model."""
+
+    name: str = "simpo"
+    lr: float = 5e-4
+    # scale of the reward (the policy's token-averaged log-prob; summed for cpo)
+    beta: float = 2.0
+    # target reward margin gamma, as a share of beta (gamma = gamma_beta_ratio * beta; simpo)
+    gamma_beta_ratio: float = 0.5
+    # weight of an NLL (SFT) term on the chosen answer: CPO uses 1.0, SimPO 0.0
+    cpo_alpha: float = 0.0
+    loss_type: str = "simpo"
+    # assumed share of flipped preference labels
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
+        require_choice(self.loss_type, SIMPO_LOSS_TYPES, "objective.loss_type")
+        for key in ("gamma_beta_ratio", "cpo_alpha"):
+            value = getattr(self, key)
+            require(value >= 0, f"objective.{key}", f"must be >= 0, got {value}")
+        require(
+            0.0 <= self.label_smoothing < 0.5,
+            "objective.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+
+
+# same tuple as lmstack.objectives.losses.KTO_LOSS_TYPES, repeated so this module stays torch-free
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KTOObjectiveConfig(ObjectiveConfig):
+    """KTO (Ethayarajh et al. 2024): unpaired thumbs-up/down rows against the reference."""
+
+    name: str = "kto"
+    lr: float = 5e-4
+    # strength of the pull towards the reference model
+    beta: float = 0.1
+    # weights of desirable and undesirable rows' losses; the paper keeps
+    # desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # kto, or apo_zero_unpaired (no KL reference point); TRL's names
+    loss_type: str = "kto"
+    # reference log-probs (of each row and of its mismatched KL pair) computed once and cached
+    precompute_ref: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, key)
+            require(value > 0, f"objective.{key}", f"must be > 0, got {value}")
+        require_choice(self.loss_type, KTO_LOSS_TYPES, "objective.loss_type")
 
 
 @dataclass
@@ -159,14 +290,24 @@ class RewardFunctionConfig:
 
 
 @dataclass
-class GRPOObjectiveConfig(ObjectiveConfig):
-    name: str = "grpo"
+class GroupRolloutObjectiveConfig(ObjectiveConfig):
+    """What GRPO and RLOO share: a group of sampled completions per prompt, scored by weighted
+    reward functions, and a clipped policy ratio."""
+
     lr: float = 5e-4
     # completions sampled per prompt; advantages are relative to the group
     group_size: int = 4
     # weight of the KL penalty to the reference (0: no reference pass)
     beta: float = 0.04
-    clip_eps: float = 0.2
+    # the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high] (DAPO's clip-higher: 0.28)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    # DAPO's soft overlong punishment: the last overlong_buffer tokens of max_new_tokens ramp a
+    # penalty from 0 to -overlong_penalty (0: off)
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    # zero the loss of completions cut off at max_new_tokens (TRL's mask_truncated_completions)
+    mask_truncated_completions: bool = False
     # policy updates per batch of rollouts
     iterations: int = 1
     max_new_tokens: int = 24
@@ -192,15 +333,74 @@ class GRPOObjectiveConfig(ObjectiveConfig):
         require(
             self.group_size >= 2,
             "objective.group_size",
-            f"GRPO needs at least 2 completions per prompt, got {self.group_size}",
+            f"{self.name.upper()} needs at least 2 completions per prompt, got {self.group_size}",
         )
         require(self.beta >= 0, "objective.beta", f"must be >= 0, got {self.beta}")
-        require(self.clip_eps > 0, "objective.clip_eps", f"must be > 0, got {self.clip_eps}")
+        for key in ("clip_eps_low", "clip_eps_high"):
+            value = getattr(self, key)
+            require(value > 0, f"objective.{key}", f"must be > 0, got {value}")
+        require(
+            self.clip_eps_high >= self.clip_eps_low,
+            "objective.clip_eps_high",
+            f"must be >= objective.clip_eps_low ({self.clip_eps_low}), got {self.clip_eps_high}",
+        )
         require(self.iterations >= 1, "objective.iterations", "must be >= 1")
         require(self.max_new_tokens > 0, "objective.max_new_tokens", "must be positive")
+        require(
+            0 <= self.overlong_buffer < self.max_new_tokens,
+            "objective.overlong_buffer",
+            f"must be in [0, objective.max_new_tokens={self.max_new_tokens}), "
+            f"got {self.overlong_buffer}",
+        )
+        require(
+            self.overlong_penalty >= 0,
+            "objective.overlong_penalty",
+            f"must be >= 0, got {self.overlong_penalty}",
+        )
         require(self.temperature > 0, "objective.temperature", "must be positive")
         require(0 < self.top_p <= 1, "objective.top_p", f"must be in (0, 1], got {self.top_p}")
         require_choice(self.rollout_engine, ROLLOUT_ENGINES, "objective.rollout_engine")
         require(len(self.rewards) > 0, "objective.rewards", "is empty")
         for index, reward in enumerate(self.rewards):
             reward.check(f"objective.rewards[{index}]")
+
+
+@dataclass
+class GRPOObjectiveConfig(GroupRolloutObjectiveConfig):
+    """GRPO (Shao et al. 2024) and its variants, by TRL 1.16's option names."""
+
+    name: str = "grpo"
+    # token-loss averaging: grpo | dapo | dr_grpo | bnpo (see losses.aggregate_token_losses)
+    loss_type: str = "dapo"
+    # token | sequence (GSPO: one length-normalised ratio per completion; needs loss_type=grpo)
+    importance_sampling_level: str = "token"
+    # advantage divisor: group | batch (std over the batch) | none (Dr. GRPO: no std)
+    scale_rewards: str = "group"
+    # off | drop: train only on groups whose rewards differ (logged: train/groups_dropped)
+    dynamic_sampling: str = "off"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice(self.loss_type, GRPO_LOSS_TYPES, "objective.loss_type")
+        require_choice(
+            self.importance_sampling_level, GRPO_IS_LEVELS, "objective.importance_sampling_level"
+        )
+        require_choice(self.scale_rewards, GRPO_REWARD_SCALES, "objective.scale_rewards")
+        require_choice(self.dynamic_sampling, GRPO_DYNAMIC_SAMPLING, "objective.dynamic_sampling")
+        # GSPO optimises a per-sequence objective; a token-summed loss would weight each
+        # sequence's single ratio by its length (TRL warns; here it is refused)
+        require(
+            self.importance_sampling_level == "token" or self.loss_type == "grpo",
+            "objective.importance_sampling_level",
+            f"'sequence' (GSPO) needs objective.loss_type=grpo (per-sequence mean), got "
+            f"'{self.loss_type}', which weights each sequence's one ratio by its token count",
+        )
+
+
+@dataclass
+class RLOOObjectiveConfig(GroupRolloutObjectiveConfig):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): GRPO's rollouts, each sample's baseline
+    the mean reward of its siblings, the KL to the reference in the reward."""
+
+    name: str = "rloo"
+    beta: float = 0.05
