@@ -121,7 +121,10 @@ def completion_sequence_logprobs(
     return total / tokens.clamp(min=1.0) if average else total
 
 
-class DPOModule(TrainedModelModule):
+class ReferencedModule(TrainedModelModule):
+    """A policy trained against a frozen reference (DPO, KTO): the base with the adapter off,
+    or a frozen copy without one (objectives/reference.py)."""
+
     def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
         super().__init__(model, objective, total_steps)
         self.reference_passes = 0  # forward passes of the reference model, for the record
@@ -132,6 +135,8 @@ class DPOModule(TrainedModelModule):
         keep_frozen_in_eval(self.reference)
         return self
 
+
+class DPOModule(ReferencedModule):
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         """``(chosen, rejected)`` log-probs of the completions, each ``(P,)``, summed over
         completion tokens (the length-normalised losses divide by token counts themselves);

@@ -46,19 +46,24 @@ from lmstack.objectives.rollout import (
 )
 
 
-def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
-    """Prompt batches (left-padded, chat-rendered) and the GRPO module."""
-    objective = config.objective
-    require_answers(objective.rewards, rows)
-    module = GRPOModule(
-        loaded.model,
-        objective,
-        config.trainer.max_steps,
-        build_reward_functions(objective.rewards),
-        loaded.tokenizer,
-        config.trainer.gradient_clip_val,
-    )
-    return prompt_setup(config, loaded, rows, module)
+def group_rollout_setup(module_class: type) -> Any:
+    """The setup of an objective on GRPO's group rollouts (GRPO, RLOO): prompt batches
+    (left-padded, chat-rendered) and its `module_class`."""
+
+    def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
+        objective = config.objective
+        require_answers(objective.rewards, rows)
+        module = module_class(
+            loaded.model,
+            objective,
+            config.trainer.max_steps,
+            build_reward_functions(objective.rewards),
+            loaded.tokenizer,
+            config.trainer.gradient_clip_val,
+        )
+        return prompt_setup(config, loaded, rows, module)
+
+    return setup
 
 
 def require_answers(rewards: list[Any], rows: Any) -> None:
@@ -268,4 +273,4 @@ def drop_uniform_groups(rollout: Rollout, group_size: int) -> Rollout:
 
 
 # the objective's plug-in interface (lmstack.objectives.Objective)
-OBJECTIVE = Objective(setup=setup)
+OBJECTIVE = Objective(setup=group_rollout_setup(GRPOModule))

@@ -31,10 +31,14 @@ from lmstack.data.tokenize import (
     truncation_metrics,
 )
 from lmstack.objectives import Objective, ObjectiveSetup, require_examples
-from lmstack.objectives.causal_lm import TrainedModelModule
-from lmstack.objectives.dpo import cache_lock, completion_sequence_logprobs, folder_fingerprint
+from lmstack.objectives.dpo import (
+    ReferencedModule,
+    cache_lock,
+    completion_sequence_logprobs,
+    folder_fingerprint,
+)
 from lmstack.objectives.losses import kto_kl_estimate, kto_loss
-from lmstack.objectives.reference import frozen_reference, keep_frozen_in_eval, reference_of
+from lmstack.objectives.reference import reference_of
 from lmstack.tracking.identity import stable_hash
 
 
@@ -228,17 +232,7 @@ def _reference_pass(
     return torch.cat(parts)
 
 
-class KTOModule(TrainedModelModule):
-    def __init__(self, model: torch.nn.Module, objective: Any, total_steps: int):
-        super().__init__(model, objective, total_steps)
-        self.reference_passes = 0  # forward passes of the reference model, for the record
-        self.reference = frozen_reference(model)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        keep_frozen_in_eval(self.reference)
-        return self
-
+class KTOModule(ReferencedModule):
     @property
     def uses_kl(self) -> bool:
         """apo_zero_unpaired has no reference point: no KL sequences are scored."""

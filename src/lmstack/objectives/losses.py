@@ -16,28 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# DPO's loss family, by TRL 1.16's names (see DPO_LOSSES, one pure function each)
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "robust",
-    "ipo",
-    "hinge",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
+# the choices, by TRL 1.16's names: declared with the config schema that checks them (DPO's
+# one pure function each in DPO_LOSSES; GRPO's in aggregate_token_losses, grpo_advantages)
+from lmstack.config.groups.objective import (
+    DPO_LOSS_TYPES,
+    GRPO_IS_LEVELS,
+    GRPO_LOSS_TYPES,
+    GRPO_REWARD_SCALES,
 )
-# GRPO variants, by TRL 1.16's names (see aggregate_token_losses, grpo_advantages)
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
-GRPO_IS_LEVELS = ("token", "sequence")
-GRPO_REWARD_SCALES = ("group", "batch", "none")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:

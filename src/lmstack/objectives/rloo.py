@@ -13,26 +13,9 @@ from typing import Any
 
 import torch
 
-from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.grpo import GRPOModule, require_answers
+from lmstack.objectives import Objective
+from lmstack.objectives.grpo import GRPOModule, group_rollout_setup
 from lmstack.objectives.losses import rloo_advantages, rloo_kl_rewards, rloo_loss
-from lmstack.objectives.reward_functions import build_reward_functions
-from lmstack.objectives.rollout import prompt_setup
-
-
-def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
-    """Prompt batches (left-padded, chat-rendered) and the RLOO module."""
-    objective = config.objective
-    require_answers(objective.rewards, rows)
-    module = RLOOModule(
-        loaded.model,
-        objective,
-        config.trainer.max_steps,
-        build_reward_functions(objective.rewards),
-        loaded.tokenizer,
-        config.trainer.gradient_clip_val,
-    )
-    return prompt_setup(config, loaded, rows, module)
 
 
 class RLOOModule(GRPOModule):
@@ -76,4 +59,4 @@ class RLOOModule(GRPOModule):
 
 
 # the objective's plug-in interface (lmstack.objectives.Objective)
-OBJECTIVE = Objective(setup=setup)
+OBJECTIVE = Objective(setup=group_rollout_setup(RLOOModule))

@@ -13,7 +13,7 @@ from lmstack.config.rules import require, require_choice
 ROLLOUT_ENGINES = ("in_process", "vllm")
 
 
-# same tuple as lmstack.objectives.losses.DPO_LOSS_TYPES, repeated so this module stays torch-free
+# DPO's loss family by TRL 1.16's names (objectives/losses.py: DPO_LOSSES, one function each)
 DPO_LOSS_TYPES = (
     "sigmoid",
     "robust",
@@ -31,7 +31,7 @@ DPO_LOSS_TYPES = (
     "sft",
     "sigmoid_norm",
 )
-# same tuples as lmstack.objectives.losses' GRPO_LOSS_TYPES, GRPO_IS_LEVELS, GRPO_REWARD_SCALES
+# GRPO's variants by TRL 1.16's names (objectives/losses.py: aggregate_token_losses, ...)
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 GRPO_IS_LEVELS = ("token", "sequence")
 GRPO_REWARD_SCALES = ("group", "batch", "none")
