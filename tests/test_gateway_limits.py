@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lmstack.serving.exchange import hash_of_prompt
 from lmstack.serving.processes import free_port, start_process, stop_process, wait_until_healthy
 from lmstack.serving.traces import read_traces
 
@@ -301,3 +302,29 @@ def test_serve_restarts_an_engine_that_died_or_fails_naming_how(tmp_path):
         assert str(log) in str(error.value) and "fast_engine.py" in str(error.value)
     finally:
         stop_process(watch.process)
+
+
+def test_a_large_body_is_prepared_in_the_worker_which_comes_back_if_it_dies(engine, tmp_path):
+    """A body over preparing.OFFLOAD_BYTES goes to the worker process: answered, and traced
+    with its prompt capped (its hash of the whole); a killed worker is replaced."""
+    from lmstack.serving.preparing import OFFLOAD_BYTES, TRACE_PROMPT_CHARS
+
+    content = "lorem ipsum " * (2 * TRACE_PROMPT_CHARS // 12)
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    assert len(json.dumps(body)) > OFFLOAD_BYTES
+    with gateway_process(tmp_path, engine, max_body_bytes=64 << 20) as (port, process):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        assert httpx.post(url, json=body, timeout=60).status_code == 200
+        (worker,) = [
+            pid
+            for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        subprocess.run(["kill", "-9", worker], check=True)
+        time.sleep(0.2)
+        answers = [httpx.post(url, json=body, timeout=60).status_code for _ in range(2)]
+        assert answers[-1] == 200 and set(answers) <= {200, 500}  # the one in flight may fail
+    first = read_traces(tmp_path / "traces.sqlite")[0]
+    assert first["prompt"].endswith("more characters not traced]")
+    assert len(first["prompt"]) < TRACE_PROMPT_CHARS + 100
+    assert first["prompt_hash"] == hash_of_prompt(json.dumps(body["messages"], ensure_ascii=False))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.process
 import json
 import multiprocessing
 import re
@@ -142,6 +143,9 @@ class Preparer:
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.worker(), prepare_large, raw, endpoint, model)
+        except concurrent.futures.process.BrokenProcessPool:
+            self.pool = None  # the worker died (killed, out of memory): the next one starts anew
+            raise
         finally:
             self.waiting -= 1
 

@@ -226,6 +226,10 @@ class Relay:
         except Busy as busy:
             self.fail(503, f"{busy}; try again shortly", "overloaded")
             return
+        except Exception as error:  # the worker died, or a gateway bug: this request only
+            log.exception("gateway: preparing a %d-byte request failed", len(raw))
+            self.fail(500, f"could not prepare the request: {error!r}", "internal_error")
+            return
         if not self.done:  # the client may have gone meanwhile
             self.proceed(route, raw, prepared)
 
