@@ -10,6 +10,7 @@ one (no second copy of the base weights), else a frozen copy taken at the start.
 from __future__ import annotations
 
 import fcntl
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,35 @@ def folder_fingerprint(path: str) -> Any:
 
 
 def precompute_reference(module: DPOModule, examples: list[dict], loaded: Any, config: Any):
-    """Reference log-probs of every pair, computed once and cached on disk; each pair
-    then carries its own, so training runs no reference forward pass."""
+    """Reference log-probs of every pair, computed once and cached on disk."""
+    key = reference_cache_key(examples, loaded, config)
+    compute = functools.partial(_reference_pass, module, examples, loaded, config)
+    return cached_reference_logps(module, config, key, examples, compute, "pairs")
 
-    cache = Path(config.paths.ref_logps_dir) / f"{reference_cache_key(examples, loaded, config)}.pt"
+
+def cached_reference_logps(
+    module: Any, config: Any, key: str, examples: list[dict], compute: Any, unit: str
+) -> dict[str, Any]:
+    """Reference log-probs of every example (DPO's pairs, KTO's rows), `compute()`d once, an
+    (N, 2) tensor, and cached on disk under `key`; each example then carries its own
+    (`ref_logps`), so training runs no reference forward pass."""
+    cache = Path(config.paths.ref_logps_dir) / f"{key}.pt"
     cache.parent.mkdir(parents=True, exist_ok=True)
     # the ranks of a multi-process run (and concurrent sweep points) compute it once: the
     # first to take the lock computes, the others wait and read it
     with cache_lock(cache):
-        return _load_or_compute(cache, module, examples, loaded, config)
+        hit = cache.exists()
+        if hit:
+            logps = torch.load(cache)
+            print(f"lmstack: reference log-probs from the cache ({cache.name})", flush=True)
+        else:
+            logps = compute()
+            torch.save(logps, cache.with_suffix(".tmp"))
+            cache.with_suffix(".tmp").rename(cache)
+            print(f"lmstack: reference log-probs of {len(examples)} {unit} cached", flush=True)
+    for example, pair in zip(examples, logps.tolist()):
+        example["ref_logps"] = pair
+    return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
 
 
 @contextmanager
@@ -85,29 +106,18 @@ def cache_lock(cache: Any):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _load_or_compute(cache: Any, module: DPOModule, examples: list[dict], loaded: Any, config: Any):
-    hit = cache.exists()
-    if hit:
-        logps = torch.load(cache)
-        print(f"lmstack: reference log-probs from the cache ({cache.name})", flush=True)
-    else:
-        batch_size, pad = config.data.batch_size, loaded.tokenizer.pad_token_id
-        parts = []
-        for start in range(0, len(examples), batch_size):
-            print(
-                f"lmstack: reference log-probs {start}/{len(examples)} pairs", end="\r", flush=True
-            )
-            batch = collate_preference(
-                examples[start : start + batch_size], pad, packing=config.data.packing
-            )
-            parts.append(torch.stack(module.reference_logps(batch), dim=1))
-        logps = torch.cat(parts)
-        torch.save(logps, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").rename(cache)
-        print(f"lmstack: reference log-probs of {len(examples)} pairs cached", flush=True)
-    for example, pair in zip(examples, logps.tolist()):
-        example["ref_logps"] = pair
-    return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
+def _reference_pass(
+    module: DPOModule, examples: list[dict], loaded: Any, config: Any
+) -> torch.Tensor:
+    batch_size, pad = config.data.batch_size, loaded.tokenizer.pad_token_id
+    parts = []
+    for start in range(0, len(examples), batch_size):
+        print(f"lmstack: reference log-probs {start}/{len(examples)} pairs", end="\r", flush=True)
+        batch = collate_preference(
+            examples[start : start + batch_size], pad, packing=config.data.packing
+        )
+        parts.append(torch.stack(module.reference_logps(batch), dim=1))
+    return torch.cat(parts)
 
 
 def completion_sequence_logprobs(

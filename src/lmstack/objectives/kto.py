@@ -16,8 +16,8 @@ off, or a frozen copy after full fine-tuning).
 
 from __future__ import annotations
 
+import functools
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from lmstack.data.tokenize import (
 from lmstack.objectives import Objective, ObjectiveSetup, require_examples
 from lmstack.objectives.dpo import (
     ReferencedModule,
-    cache_lock,
+    cached_reference_logps,
     completion_sequence_logprobs,
     folder_fingerprint,
 )
@@ -204,21 +204,9 @@ def precompute_reference(
 ) -> dict[str, Any]:
     """Reference log-probs of each row's completion and KL sequence, once, cached on disk."""
     key = reference_cache_key(examples, loaded, config)
-    cache = Path(config.paths.ref_logps_dir) / f"{key}.pt"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(cache):
-        hit = cache.exists()
-        if hit:
-            logps = torch.load(cache)
-            print(f"lmstack: reference log-probs from the cache ({cache.name})", flush=True)
-        else:
-            logps = _reference_pass(module, examples, config.data.batch_size, collate)
-            torch.save(logps, cache.with_suffix(".tmp"))
-            cache.with_suffix(".tmp").rename(cache)
-            print(f"lmstack: reference log-probs of {len(examples)} rows cached", flush=True)
-    for example, pair in zip(examples, logps.tolist()):
-        example["ref_logps"] = pair
-    return {"ref/cache_hit": hit, "ref/passes": module.reference_passes}
+    batch_size = config.data.batch_size
+    compute = functools.partial(_reference_pass, module, examples, batch_size, collate)
+    return cached_reference_logps(module, config, key, examples, compute, "rows")
 
 
 def _reference_pass(

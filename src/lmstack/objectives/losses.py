@@ -23,6 +23,8 @@ from lmstack.config.groups.objective import (
     GRPO_IS_LEVELS,
     GRPO_LOSS_TYPES,
     GRPO_REWARD_SCALES,
+    KTO_LOSS_TYPES,
+    SIMPO_LOSS_TYPES,
 )
 
 
@@ -481,10 +483,6 @@ def orpo_loss(
     }
 
 
-# same tuple as lmstack.config.groups.objective.SIMPO_LOSS_TYPES
-SIMPO_LOSS_TYPES = ("simpo", "cpo")
-
-
 def simpo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -545,9 +543,6 @@ def simpo_loss(
         "nll": nll,
         **_preference_diagnostics(beta * chosen, beta * rejected),
     }
-
-
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:

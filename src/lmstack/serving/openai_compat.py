@@ -61,6 +61,9 @@ class RequestRejected(Exception):
         self.field = field_name
 
 
+MISSING_CONTEXT = object()
+
+
 @dataclass
 class ServedModel:
     """The model behind the gateway: the name clients use, the name the engine wants, its
@@ -71,6 +74,7 @@ class ServedModel:
     path: str = ""  # the model folder (tokenizer, config.json)
     engine: str = ""
     _tokenizer: Any = None
+    _context: Any = MISSING_CONTEXT  # not read yet (None: the model does not say)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -94,6 +98,12 @@ class ServedModel:
         return {k: v for k, v in config.items() if k != "transformers_version"}
 
     def context_length(self) -> int | None:
+        """The model's context, read from its config.json once (asked on every request)."""
+        if self._context is MISSING_CONTEXT:
+            self._context = self._read_context_length()
+        return self._context
+
+    def _read_context_length(self) -> int | None:
         try:
             config = json.loads((Path(self.path) / "config.json").read_text())
         except (OSError, ValueError):

@@ -131,7 +131,7 @@ class ORPOObjectiveConfig(ObjectiveConfig):
         require(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
 
 
-# same tuple as lmstack.objectives.losses.SIMPO_LOSS_TYPES, repeated so this module stays torch-free
+# SimPO's losses (objectives/losses.py: simpo_loss)
 SIMPO_LOSS_TYPES = ("simpo", "cpo")
 
 
@@ -166,7 +166,7 @@ class SimPOObjectiveConfig(ObjectiveConfig):
         )
 
 
-# same tuple as lmstack.objectives.losses.KTO_LOSS_TYPES, repeated so this module stays torch-free
+# KTO's losses by TRL's names (objectives/losses.py: kto_loss)
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
