@@ -232,7 +232,7 @@ def test_schema_choices_match_the_losses():
         (("objective.loss_type=bogus",), ("objective.loss_type", "bogus", "dr_grpo")),
         (("objective.importance_sampling_level=word",), ("objective.importance_sampling_level",)),
         (("objective.scale_rewards=global",), ("objective.scale_rewards", "global")),
-        (("objective.dynamic_sampling=resample",), ("objective.dynamic_sampling", "resample")),
+        (("objective.dynamic_sampling=sometimes",), ("objective.dynamic_sampling", "resample")),
         (("objective.overlong_buffer=24",), ("objective.overlong_buffer",)),
     ],
 )

@@ -21,6 +21,7 @@ from lmstack.config.groups.objective import (
     GRPOObjectiveConfig,
     KTOObjectiveConfig,
     ObjectiveConfig,
+    OnlineDPOObjectiveConfig,
     ORPOObjectiveConfig,
     PPOObjectiveConfig,
     PretrainObjectiveConfig,
@@ -99,5 +100,9 @@ for _spec in (
     ObjectiveSpec("ppo", PPOObjectiveConfig, "lmstack.objectives.ppo", ("prompt",)),
     ObjectiveSpec("grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",)),
     ObjectiveSpec("rloo", RLOOObjectiveConfig, "lmstack.objectives.rloo", ("prompt",)),
+    # prompts only: the pairs are sampled on-policy each step and ranked by the rewards
+    ObjectiveSpec(
+        "online_dpo", OnlineDPOObjectiveConfig, "lmstack.objectives.online_dpo", ("prompt",)
+    ),
 ):
     register_objective(_spec)

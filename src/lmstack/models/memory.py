@@ -58,7 +58,9 @@ LOGIT_COPIES = 1.5
 # of float32's); 16-true precisions keep everything in 16 bits
 ACTIVATION_BYTES = {"mixed": 2.75, "true": 2}
 # orpo and simpo (cpo too) are reference-free: no frozen copy, no reference pass
-REFERENCE_OBJECTIVES = ("dpo", "kto", "ppo", "grpo", "rloo")
+REFERENCE_OBJECTIVES = ("dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
+# objectives that sample completions of prompts (a KV cache, max_new_tokens more a sequence)
+ROLLOUT_OBJECTIVES = ("ppo", "grpo", "rloo", "online_dpo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
 # the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
@@ -330,7 +332,7 @@ def plan_memory(
         notes["reward model"] = "assumed the policy's size (objective.reward_model)"
         terms["value head"] = (shape.hidden_size + 1) * 4 * 4
         notes["value head"] = "weights, gradient and AdamW moments"
-    if objective in ("ppo", "grpo", "rloo"):
+    if objective in ROLLOUT_OBJECTIVES:
         samples = config.data.batch_size // world * getattr(config.objective, "group_size", 1)
         length = config.data.max_length + config.objective.max_new_tokens
         kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dense
@@ -417,7 +419,7 @@ def tokens_per_step(rows: Any, config: Any, tokenizer_file: Path | None) -> int:
     if not lengths:
         return per_device * config.data.max_length
     objective = config.objective.name
-    if objective in ("ppo", "grpo", "rloo"):
+    if objective in ROLLOUT_OBJECTIVES:
         new_tokens = config.objective.max_new_tokens
         samples = getattr(config.objective, "group_size", 1)
         return per_device * samples * (lengths[-1] + new_tokens)
@@ -437,7 +439,7 @@ def _sequence_lengths(rows: Any, config: Any, tokenizer_file: Path | None) -> li
             text = max(
                 text, f"{_text(row.get('prompt', ''))} {_text(row.get('rejected', ''))}", key=len
             )
-        elif config.objective.name in ("ppo", "grpo", "rloo"):
+        elif config.objective.name in ROLLOUT_OBJECTIVES:
             text = _text(row.get("prompt", row.get("messages", "")))
         else:
             text = _text(row)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.fabric.utilities import move_data_to_device
 
+from lmstack.data.prompts import build_prompt_loader
 from lmstack.errors import DataError
 from lmstack.objectives import Objective, ObjectiveSetup
 from lmstack.objectives.losses import (
@@ -61,7 +63,17 @@ def group_rollout_setup(module_class: type) -> Any:
             loaded.tokenizer,
             config.trainer.gradient_clip_val,
         )
-        return prompt_setup(config, loaded, rows, module)
+        setup = prompt_setup(config, loaded, rows, module)
+        if getattr(objective, "dynamic_sampling", "off") == "resample":
+            # its own shuffle (seed + 1) and position: Lightning's loader, whose sampler keeps
+            # the resumable epoch position, is never iterated twice
+            module.extra_prompts = build_prompt_loader(
+                setup.train_loader.dataset,
+                config.data.batch_size,
+                config.seed + 1,
+                loaded.tokenizer.pad_token_id,
+            )
+        return setup
 
     return setup
 
@@ -86,11 +98,18 @@ def require_answers(rewards: list[Any], rows: Any) -> None:
 
 
 @dataclass
-class Rollout(Sampled):
-    """G sampled completions per prompt, row ``b * G + g`` for prompt ``b``'s sample ``g``."""
+class Scored(Sampled):
+    """G sampled completions per prompt, row ``b * G + g`` for prompt ``b``'s sample ``g``,
+    with their rewards."""
 
     rewards: torch.Tensor  # (N,) weighted sum
     parts: dict[str, torch.Tensor]  # each reward function's (N,) scores
+
+
+@dataclass
+class Rollout(Scored):
+    """GRPO's scored samples with their advantages and reference log-probs."""
+
     advantages: torch.Tensor  # (N,)
     ref_logps: torch.Tensor | None  # (N, L); None when beta = 0
     groups_dropped: int = 0  # groups left out of the update by dynamic sampling
@@ -106,7 +125,71 @@ class Rollout(Sampled):
         return Rollout(**fields)
 
 
-class GRPOModule(RolloutModule):
+class ScoredRolloutModule(RolloutModule):
+    """An objective on scored on-policy samples (GRPO, RLOO, online DPO): ``group_size``
+    completions of each prompt, scored by the weighted reward functions (plus DAPO's overlong
+    penalty), watched for a constant reward in the first steps and saved as samples; held-out
+    prompts answered greedily and scored the same way."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Any,
+        total_steps: int,
+        reward_functions: list,
+        tokenizer: Any,
+        gradient_clip_val: float = 0.0,
+        needs_reference: bool = True,
+    ):
+        super().__init__(
+            model, objective, total_steps, tokenizer, gradient_clip_val, needs_reference
+        )
+        self.reward_functions = reward_functions
+        self.reward_guard = RewardGuard(reward_functions, objective.reward_check_steps)
+
+    def score(self, batch: dict[str, Any], texts: list[str], num_samples: int):
+        """Weighted rewards and their parts for ``num_samples`` texts per prompt."""
+        prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
+        answers = [a for a in batch["answer"] for _ in range(num_samples)]
+        total, parts = score_completions(self.reward_functions, prompts, texts, answers)
+        return total.to(self.device), parts
+
+    @torch.no_grad()
+    def sample_scored(self, batch: dict[str, Any]) -> Scored:
+        """``group_size`` sampled completions of each prompt and their rewards."""
+        objective = self.objective
+        group = objective.group_size
+        sampled = self.sample(batch, group)
+        rewards, parts = self.score(batch, sampled.texts, group)
+        if objective.overlong_buffer > 0:
+            parts["overlong"] = overlong_penalty(
+                sampled.mask.sum(-1),
+                objective.max_new_tokens,
+                objective.overlong_buffer,
+                objective.overlong_penalty,
+            ).to(rewards.device)
+            rewards = rewards + parts["overlong"]
+        return Scored(**vars(sampled), rewards=rewards, parts=parts)
+
+    def watch_rewards(self, batch: dict[str, Any], scored: Scored) -> None:
+        """The constant-reward check of the first steps, and samples every log step."""
+        samples = rollout_samples(batch, scored, self.objective.group_size)
+        self.reward_guard.observe(scored.rewards, scored.parts, samples[0] if samples else {})
+        step = self.samples_due()
+        if step is not None:
+            save_samples(self, samples[: self.objective.samples_per_log], step)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Greedy completions of held-out prompts, scored by the same reward functions."""
+        texts = self.sample(batch, 1, greedy=True).texts
+        rewards, parts = self.score(batch, texts, 1)
+        size = rewards.numel()
+        self.log("val/reward_mean", rewards.mean(), prog_bar=True, batch_size=size)
+        for key, scores in parts.items():
+            self.log(f"val/reward_{key}", scores.float().mean(), batch_size=size)
+
+
+class GRPOModule(ScoredRolloutModule):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -121,45 +204,28 @@ class GRPOModule(RolloutModule):
             model,
             objective,
             total_steps,
+            reward_functions,
             tokenizer,
             gradient_clip_val,
             needs_reference=objective.beta > 0,
         )
-        self.reward_functions = reward_functions
-        self.reward_guard = RewardGuard(reward_functions, objective.reward_check_steps)
+        # dynamic_sampling=resample's prompts (group_rollout_setup sets them) and its place in them
+        self.extra_prompts: Any = None
+        self.extra_batches: Any = iter(())
 
     # rollouts
-
-    def score(self, batch: dict[str, Any], texts: list[str], num_samples: int):
-        """Weighted rewards and their parts for ``num_samples`` texts per prompt."""
-        prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
-        answers = [a for a in batch["answer"] for _ in range(num_samples)]
-        total, parts = score_completions(self.reward_functions, prompts, texts, answers)
-        return total.to(self.device), parts
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         objective = self.objective
-        group = objective.group_size
-        sampled = self.sample(batch, group)
-        rewards, parts = self.score(batch, sampled.texts, group)
-        if objective.overlong_buffer > 0:
-            parts["overlong"] = overlong_penalty(
-                sampled.mask.sum(-1),
-                objective.max_new_tokens,
-                objective.overlong_buffer,
-                objective.overlong_penalty,
-            ).to(rewards.device)
-            rewards = rewards + parts["overlong"]
+        scored = self.sample_scored(batch)
         if objective.mask_truncated_completions:
             # no EOS: cut off at max_new_tokens, so its reward judges an unfinished answer
-            finished = (sampled.completions == self.tokenizer.eos_token_id).any(-1, keepdim=True)
-            sampled.mask = sampled.mask & finished
+            finished = (scored.completions == self.tokenizer.eos_token_id).any(-1, keepdim=True)
+            scored.mask = scored.mask & finished
         rollout = Rollout(
-            **vars(sampled),
-            rewards=rewards,
-            parts=parts,
-            advantages=self.group_advantages(rewards),
+            **vars(scored),
+            advantages=self.group_advantages(scored.rewards),
             ref_logps=None,
         )
         if objective.beta > 0:
@@ -191,12 +257,7 @@ class GRPOModule(RolloutModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
         self.watch_rewards(batch, rollout)
-        trained = rollout
-        if self.objective.dynamic_sampling == "drop":
-            trained = drop_uniform_groups(rollout, self.objective.group_size)
-            dropped = float(rollout.groups_dropped)
-            size = rollout.rewards.numel()
-            self.log("train/groups_dropped", dropped, batch_size=size, sync_dist=True)
+        trained = self.dynamic_sample(rollout)
         old_logps = None
         for _ in range(self.objective.iterations):
             logps = self.policy_logps(self.model, trained)
@@ -219,13 +280,72 @@ class GRPOModule(RolloutModule):
         self.publish_policy()
         self.log_rollout(rollout, result)
 
-    def watch_rewards(self, batch: dict[str, Any], rollout: Rollout) -> None:
-        """The constant-reward check of the first steps, and samples every log step."""
-        samples = rollout_samples(batch, rollout, self.objective.group_size)
-        self.reward_guard.observe(rollout.rewards, rollout.parts, samples[0] if samples else {})
-        step = self.samples_due()
-        if step is not None:
-            save_samples(self, samples[: self.objective.samples_per_log], step)
+    def dynamic_sample(self, rollout: Rollout) -> Rollout:
+        """The rollout the update trains on (objective.dynamic_sampling; DAPO, Yu et al.
+        2025): the batch (off), its groups whose rewards differ (drop), or such groups until
+        the batch is full of them (resample). The counts are logged."""
+        mode, group = self.objective.dynamic_sampling, self.objective.group_size
+        if mode == "off":
+            return rollout
+        if mode == "drop":
+            trained = drop_uniform_groups(rollout, group)
+            self.log_counts(groups_dropped=rollout.groups_dropped)
+        else:
+            trained = self.resample(rollout)
+        self.log_counts(groups_trained=trained.rewards.numel() // group)
+        return trained
+
+    def resample(self, rollout: Rollout) -> Rollout:
+        """DAPO's dynamic sampling (Yu et al. 2025, Algorithm 1): keep the batch's groups whose
+        rewards differ and roll out further batches of prompts (``extra_prompts``: the
+        training prompts in a second shuffle, so the epoch's own are not used up) until as
+        many such groups as the batch has prompts are gathered, at most
+        ``max_resample_rounds`` batches more; short of that it trains on what it gathered
+        (train/resample_bound_hit = 1), and with no such group at all on the batch whole, as
+        ``drop`` does. The advantages are each batch's own (the same with scale_rewards=group
+        or none)."""
+        objective, group = self.objective, self.objective.group_size
+        wanted = rollout.rewards.numel() // group
+        kept = [varied_groups(rollout, group)]
+        dropped, rounds = kept[0].groups_dropped, 0
+        gathered = kept[0].rewards.numel() // group
+        # every rank rolls out as many rounds (generation under FSDP gathers weights together)
+        while rounds < objective.max_resample_rounds and self.any_rank(gathered < wanted):
+            extra = varied_groups(self.rollout(self.next_prompts()), group)
+            rounds += 1
+            dropped += extra.groups_dropped
+            kept.append(extra)
+            gathered += extra.rewards.numel() // group
+        self.log_counts(
+            groups_dropped=dropped,
+            groups_resampled=rounds * wanted,
+            resample_rounds=rounds,
+            resample_bound_hit=int(gathered < wanted),
+        )
+        if gathered == 0:
+            return rollout
+        joined = join_rollouts(kept, self.tokenizer.pad_token_id)
+        rows = torch.arange(joined.rewards.numel(), device=joined.rewards.device)
+        return joined.rows(rows < wanted * group)
+
+    def next_prompts(self) -> dict[str, Any]:
+        """The next batch of ``extra_prompts`` (restarted at its end), on this device."""
+        batch = next(self.extra_batches, None)
+        if batch is None:
+            self.extra_batches = iter(self.extra_prompts)
+            batch = next(self.extra_batches)
+        return move_data_to_device(batch, self.device)
+
+    def any_rank(self, decision: bool) -> bool:
+        """``decision`` on any rank (this process's own without a trainer)."""
+        if self._trainer is None:
+            return decision
+        return self.trainer.strategy.reduce_boolean_decision(decision, all=False)
+
+    def log_counts(self, **counts: int) -> None:
+        """Counts of this update (summed over ranks)."""
+        for key, count in counts.items():
+            self.log(f"train/{key}", float(count), batch_size=1, sync_dist=True, reduce_fx="sum")
 
     def log_rollout(self, rollout: Rollout, result: dict[str, torch.Tensor]) -> None:
         """Statistics of the batch's rollouts and of its last policy update."""
@@ -249,14 +369,44 @@ class GRPOModule(RolloutModule):
         lengths = rollout.mask.sum(-1).float()
         self.log("train/completion_length", lengths.mean(), batch_size=size, sync_dist=True)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Greedy completions of held-out prompts, scored by the same reward functions."""
-        texts = self.sample(batch, 1, greedy=True).texts
-        rewards, parts = self.score(batch, texts, 1)
-        size = rewards.numel()
-        self.log("val/reward_mean", rewards.mean(), prog_bar=True, batch_size=size)
-        for key, scores in parts.items():
-            self.log(f"val/reward_{key}", scores.float().mean(), batch_size=size)
+
+def varied_groups(rollout: Rollout, group_size: int) -> Rollout:
+    """The groups of ``rollout`` whose rewards differ (maybe none); the others are counted on
+    the result's ``groups_dropped``."""
+    uniform = uniform_groups(rollout.rewards, group_size)
+    varied = rollout.rows((~uniform).repeat_interleave(group_size))
+    varied.groups_dropped = int(uniform.sum())
+    return varied
+
+
+def join_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of several batches' rollouts, in order: prompts left-padded and
+    completions right-padded (masked out) to the widest."""
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    width = max(r.completions.shape[1] for r in rollouts)
+
+    def joined(name: str, columns: int, fill: Any, left: bool = False) -> torch.Tensor:
+        return torch.cat([pad_columns(getattr(r, name), columns, fill, left) for r in rollouts])
+
+    first = rollouts[0]
+    return Rollout(
+        prompt_ids=joined("prompt_ids", prompt_width, pad_token_id, left=True),
+        prompt_mask=joined("prompt_mask", prompt_width, 0, left=True),
+        completions=joined("completions", width, pad_token_id),
+        mask=joined("mask", width, False),
+        texts=[text for r in rollouts for text in r.texts],
+        rewards=torch.cat([r.rewards for r in rollouts]),
+        parts={key: torch.cat([r.parts[key] for r in rollouts]) for key in first.parts},
+        advantages=torch.cat([r.advantages for r in rollouts]),
+        ref_logps=None if first.ref_logps is None else joined("ref_logps", width, 0.0),
+        groups_dropped=sum(r.groups_dropped for r in rollouts),
+    )
+
+
+def pad_columns(tensor: torch.Tensor, columns: int, fill: Any, left: bool) -> torch.Tensor:
+    """``tensor`` (rows, c) widened to ``columns`` with ``fill``, on the left or the right."""
+    padding = tensor.new_full((tensor.shape[0], columns - tensor.shape[1]), fill)
+    return torch.cat([padding, tensor] if left else [tensor, padding], dim=1)
 
 
 def drop_uniform_groups(rollout: Rollout, group_size: int) -> Rollout:

@@ -134,8 +134,8 @@ class RewardGuard:
             raise ConstantRewardError(
                 f"objective.rewards: the reward ({', '.join(constant)}) was the same for every "
                 f"completion in each of the first {self.steps} steps (value "
-                f"{float(total.flatten()[0]):g}): GRPO has nothing to learn from. Check that "
-                f"the reward fits your rows; a sample: {describe(sample)} "
+                f"{float(total.flatten()[0]):g}): completions that all score alike teach "
+                f"nothing. Check that the reward fits your rows; a sample: {describe(sample)} "
                 "(objective.reward_check_steps=0 turns this check off)"
             )
 

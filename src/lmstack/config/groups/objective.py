@@ -35,7 +35,7 @@ DPO_LOSS_TYPES = (
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 GRPO_IS_LEVELS = ("token", "sequence")
 GRPO_REWARD_SCALES = ("group", "batch", "none")
-GRPO_DYNAMIC_SAMPLING = ("off", "drop")
+GRPO_DYNAMIC_SAMPLING = ("off", "drop", "resample")
 
 
 @dataclass
@@ -64,8 +64,10 @@ class SFTObjectiveConfig(ObjectiveConfig):
 
 
 @dataclass
-class DPOObjectiveConfig(ObjectiveConfig):
-    name: str = "dpo"
+class DPOLossConfig(ObjectiveConfig):
+    """The DPO loss family's knobs (objectives/losses.py: dpo_loss), shared by DPO on stored
+    pairs and online DPO on sampled ones."""
+
     lr: float = 5e-4
     # strength of the pull towards the reference model (the KL weight)
     beta: float = 0.1
@@ -78,9 +80,6 @@ class DPOObjectiveConfig(ObjectiveConfig):
     label_smoothing: float = 0.0
     # DiscoPOP's temperature of the logistic/exponential mix (the paper's 0.05)
     discopop_tau: float = 0.05
-    # reference log-probs computed once before training and cached on disk (keyed by
-    # model, tokenizer and data), so a sweep over beta or loss reuses them
-    precompute_ref: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +112,14 @@ class DPOObjectiveConfig(ObjectiveConfig):
         """`loss_type` as a list (one name, or the names of a weighted mix)."""
         given = self.loss_type
         return list(given) if isinstance(given, list | tuple) else [given]
+
+
+@dataclass
+class DPOObjectiveConfig(DPOLossConfig):
+    name: str = "dpo"
+    # reference log-probs computed once before training and cached on disk (keyed by
+    # model, tokenizer and data), so a sweep over beta or loss reuses them
+    precompute_ref: bool = False
 
 
 @dataclass
@@ -290,26 +297,18 @@ class RewardFunctionConfig:
 
 
 @dataclass
-class GroupRolloutObjectiveConfig(ObjectiveConfig):
-    """What GRPO and RLOO share: a group of sampled completions per prompt, scored by weighted
-    reward functions, and a clipped policy ratio."""
+class SampledRewardsConfig(ObjectiveConfig):
+    """What the objectives on scored on-policy samples share (GRPO, RLOO, online DPO): a group
+    of completions sampled per prompt, scored by weighted reward functions."""
 
     lr: float = 5e-4
-    # completions sampled per prompt; advantages are relative to the group
+    # completions sampled per prompt (GRPO, RLOO: advantages are relative to the group;
+    # online DPO: its best and worst make the pair)
     group_size: int = 4
-    # weight of the KL penalty to the reference (0: no reference pass)
-    beta: float = 0.04
-    # the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high] (DAPO's clip-higher: 0.28)
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
     # DAPO's soft overlong punishment: the last overlong_buffer tokens of max_new_tokens ramp a
     # penalty from 0 to -overlong_penalty (0: off)
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
-    # zero the loss of completions cut off at max_new_tokens (TRL's mask_truncated_completions)
-    mask_truncated_completions: bool = False
-    # policy updates per batch of rollouts
-    iterations: int = 1
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
@@ -319,7 +318,7 @@ class GroupRolloutObjectiveConfig(ObjectiveConfig):
     # a total reward that is the same for every completion in each of the first N steps stops
     # the run with an error naming the reward (0: warn only)
     reward_check_steps: int = 5
-    # sampled completions saved (samples/grpo.jsonl, a W&B table) every trainer log step
+    # sampled completions saved (samples/<objective>.jsonl, a W&B table) every trainer log step
     samples_per_log: int = 4
     rewards: list[RewardFunctionConfig] = field(
         default_factory=lambda: [
@@ -335,16 +334,6 @@ class GroupRolloutObjectiveConfig(ObjectiveConfig):
             "objective.group_size",
             f"{self.name.upper()} needs at least 2 completions per prompt, got {self.group_size}",
         )
-        require(self.beta >= 0, "objective.beta", f"must be >= 0, got {self.beta}")
-        for key in ("clip_eps_low", "clip_eps_high"):
-            value = getattr(self, key)
-            require(value > 0, f"objective.{key}", f"must be > 0, got {value}")
-        require(
-            self.clip_eps_high >= self.clip_eps_low,
-            "objective.clip_eps_high",
-            f"must be >= objective.clip_eps_low ({self.clip_eps_low}), got {self.clip_eps_high}",
-        )
-        require(self.iterations >= 1, "objective.iterations", "must be >= 1")
         require(self.max_new_tokens > 0, "objective.max_new_tokens", "must be positive")
         require(
             0 <= self.overlong_buffer < self.max_new_tokens,
@@ -366,6 +355,35 @@ class GroupRolloutObjectiveConfig(ObjectiveConfig):
 
 
 @dataclass
+class GroupRolloutObjectiveConfig(SampledRewardsConfig):
+    """What GRPO and RLOO share: group-relative advantages of the scored samples and a clipped
+    policy ratio."""
+
+    # weight of the KL penalty to the reference (0: no reference pass)
+    beta: float = 0.04
+    # the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high] (DAPO's clip-higher: 0.28)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    # zero the loss of completions cut off at max_new_tokens (TRL's mask_truncated_completions)
+    mask_truncated_completions: bool = False
+    # policy updates per batch of rollouts
+    iterations: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.beta >= 0, "objective.beta", f"must be >= 0, got {self.beta}")
+        for key in ("clip_eps_low", "clip_eps_high"):
+            value = getattr(self, key)
+            require(value > 0, f"objective.{key}", f"must be > 0, got {value}")
+        require(
+            self.clip_eps_high >= self.clip_eps_low,
+            "objective.clip_eps_high",
+            f"must be >= objective.clip_eps_low ({self.clip_eps_low}), got {self.clip_eps_high}",
+        )
+        require(self.iterations >= 1, "objective.iterations", "must be >= 1")
+
+
+@dataclass
 class GRPOObjectiveConfig(GroupRolloutObjectiveConfig):
     """GRPO (Shao et al. 2024) and its variants, by TRL 1.16's option names."""
 
@@ -376,8 +394,12 @@ class GRPOObjectiveConfig(GroupRolloutObjectiveConfig):
     importance_sampling_level: str = "token"
     # advantage divisor: group | batch (std over the batch) | none (Dr. GRPO: no std)
     scale_rewards: str = "group"
-    # off | drop: train only on groups whose rewards differ (logged: train/groups_dropped)
+    # off | drop: train only on groups whose rewards differ (logged: train/groups_dropped) |
+    # resample: and sample new prompts' groups until the batch is full of such groups (DAPO)
     dynamic_sampling: str = "off"
+    # resample: at most this many extra batches of prompts sampled per update; then it trains
+    # on what it has (logged: train/resample_bound_hit)
+    max_resample_rounds: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -387,6 +409,11 @@ class GRPOObjectiveConfig(GroupRolloutObjectiveConfig):
         )
         require_choice(self.scale_rewards, GRPO_REWARD_SCALES, "objective.scale_rewards")
         require_choice(self.dynamic_sampling, GRPO_DYNAMIC_SAMPLING, "objective.dynamic_sampling")
+        require(
+            self.max_resample_rounds >= 1,
+            "objective.max_resample_rounds",
+            f"must be >= 1 (dynamic_sampling=drop samples no more), got {self.max_resample_rounds}",
+        )
         # GSPO optimises a per-sequence objective; a token-summed loss would weight each
         # sequence's single ratio by its length (TRL warns; here it is refused)
         require(
@@ -404,3 +431,15 @@ class RLOOObjectiveConfig(GroupRolloutObjectiveConfig):
 
     name: str = "rloo"
     beta: float = 0.05
+
+
+@dataclass
+class OnlineDPOObjectiveConfig(SampledRewardsConfig, DPOLossConfig):
+    """Online DPO (Guo et al. 2024): each step, completions sampled on-policy per prompt and
+    scored by the reward functions; the best and worst of a prompt's group are a pair for the
+    DPO loss family (DPOLossConfig) against the reference. Equal rewards: no pair."""
+
+    name: str = "online_dpo"
+    # two completions a prompt, as the paper and TRL; more: the best against the worst of the
+    # group (Yuan et al. 2024, Self-Rewarding LMs), fewer ties, more sampling
+    group_size: int = 2
