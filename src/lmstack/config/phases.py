@@ -35,7 +35,14 @@ PHASES: dict[str, PhaseSpec] = {
     "train": PhaseSpec(
         "lmstack.phases.train",
         TRAIN_READS,
-        (("verify/score_after", "maximize"), ("val/loss", "minimize"), ("train/loss", "minimize")),
+        # a preference objective's held-out reward accuracy before its val/loss: losses of
+        # different objectives (dpo, kto, orpo, simpo) do not compare, their accuracies do
+        (
+            ("verify/score_after", "maximize"),
+            ("val/reward_accuracy", "maximize"),
+            ("val/loss", "minimize"),
+            ("train/loss", "minimize"),
+        ),
     ),
     # a pipeline's figure is its last stage's (keys carry the stage's name: dpo/val/loss)
     "pipeline": PhaseSpec(

@@ -87,6 +87,9 @@ class SweepConfig:
     metric: str = ""
     # maximize | minimize | auto (the direction the phase declares for the metric)
     direction: SweepDirection = SweepDirection.auto
+    # the metrics.json keys summary.md's table shows, in order (empty: the sweep metric and
+    # the headline figures found); summary.csv holds every metric either way
+    columns: list[str] = field(default_factory=list)
 
 
 @dataclass

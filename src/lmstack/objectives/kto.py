@@ -78,12 +78,13 @@ def setup(config: Any, loaded: Any, rows: Any) -> ObjectiveSetup:
 
 def unpaired_rows(items: list[dict], fmt: str) -> list[dict]:
     """Rows as ``{prompt, completion, label}``: a preference pair becomes its chosen answer
-    (desirable) and its rejected one (undesirable), next to each other."""
+    (desirable) and its rejected one (undesirable), next to each other, both with the pair's
+    index as ``pair`` (held-out accuracy is then measured pair by pair, as DPO's)."""
     if fmt != "preference":
         return list(items)
     return [
-        {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
-        for row in items
+        {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen", "pair": index}
+        for index, row in enumerate(items)
         for side in ("chosen", "rejected")
     ]
 
@@ -104,6 +105,7 @@ def encode_unpaired(
             "completion": join(prompt, chats[index][1]),
             "kl": join(prompt, chats[partners[index]][1]),
             "desirable": bool(row["label"]),
+            "pair": row.get("pair"),
         }
         for index, (row, (prompt, _)) in enumerate(zip(items, chats))
     ]
@@ -180,6 +182,8 @@ class KTOCollator:
             "kl": self._collate([e["kl"] for e in examples]),
             "desirable": torch.tensor([e["desirable"] for e in examples]),
         }
+        if all(e.get("pair") is not None for e in examples):  # halves of preference pairs
+            batch["pair"] = torch.tensor([e["pair"] for e in examples])
         if "ref_logps" in examples[0]:  # precomputed: [own completion, KL sequence]
             batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
         return batch
@@ -281,9 +285,36 @@ class KTOModule(ReferencedModule):
         self.log("val/loss", result["loss"], prog_bar=True, batch_size=rows)
         self.log("val/kl", result["kl"], batch_size=rows)
         self.log("val/reward_margin", result["margin"], batch_size=rows)
-        # desirable over undesirable rewards, pairwise in each batch; chance (and a policy
-        # equal to the reference) is 0.5
+        if "pair" in batch:  # split preference pairs: accuracy pair by pair, at the epoch's end
+            self.held_out_rewards.append((batch["pair"], batch["desirable"], result["rewards"]))
+            return
+        # unpaired rows: desirable over undesirable rewards, every (desirable, undesirable)
+        # couple in each batch; chance (and a policy equal to the reference) is 0.5
         self.log("val/reward_accuracy", result["accuracy"], batch_size=rows)
+
+    def on_validation_epoch_start(self) -> None:
+        self.held_out_rewards: list[tuple[torch.Tensor, ...]] = []
+
+    def on_validation_epoch_end(self) -> None:
+        if self.held_out_rewards:
+            pair, desirable, rewards = (torch.cat(part) for part in zip(*self.held_out_rewards))
+            self.log("val/reward_accuracy", paired_accuracy(pair, desirable, rewards))
+        self.held_out_rewards = []
+
+
+def paired_accuracy(pair: torch.Tensor, desirable: torch.Tensor, rewards: torch.Tensor):
+    """Share of preference pairs whose chosen (desirable) row's reward beats its rejected
+    row's, a tie counting half: DPO's held-out reward accuracy, so the two compare. Pairs
+    with a half dropped (too long, no target tokens) are left out; none left gives 0.5."""
+    chosen: dict[int, float] = {}
+    rejected: dict[int, float] = {}
+    for index, good, reward in zip(pair.tolist(), desirable.tolist(), rewards.tolist()):
+        (chosen if good else rejected)[index] = reward
+    both = chosen.keys() & rejected.keys()
+    if not both:
+        return torch.tensor(0.5)
+    wins = [float(chosen[i] > rejected[i]) + 0.5 * (chosen[i] == rejected[i]) for i in both]
+    return torch.tensor(sum(wins) / len(wins))
 
 
 # the objective's plug-in interface (lmstack.objectives.Objective)

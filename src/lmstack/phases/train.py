@@ -36,6 +36,7 @@ from lmstack.slurm import trainer_callbacks, trainer_plugins
 from lmstack.tracking.loggers import close_tracker, open_tracker, record, run_of
 from lmstack.tracking.progress import progress_bar
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
+from lmstack.tracking.throughput import ThroughputMeter
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         with rollout_engine(ctx, loaded, setup.module):
             trainer.fit(setup.module, setup.train_loader, ckpt_path=last_checkpoint(ctx))
         metrics |= rollout_speed(setup.module)
+        metrics |= fit_throughput(trainer)
         metrics["train/seconds"] = round(time.perf_counter() - started, 2)
         metrics |= {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
@@ -157,7 +159,7 @@ def build_trainer(ctx: RunContext, automatic_optimization: bool = True):
         num_sanity_val_steps=0,
         logger=logger,
         # under Slurm: save last.ckpt and requeue on the requeue signal (lmstack/slurm.py)
-        callbacks=[checkpoint, *bar, *trainer_callbacks(ctx.run_dir)],
+        callbacks=[checkpoint, *bar, *trainer_callbacks(ctx.run_dir), ThroughputMeter()],
         plugins=trainer_plugins(),
         default_root_dir=str(ctx.run_dir),
     )
@@ -224,6 +226,16 @@ def rollout_speed(module: Any) -> dict[str, float]:
         "train/rollout_tokens": float(module.rollout_tokens),
         "train/rollout_tokens_per_s": round(module.rollout_tokens / seconds, 2),
     }
+
+
+def fit_throughput(trainer: Any) -> dict[str, float]:
+    """Training tokens/s and peak memory of the fit (tracking/throughput.py); rollout
+    objectives report their generation speed instead (rollout_speed)."""
+    meter = next(c for c in trainer.callbacks if isinstance(c, ThroughputMeter))
+    figures = meter.metrics()
+    if getattr(trainer.lightning_module, "rollout_seconds", 0.0):
+        figures.pop("train/tokens_per_s", None)
+    return figures
 
 
 def print_summary(metrics: dict[str, Any]) -> None:

@@ -55,6 +55,7 @@ OPTUNA_RESULTS = "optimization_results.yaml"
 # is better comes from the phases' declarations (tracking/headline.py), not from these names
 QUALITY = re.compile(
     r"(^|/)verify/score_after$|(^|/)eval/.*(acc|score|exact_match|win_rate)|^bench/task_score$"
+    r"|(^|/)val/reward_accuracy$"
 )
 # phase=bench's task score (bench.score_prompts), written beside each point of its plots
 TASK_SCORE = "bench/task_score"
@@ -62,8 +63,8 @@ LATENCY = ("bench/e2el_ms_p50", "bench/ttft_ms_p50", "bench/tpot_ms_p50")
 MEMORY = re.compile(r"memory|peak_mem")
 THROUGHPUT = "bench/output_throughput"
 HEADLINE = re.compile(
-    r"(^|/)(verify/score_after|val/loss|train/loss)$|^bench/(output_throughput|ttft_ms_p50|"
-    r"tpot_ms_p50|e2el_ms_p50|failed|task_score)$|memory|^eval/"
+    r"(^|/)(verify/score_after|val/reward_accuracy|val/loss|train/loss)$|^bench/(output_throughput|"
+    r"ttft_ms_p50|tpot_ms_p50|e2el_ms_p50|failed|task_score)$|memory|tokens_per_s$|^eval/"
 )
 MAX_MARKDOWN_METRICS = 8
 MAX_SERIES = 8
@@ -229,6 +230,11 @@ def write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def headline_metrics(points: list[Point], metric_key: str | None) -> list[str]:
+    """The table's metric columns: the sweep file's `sweep.columns`, else the sweep metric and
+    the headline figures the points recorded."""
+    for point in points:
+        if columns := (point.config.get("sweep") or {}).get("columns"):
+            return list(columns)
     keys = [metric_key] if metric_key else []
     for point in points:
         keys += [k for k in point.metrics if HEADLINE.search(k) and k not in keys]
