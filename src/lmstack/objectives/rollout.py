@@ -189,16 +189,20 @@ def completion_forward(
     input_ids = torch.cat([prompt_ids, completions], dim=1)
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    start = prompt_ids.shape[1] - 1  # the logit at the last prompt column predicts token 0
+    # logits of the last prompt column (it predicts token 0) and the completion's only: with
+    # a 49k vocabulary the prompt columns' (N, P, V) logits and their gradient cost memory
+    kept = completions.shape[1] + 1
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
+        logits_to_keep=kept,
         **model_options,
     )
+    logits = output.logits[:, -kept:]  # an architecture that ignores logits_to_keep: sliced
     labels = torch.cat([prompt_ids[:, -1:], completions.masked_fill(~mask, -100)], dim=1)
-    logps, _ = token_logprobs(output.logits[:, start:] / temperature, labels)
+    logps, _ = token_logprobs(logits / temperature, labels)
     return logps, output
 
 
