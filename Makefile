@@ -61,7 +61,7 @@ test: install
 # (.ci/slurm_cluster.sh start) or minutes of the real model (`make smollm2`, part of install);
 # CI runs them after `make test`
 test-integration: install
-	$(BIN)/python -m pytest -m '(engines or slurm or real_model) and not slow and not gpu' $(ARGS)
+	$(BIN)/python -m pytest -m '(engines or slurm or real_model or e2e) and not slow and not gpu' $(ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(ARGS)

@@ -153,6 +153,7 @@ def test_a_repacked_4bit_layer_is_restored_to_the_differentiable_path():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(
     os.environ.get("ATEN_CPU_CAPABILITY") is not None
     or torch.backends.cpu.get_cpu_capability() != "AVX512",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import CACHE_DIR, FAST, run_cli, run_dirs
 
 
+@pytest.mark.e2e
 def test_dpo_starts_from_the_sft_run(tmp_path):
     sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
     run_cli(*FAST, "logger=none", "trainer.num_threads=1", output_dir=sft_out)

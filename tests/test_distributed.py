@@ -68,6 +68,7 @@ def assert_same_training(got: Path, want: Path, steps: int) -> None:
     assert any(value.abs().max() > 1e-6 for name, value in want_weights.items() if "lora_B" in name)
 
 
+@pytest.mark.e2e
 def test_ddp_sft_matches_one_process(tmp_path, tiny_base):
     two = run_cli(*DDP, *SHORT, output_dir=tmp_path / "ddp")
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in two.stdout + two.stderr

@@ -231,6 +231,7 @@ def test_exo_pair_without_label_smoothing_is_rejected_by_key(tmp_path):
     assert_rejected_early(result, "objective.label_smoothing", "exo_pair needs")
 
 
+@pytest.mark.e2e
 def test_hinge_loss_trains(tmp_path):
     """objective.loss_type=hinge on the built-in model (LoRA, default seed): the held-out
     hinge loss starts at 1 (policy = reference, margin 0) and falls.

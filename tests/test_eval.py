@@ -48,6 +48,7 @@ def eval_metrics(output_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.e2e
 def test_sft_run_scores_above_the_untuned_base_on_the_local_lm_eval_tasks(tmp_path, sft_sweep):
     """Margins measured over seeds (limit 30, `seed=1234,1,2,3,4,5`), on an Intel Xeon with
     AVX-512 and AMX (intel-x86_64-avx512-bf16-amx): exact match 0.00 (base) -> 0.73-0.90 after
@@ -112,6 +113,7 @@ def test_greedy_eval_in_process_and_served_agree(tmp_path, sft_sweep):
     assert sum(a == b for a, b in zip(*answers)) >= 15, answers
 
 
+@pytest.mark.e2e
 def test_arena_over_a_sweep_writes_ratings_intervals_and_a_plot(tmp_path, sft_sweep):
     evaluate(
         tmp_path,

@@ -39,6 +39,7 @@ def write_recipe(folder: Path, body: str = RECIPE) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_recipe_file_runs_a_pipeline_and_a_rerun_skips_its_stages(tmp_path):
     recipe = write_recipe(tmp_path)
     args = [f"recipe={recipe}", *FAST, "logger=none", "trainer.num_threads=1"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import assert_resumes_to_the_straight_result
 
 ARGS = [
@@ -16,5 +18,6 @@ ARGS = [
 ]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_base):
     assert_resumes_to_the_straight_result(ARGS, tmp_path)

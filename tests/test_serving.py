@@ -102,6 +102,7 @@ def test_openai_client_chats_with_a_served_run(sft_run, tmp_path):
     assert not engines_serving(str(sft_run)), "the engine outlived phase=serve"
 
 
+@pytest.mark.e2e
 def test_bench_grid_over_quantization_and_concurrency(sft_run, tmp_path):
     run_cli(
         "-m", *BENCH, f"serving.model={sft_run}", "serving.gateway=false",

@@ -102,6 +102,7 @@ def test_qlora_base_is_4bit_and_trains_fewer_bytes(tmp_path):
     assert only_run_dir(tmp_path).name.startswith("sft-qlora-nf4-")
 
 
+@pytest.mark.e2e
 def test_int8_base_with_lora_trains(tmp_path):
     run_cli(*FAST, "quantization=int8", "logger=none", output_dir=tmp_path)
     assert metrics_of(only_run_dir(tmp_path))["train/loss"] > 0
