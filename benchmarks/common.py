@@ -610,3 +610,31 @@ def trl_dataset(args: Any) -> Any:
     from datasets import Dataset
 
     return Dataset.from_list(conversational(read_rows(Path(args.data))))
+
+
+def train_trl(
+    trainer_class: Any,
+    make_config: Callable[[str], Any],
+    rows: Any,
+    args: Any,
+    count: float,
+    tokenizer_options: dict[str, Any] | None = None,
+    **trainer_options: Any,
+) -> None:
+    """One TRL child run: `trainer_class` on `rows` with `make_config(output_dir)`, the shared
+    LoRA settings and the model's tokenizer; prints the BENCH_RESULT line its parent reads
+    (`count`: the tokens, or updates, the time is divided into)."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trainer_class(
+            model=args.model,
+            args=make_config(out),
+            train_dataset=rows,
+            processing_class=AutoTokenizer.from_pretrained(args.model, **(tokenizer_options or {})),
+            peft_config=trl_lora_config(),
+            **trainer_options,
+        )
+        result = trainer.train()
+    figures = {"tokens": count, "train_s": result.metrics["train_runtime"]}
+    print("BENCH_RESULT " + json.dumps(figures), flush=True)

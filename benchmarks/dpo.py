@@ -17,9 +17,7 @@ training loop's (each side precomputes reference log-probs before it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,26 +46,17 @@ def lmstack_side(
 def trl_child(args) -> None:
     """One TRL DPOTrainer run, on its defaults but for the shared settings."""
     rows = common.trl_dataset(args)
-    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    with tempfile.TemporaryDirectory() as out:
-        config = DPOConfig(
+    def config(out: str) -> DPOConfig:
+        return DPOConfig(
             output_dir=out,
             **common.trl_training_options(args),
             max_length=args.max_length,
             precompute_ref_log_probs=args.child == "precompute_ref",
         )
-        trainer = DPOTrainer(
-            model=args.model,
-            args=config,
-            train_dataset=rows,
-            processing_class=AutoTokenizer.from_pretrained(args.model),
-            peft_config=common.trl_lora_config(),
-        )
-        result = trainer.train()
-    figures = {"tokens": args.tokens, "train_s": result.metrics["train_runtime"]}
-    print("BENCH_RESULT " + json.dumps(figures), flush=True)
+
+    common.train_trl(DPOTrainer, config, rows, args, count=args.tokens)
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,22 +100,11 @@ def trl_trainer_class(method: str):
 def trl_child(args) -> None:
     """One TRL run of --child (kto, orpo or simpo), on its defaults but for the shared settings."""
     rows = common.trl_dataset(args)
-    if "label" in common.read_rows(Path(args.data))[0]:  # KTO: the conversation keeps its label
-        labels = [row["label"] for row in common.read_rows(Path(args.data))]
-        rows = rows.add_column("label", labels)
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as out:
-        trainer = trl_trainer_class(args.child)(
-            model=args.model,
-            args=trl_config(args.child, out, args),
-            train_dataset=rows,
-            processing_class=AutoTokenizer.from_pretrained(args.model),
-            peft_config=common.trl_lora_config(),
-        )
-        result = trainer.train()
-    figures = {"tokens": args.tokens, "train_s": result.metrics["train_runtime"]}
-    print("BENCH_RESULT " + json.dumps(figures), flush=True)
+    source = common.read_rows(Path(args.data))
+    if "label" in source[0]:  # KTO: the conversation keeps its label
+        rows = rows.add_column("label", [row["label"] for row in source])
+    make_config = lambda out: trl_config(args.child, out, args)  # noqa: E731
+    common.train_trl(trl_trainer_class(args.child), make_config, rows, args, count=args.tokens)
 
 
 def main() -> None:

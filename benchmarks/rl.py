@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,6 @@ def trl_child(args) -> None:
 
     torch.set_num_threads(args.threads)
     from datasets import Dataset
-    from transformers import AutoTokenizer
 
     prompts = [
         {"prompt": [{"role": "user", "content": row["prompt"]}]}
@@ -118,8 +116,9 @@ def trl_child(args) -> None:
     options = common.trl_training_options(args)
     # TRL counts completions per device batch: B prompts x G samples, one generation a step
     options["per_device_train_batch_size"] = args.batch_size * args.group_size
-    with tempfile.TemporaryDirectory() as out:
-        config = Config(
+
+    def config(out: str) -> Any:
+        return Config(
             output_dir=out,
             **options,
             **extra,
@@ -133,17 +132,16 @@ def trl_child(args) -> None:
             num_iterations=1,
             use_vllm=False,
         )
-        trainer = Trainer(
-            model=args.model,
-            reward_funcs=[trl_distinct_words],
-            args=config,
-            train_dataset=Dataset.from_list(prompts),
-            processing_class=AutoTokenizer.from_pretrained(args.model, padding_side="left"),
-            peft_config=common.trl_lora_config(),
-        )
-        result = trainer.train()
-    figures = {"tokens": args.updates, "train_s": result.metrics["train_runtime"]}
-    print("BENCH_RESULT " + json.dumps(figures), flush=True)
+
+    common.train_trl(
+        Trainer,
+        config,
+        Dataset.from_list(prompts),
+        args,
+        count=args.updates,
+        tokenizer_options={"padding_side": "left"},
+        reward_funcs=[trl_distinct_words],
+    )
 
 
 def trl_side(method: str, model: Path, data: Path, args):
