@@ -29,7 +29,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--find-links /opt/wheels --index-strategy unsafe-best-match --quiet
 UV_VERSION ?= 0.13.9
 UV := .cache/tools/bin/uv
-EXTRAS := serve,slurm,optuna,joblib,gguf,dev,bench
+EXTRAS := serve,slurm,optuna,joblib,gguf,dev,bench,evals
 
 .PHONY: install smollm2 run test test-integration test-slow test-latest lint format clean engines lock
 

@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+from lmstack import judging
 from lmstack.evaluation import judge
 from lmstack.evaluation.arena import fit_bradley_terry, rate
 from lmstack.evaluation.faithfulness import context_qa_set, supported
@@ -228,12 +229,12 @@ def test_eval_config_errors_name_the_key(tmp_path, overrides, fragment):
 
 
 def test_parsers():
-    assert judge.parse_verdict("I pick [[B]].") == "B"
-    assert judge.parse_verdict("[[A]] no wait [[B]]") is None  # contradicts itself
-    assert judge.parse_verdict("A is better") is None
-    assert judge.parse_rating("Rating: [[7]]") == 0.7
-    assert judge.parse_rating("Rating: 3") == 0.3
-    assert judge.parse_rating("[[11]]") is None and judge.parse_rating("great") is None
+    assert judging.parse_verdict("I pick [[B]].") == "B"
+    assert judging.parse_verdict("[[A]] no wait [[B]]") is None  # contradicts itself
+    assert judging.parse_verdict("A is better") is None
+    assert judging.parse_rating("Rating: [[7]]") == 0.7
+    assert judging.parse_rating("Rating: 3") == 0.3
+    assert judging.parse_rating("[[11]]") is None and judging.parse_rating("great") is None
 
 
 def test_cohen_kappa_by_hand():

@@ -11,7 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_rejected_early, run_cli, run_dirs, run_one
+from lmstack.prompts import PROMPT_VERSION_HEADER
+
+from conftest import (
+    REPO,
+    assert_rejected_early,
+    chat_answer,
+    openai_server,
+    run_cli,
+    run_dirs,
+    run_one,
+)
 
 # the scorers of tests/reward_scorers.py, importable by the run
 SCORERS_ENV = {"PYTHONPATH": str(REPO / "tests")}
@@ -143,6 +153,11 @@ def test_pairs_are_each_groups_best_against_its_worst_and_ties_give_none():
     [
         ("objective.loss_type=bogus", ("objective.loss_type", "bogus", "sigmoid")),
         ("objective.group_size=1", ("objective.group_size: ONLINE_DPO needs at least 2",)),
+        ("objective.rewards=[{name:judge}]", ("objective.rewards[0].judge.base_url",)),
+        (
+            "objective.rewards=[{name:judge,judge:{base_url:'ftp://judge'}}]",
+            ("objective.rewards[0].judge.base_url", "not an http(s) URL"),
+        ),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path, override, fragments):
@@ -189,6 +204,46 @@ def test_online_dpo_end_to_end_writes_its_metrics(tmp_path):
     samples = [json.loads(line) for line in (run_dir / "samples" / "online_dpo.jsonl").open()]
     assert samples[0]["step"] == 0 and "reward_scorer" in samples[0]
     assert (run_dir / "adapter").is_dir()
+
+
+def judge_rating(answer: str) -> int:
+    """The test judge's rule: a longer answer rates higher (1..10)."""
+    return min(10, 1 + len(answer) // 4)
+
+
+def test_an_llm_judge_ranks_the_pairs(tmp_path):
+    """objective.rewards=[{name: judge}]: each completion goes to a real OpenAI-compatible
+    HTTP judge with the reference-guided rubric; its "Rating: [[N]]" is the reward N/10."""
+    asked = []
+
+    def reply(body, headers):
+        user = body["messages"][-1]["content"]
+        asked.append((user, headers.get(PROMPT_VERSION_HEADER)))
+        answer = user.split("[The assistant's answer]\n", 1)[1]
+        return chat_answer(f"Rating: [[{judge_rating(answer)}]]")
+
+    with openai_server("test-judge", reply) as url:
+        run_dir, metrics = run_one(
+            "objective=online_dpo",
+            "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false",
+            "data.train_size=16",
+            "data.eval_size=4",
+            "data.batch_size=4",
+            "verify.enabled=false",
+            "objective.max_new_tokens=12",
+            f"objective.rewards=[{{name:judge,judge:{{base_url:'{url}'}}}}]",
+            "logger=none",
+            "trainer.num_threads=1",
+            output_dir=tmp_path,
+        )
+    assert "train/reward_judge" in metrics and metrics["train/score_margin"] > 0
+    # the built-in rows carry their answer: every request used the reference-guided rubric
+    assert asked and all("[Reference solution]" in user for user, _ in asked)
+    assert all(version for _, version in asked)  # the rubric's version goes with each call
+    samples = [json.loads(line) for line in (run_dir / "samples" / "online_dpo.jsonl").open()]
+    for sample in samples:
+        assert sample["reward_judge"] == pytest.approx(judge_rating(sample["completion"]) / 10)
 
 
 @pytest.mark.slow

@@ -225,7 +225,7 @@ def warn_unparsed(session: Session, what: str, unparsed: int, total: int) -> Non
 def suite_judge(session: Session) -> dict[str, Any]:
     """Single-answer grades of the (first-sample) answers, reference-guided where a row has
     a reference; with eval.judge.compare_to, pairwise verdicts against that model too."""
-    from lmstack.evaluation.judge import grade
+    from lmstack.judging import grade
 
     judge_cfg, inputs = session.eval.judge, session.inputs
     rows, answers = session.rows(), [sampled[0] for sampled in session.answers()]

@@ -132,8 +132,7 @@ def judge_report(
     judge_cfg: Any,
 ) -> dict[str, Any]:
     """Support decided by the LLM judge ([[yes]] / [[no]]); unparseable replies counted."""
-    from lmstack.evaluation.judge import ask
-    from lmstack.evaluation.target import run_concurrently
+    from lmstack.judging import ask, run_concurrently
 
     rubric = load_prompt("judge_faithfulness")
     version = prompt_version(rubric)

@@ -222,7 +222,7 @@ class Session:
 
     def judge(self) -> Any:
         if self._judge is None:
-            from lmstack.evaluation.judge import connect
+            from lmstack.judging import connect
 
             self._judge = connect(self.eval.judge, self.endpoint)
         return self._judge

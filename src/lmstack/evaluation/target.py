@@ -13,12 +13,12 @@ first.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmstack.errors import ConfigError, LmstackError
+from lmstack.judging import run_concurrently
 from lmstack.models.adapters import adapter_base
 from lmstack.prompts import (
     PROMPT_VERSION_HEADER,
@@ -240,16 +240,3 @@ def _answer(url: str, create: Any, body: dict[str, Any], **more: Any) -> Any:
         raise LmstackError(f"{url}: the server cannot be reached ({error})") from None
     except openai_api.ErrorAnswer as error:
         raise LmstackError(f"{url}: {openai_api.describe(error)}") from None
-
-
-def run_concurrently(calls: list[Any], concurrency: int) -> list[Any]:
-    """Results in call order; the first failure is raised (no partial results returned)."""
-
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise

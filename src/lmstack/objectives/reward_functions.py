@@ -81,6 +81,48 @@ def reference_scorer(config: Any, index: int) -> Scorer:
     return scores
 
 
+def judge_scorer(config: Any, index: int) -> Scorer:
+    """An LLM judge's grade of each completion, N/10 for "Rating: [[N]]" (0 for a reply
+    without a rating; their count is printed): rubric config.judge.single_prompt with the
+    row's reference, conf/prompt/judge_open.yaml for a row without one."""
+    from lmstack.judging import connect, grade
+    from lmstack.prompts import load_prompt
+
+    key = f"objective.rewards[{index}].judge"
+    judge_cfg = config.judge
+    endpoint = connect(judge_cfg, key=key)
+    rubrics = {True: load_prompt(judge_cfg.single_prompt), False: load_prompt("judge_open")}
+
+    def scores(prompts, completions, answers):
+        items = [
+            {"question": prompt, "answer": completion, "reference": answer or ""}
+            for prompt, completion, answer in zip(prompts, completions, answers, strict=True)
+        ]
+        ratings: list[float | None] = [None] * len(items)
+        for referenced, rubric in rubrics.items():
+            wanted = [i for i, item in enumerate(items) if bool(item["reference"]) == referenced]
+            if wanted:
+                result = grade(
+                    endpoint,
+                    rubric,
+                    [items[i] for i in wanted],
+                    judge_cfg.max_tokens,
+                    judge_cfg.concurrency,
+                )
+                for i, rating in zip(wanted, result["ratings"], strict=True):
+                    ratings[i] = rating
+        unparsed = sum(rating is None for rating in ratings)
+        if unparsed:
+            print(
+                f"lmstack: warning: {key}: {unparsed} of {len(items)} judge replies held no "
+                "rating; they score 0",
+                flush=True,
+            )
+        return [0.0 if rating is None else rating for rating in ratings]
+
+    return scores
+
+
 REFERENCE_REWARDS = ("exact", "normalized", "numeric", "json_fields", "scorer")
 
 
@@ -96,6 +138,8 @@ def build_reward_functions(configs: list[Any]) -> list[RewardFunction]:
             scorer = format_scorer(config.pattern)
         elif config.name in REFERENCE_REWARDS:
             scorer = reference_scorer(config, index)
+        elif config.name == "judge":
+            scorer = judge_scorer(config, index)
         else:
             scorer = reward_model_scorer(config.path, f"objective.rewards[{index}].path")
         functions.append(RewardFunction(key, float(config.weight), scorer))

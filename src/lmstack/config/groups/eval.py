@@ -63,14 +63,14 @@ class JudgeConfig:
     # "base" (the model group's model without init_from) or a run directory; empty = off
     compare_to: str = ""
 
-    def check(self) -> None:
-        require(self.max_tokens >= 1, "eval.judge.max_tokens", "must be >= 1")
-        require(self.concurrency >= 1, "eval.judge.concurrency", "must be >= 1")
-        require(self.calibration_size >= 2, "eval.judge.calibration_size", "must be >= 2")
+    def check(self, key: str = "eval.judge") -> None:
+        require(self.max_tokens >= 1, f"{key}.max_tokens", "must be >= 1")
+        require(self.concurrency >= 1, f"{key}.concurrency", "must be >= 1")
+        require(self.calibration_size >= 2, f"{key}.calibration_size", "must be >= 2")
         if self.base_url:
             require(
                 self.base_url.startswith(("http://", "https://")),
-                "eval.judge.base_url",
+                f"{key}.base_url",
                 f"'{self.base_url}' is not an http(s) URL",
             )
 

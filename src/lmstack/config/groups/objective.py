@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from lmstack.config.groups.eval import JudgeConfig
 from lmstack.config.rules import require, require_choice
 
 ROLLOUT_ENGINES = ("in_process", "vllm")
@@ -265,6 +266,8 @@ GRPO_REWARDS = (
     "numeric",
     "json_fields",
     "scorer",
+    # an LLM judge's 1-10 grade of each completion, as N/10 (lmstack.judging)
+    "judge",
 )
 
 
@@ -273,7 +276,8 @@ class RewardFunctionConfig:
     """One weighted reward: verifier (the task's check of the row's answer), format (1 when
     `pattern` matches the completion), reward_model (a trained scorer at `path`), or a score
     against the row's reference: exact, normalized, numeric, json_fields, or scorer (your
-    function at `scorer`, an import path `pkg.module:function`)."""
+    function at `scorer`, an import path `pkg.module:function`), or judge (an LLM judge's
+    1-10 grade over HTTP, as N/10)."""
 
     name: str = MISSING
     weight: float = 1.0
@@ -285,6 +289,9 @@ class RewardFunctionConfig:
     tolerance: float = 1e-6
     # scorer: `pkg.module:function` taking (completion, reference, row) -> number
     scorer: str | None = None
+    # judge: the OpenAI-compatible judge and its rubric (single_prompt, with the row's
+    # reference; rows without one are graded by conf/prompt/judge_open.yaml)
+    judge: JudgeConfig | None = None
 
     def check(self, key: str) -> None:
         require_choice(self.name, GRPO_REWARDS, f"{key}.name")
@@ -294,6 +301,14 @@ class RewardFunctionConfig:
             require(bool(self.path), f"{key}.path", "the reward_model reward needs a run dir")
         if self.name == "scorer":
             require(bool(self.scorer), f"{key}.scorer", "give an import path pkg.module:function")
+        if self.name == "judge":
+            require(
+                self.judge is not None and bool(self.judge.base_url),
+                f"{key}.judge.base_url",
+                "the judge reward needs a judge endpoint (…/v1); the model under training "
+                "cannot judge itself",
+            )
+            self.judge.check(f"{key}.judge")
 
 
 @dataclass
