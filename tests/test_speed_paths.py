@@ -138,7 +138,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_gradient_checkpointing_defaults_to_on_for_dpo_only():
+def test_gradient_checkpointing_defaults_to_on_where_the_objective_declares_it():
+    """Preference and rollout objectives hold several forward passes' activations at once
+    (chosen and rejected, or a group of completions), as TRL's configs assume; SFT, the
+    reward model, KTO (one sequence a row) and PPO (its value head reads every hidden state)
+    keep them."""
     from types import SimpleNamespace
 
     from lmstack.config.groups.trainer import TrainerConfig
@@ -151,8 +155,9 @@ def test_gradient_checkpointing_defaults_to_on_for_dpo_only():
         )
         return wants_gradient_checkpointing(config)
 
-    assert wants("dpo", None) and not wants("sft", None) and not wants("grpo", None)
-    assert not wants("dpo", False) and wants("sft", True)
+    assert all(wants(name, None) for name in ("dpo", "orpo", "simpo", "grpo", "rloo", "online_dpo"))
+    assert not any(wants(name, None) for name in ("sft", "kto", "reward", "ppo"))
+    assert not wants("dpo", False) and not wants("grpo", False) and wants("sft", True)
 
 
 def test_packed_attention_gradients_match_with_grouped_query_heads():
