@@ -136,6 +136,57 @@ def test_left_padded_rollout_logprobs_match_each_row_alone(tiny_base):
     assert (logps[~mask] == 0).all()
 
 
+def test_a_shared_prompt_cache_gives_the_full_rows_logprobs_and_gradients(tiny_base):
+    """Each distinct prompt run once, its cache read by its group's completions: the same
+    log-probs and LoRA gradients as every row run whole (left padding, early-stopped rows),
+    and the full rows again once the model checkpoints (its layers cannot read a cache)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmstack.objectives.rollout import (
+        completion_forward,
+        completion_logprobs,
+        shares_prompts,
+    )
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, torch_dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init gives A no gradient: nothing to compare
+            torch.nn.init.normal_(param, std=0.02)
+    model.train()
+    vocab, groups, samples, width, length = base.config.vocab_size, 3, 4, 12, 7
+    prompts = torch.randint(5, vocab, (groups, width))
+    prompt_mask = torch.ones(groups, width, dtype=torch.long)
+    prompt_mask[0, :4] = 0  # left padding
+    prompts[0, :4] = 0
+    prompt_ids = prompts.repeat_interleave(samples, 0)
+    prompt_mask = prompt_mask.repeat_interleave(samples, 0)
+    completions = torch.randint(5, vocab, (groups * samples, length))
+    mask = torch.ones_like(completions, dtype=torch.bool)
+    mask[1, 3:] = False  # a completion that ended early
+    inputs = (prompt_ids, prompt_mask, completions, mask)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    assert shares_prompts(model, prompt_ids)
+    shared = completion_logprobs(model, *inputs, temperature=0.7)
+    full, _ = completion_forward(model, *inputs, temperature=0.7)
+    assert torch.allclose(shared, full, atol=1e-5)
+    assert (shared[~mask] == 0).all()
+    shared_grads = torch.autograd.grad(shared.sum(), trained)
+    full_grads = torch.autograd.grad(full.sum(), trained)
+    for a, b in zip(shared_grads, full_grads, strict=True):
+        # float32 sums in another order: equal to 1e-5 of the gradient's scale
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    model.gradient_checkpointing_enable()
+    assert not shares_prompts(model, prompt_ids)
+    with torch.no_grad():  # no backward to replay: the cache can be read again
+        assert shares_prompts(model, prompt_ids)
+    assert not shares_prompts(model, prompts)  # every prompt distinct: nothing to share
+
+
 def test_grpo_end_to_end_writes_metrics(tmp_path):
     # one thread: with the CPU shared, torch's spinning threads make this run far slower.
     # The untuned base never earns a reward (all 0), which would stop the run after 5 steps:

@@ -98,11 +98,13 @@ for _spec in (
     ),
     ObjectiveSpec("reward", RewardObjectiveConfig, "lmstack.objectives.reward", ("preference",)),
     ObjectiveSpec("ppo", PPOObjectiveConfig, "lmstack.objectives.ppo", ("prompt",)),
-    # group_size sampled sequences a prompt make activations the memory limit: checkpointed
-    # by default, as TRL's GRPOConfig and RLOOConfig (generation runs in eval mode, with its
-    # KV cache, either way); on SmolLM2-135M GRPO peaked 17% above GRPOTrainer without it
-    ObjectiveSpec("grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",), True),
-    ObjectiveSpec("rloo", RLOOObjectiveConfig, "lmstack.objectives.rloo", ("prompt",), True),
+    # group_size sampled sequences a prompt: each distinct prompt runs once and its key/value
+    # cache serves the group's completions (lmstack.objectives.rollout), which cuts the
+    # activations more than checkpointing would (and checkpointed layers cannot read a
+    # cache): not checkpointed by default, unlike TRL's GRPOConfig and RLOOConfig; on
+    # SmolLM2-135M GRPO peaked at 0.81x GRPOTrainer's RSS so (docs/benchmarks.md)
+    ObjectiveSpec("grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",)),
+    ObjectiveSpec("rloo", RLOOObjectiveConfig, "lmstack.objectives.rloo", ("prompt",)),
     # prompts only: the pairs are sampled on-policy each step and ranked by the rewards
     ObjectiveSpec(
         "online_dpo",

@@ -61,6 +61,8 @@ ACTIVATION_BYTES = {"mixed": 2.75, "true": 2}
 REFERENCE_OBJECTIVES = ("dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
 # objectives that sample completions of prompts (a KV cache, max_new_tokens more a sequence)
 ROLLOUT_OBJECTIVES = ("ppo", "grpo", "rloo", "online_dpo")
+# not checkpointed by default: their training pass runs each group's prompt once
+SHARED_PROMPT_OBJECTIVES = ("grpo", "rloo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
 # the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
@@ -422,6 +424,9 @@ def tokens_per_step(rows: Any, config: Any, tokenizer_file: Path | None) -> int:
     if objective in ROLLOUT_OBJECTIVES:
         new_tokens = config.objective.max_new_tokens
         samples = getattr(config.objective, "group_size", 1)
+        if objective in SHARED_PROMPT_OBJECTIVES:
+            # each prompt runs once, its cache read by the group (lmstack.objectives.rollout)
+            return per_device * (lengths[-1] + samples * new_tokens)
         return per_device * samples * (lengths[-1] + new_tokens)
     length = lengths[int(0.9 * (len(lengths) - 1))] if config.data.packing else lengths[-1]
     # kto scores each unpaired row and a mismatched KL pair of it

@@ -206,9 +206,79 @@ def completion_forward(
     return logps, output
 
 
-def completion_logprobs(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """The ``(N, L)`` completion log-probs of :func:`completion_forward` (same arguments)."""
-    logps, _ = completion_forward(*args, **kwargs)
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The ``(N, L)`` completion log-probs of :func:`completion_forward` (same arguments).
+
+    A group's samples share their prompt, so each distinct prompt runs once and its key/value
+    cache serves all of the group's completions (:func:`shared_prompt_logprobs`): with GRPO's
+    8 samples of an 80-token prompt and 24-token completions, 2.4x fewer tokens through the
+    model, forward and backward. Not under gradient checkpointing, whose replayed layers
+    cannot read a cache (transformers drops it), nor when every prompt is distinct.
+    """
+    if shares_prompts(model, prompt_ids):
+        return shared_prompt_logprobs(
+            model, prompt_ids, prompt_mask, completions, mask, temperature
+        )
+    logps, _ = completion_forward(model, prompt_ids, prompt_mask, completions, mask, temperature)
+    return logps
+
+
+def shares_prompts(model: torch.nn.Module, prompt_ids: torch.Tensor) -> bool:
+    """Whether rows repeat a prompt (consecutive rows, as repeat_prompts lays them out) and
+    the pass can read a prompt cache (no checkpointed training forward)."""
+    repeated = prompt_ids.shape[0] > 1 and bool((prompt_ids[1:] == prompt_ids[:-1]).all(-1).any())
+    checkpointed = model.training and torch.is_grad_enabled() and is_checkpointing(model)
+    return repeated and not checkpointed
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any layer of the model (a peft wrapper's base included) checkpoints."""
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in model.modules())
+
+
+def shared_prompt_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`completion_logprobs` with each distinct (left-padded) prompt run once: its
+    key/value cache, gathered back to one copy per row, is what the completions attend to.
+    The same log-probs and gradients as the full rows (tests/test_grpo.py checks both);
+    gradients reach the prompt's keys and values through the gather."""
+    width = prompt_ids.shape[1]
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    distinct_ids, distinct_mask = distinct[:, :width], distinct[:, width:]
+    prefix = model(
+        input_ids=distinct_ids,
+        attention_mask=distinct_mask,
+        position_ids=(distinct_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,  # the last prompt column's: it predicts the first completion token
+    )
+    cache = prefix.cache
+    cache.reorder_cache(row_of)
+    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    output = model(
+        input_ids=completions,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)[:, width:],
+        cache=cache,
+        use_cache=False,
+    )
+    logits = torch.cat([prefix.logits[:, -1:][row_of], output.logits], dim=1)
+    labels = torch.cat([prompt_ids[:, -1:], completions.masked_fill(~mask, -100)], dim=1)
+    logps, _ = token_logprobs(logits / temperature, labels)
     return logps
 
 
