@@ -156,6 +156,28 @@ def test_cross_field_rules_name_the_key(overrides, key):
         validate(compose_config(*overrides))
 
 
+def test_a_precision_typo_exits_2_at_once_naming_the_choices(tmp_path):
+    """Lightning would refuse it too, but only once the model is loaded (a minute and more on
+    a real model): the schema refuses it before anything loads."""
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "run.py", "trainer.precision=fp17", f"paths.output_dir={tmp_path}"],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert "trainer.precision: 'fp17'" in result.stderr and "bf16-mixed" in result.stderr
+    assert seconds < 10, seconds  # under 2 s on a quiet machine; slack for a busy CI
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
+
+
 def test_yaml_files_open_with_a_comment():
     for group, option in group_options():
         text = (CONF / group / f"{option}.yaml").read_text()

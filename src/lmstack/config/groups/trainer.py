@@ -7,6 +7,24 @@ from dataclasses import dataclass, field
 from lmstack.config.rules import require, require_choice
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
+# auto (lmstack: bf16-mixed where this CPU or GPU runs bfloat16 faster, else 32-true) and
+# Lightning's precision names (its short legacy ones too: 32, 16, bf16, 64); checked here so a
+# typo exits 2 before anything loads, not as Lightning's ValueError after the model has
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
 
 
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
@@ -79,6 +97,7 @@ class TrainerConfig:
             "must be positive",
         )
         require_choice(self.strategy, STRATEGIES, "trainer.strategy")
+        require_choice(str(self.precision), PRECISIONS, "trainer.precision")
         require(self.devices >= 1, "trainer.devices", f"must be >= 1, got {self.devices}")
         require(self.num_nodes >= 1, "trainer.num_nodes", f"must be >= 1, got {self.num_nodes}")
         require_choice(self.fsdp.sharding_strategy, FSDP_SHARDING, "trainer.fsdp.sharding_strategy")
