@@ -66,8 +66,10 @@ def load_rows(data: Any, objective: str) -> Rows:
 
 
 def _builtin_rows(data: Any, objective: str) -> Rows:
+    if data.task == "math":
+        return _math_rows(data, objective)
     if data.task != "arith":
-        raise DataError(f"data.task: unknown built-in task '{data.task}' (available: arith)")
+        raise DataError(f"data.task: unknown built-in task '{data.task}' (available: arith, math)")
     train_problems = arith.problems(data.train_size, data.seed, held_out=False)
     eval_problems = arith.problems(data.eval_size, data.seed, held_out=True)
     fmt = OBJECTIVES[objective].builtin_format if objective in OBJECTIVES else "prompt_completion"
@@ -84,6 +86,22 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
     train = [arith.sft_row(p) for p in train_problems]
     held_out = [arith.sft_row(p) for p in eval_problems]
     return Rows(train, held_out, fmt, "builtin:arith", eval_problems)
+
+
+def _math_rows(data: Any, objective: str) -> Rows:
+    """reasoning-gym prompts with answers from the templates eval=math never asks (online RL)."""
+    from lmstack.config.groups.eval_math import DEFAULT_MATH_GENERATORS
+    from lmstack.data import math_problems
+
+    if objective not in OBJECTIVES or OBJECTIVES[objective].builtin_format != "prompt":
+        raise DataError(f"data.task=math: gives prompt rows for online RL (objective=grpo), "
+                        f"not for objective={objective}")  # fmt: skip
+    mix = DEFAULT_MATH_GENERATORS
+    train = math_problems.problems(mix, data.train_size, data.seed, False, "data.task=math")
+    # the validation prompts: more training-template problems, from another seed
+    held = math_problems.problems(mix, data.eval_size, data.seed + 1, False, "data.task=math")
+    rows = [math_problems.prompt_rows(train), math_problems.prompt_rows(held)]
+    return Rows(rows[0], rows[1], "prompt", "builtin:math")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

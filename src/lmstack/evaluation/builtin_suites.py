@@ -670,3 +670,7 @@ def register_builtin_suites() -> None:
 
 
 register_builtin_suites()
+import lmstack.evaluation.humaneval  # noqa: E402  (registers eval=humaneval)
+import lmstack.evaluation.ifeval  # noqa: E402  (registers eval=ifeval)
+import lmstack.evaluation.math_suite  # noqa: E402  (registers eval=math)
+import lmstack.evaluation.mmlu  # noqa: E402, F401  (registers eval=mmlu)

@@ -84,7 +84,7 @@ def require_answers(rewards: list[Any], rows: Any) -> None:
     needing = [
         reward.name
         for reward in rewards
-        if reward.name == "verifier" or reward.name in REFERENCE_REWARDS[:-1]
+        if reward.name in ("verifier", "math") or reward.name in REFERENCE_REWARDS[:-1]
     ]
     if not needing:
         return

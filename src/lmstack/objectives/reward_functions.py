@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmstack.data import arith
+from lmstack.data import arith, math_problems
 from lmstack.data.scoring import build_scorer
 from lmstack.errors import LmstackError
 
@@ -38,6 +38,17 @@ def verifier_scores(
     """1.0 when the completion states the row's answer in the task's format, else 0.0."""
     return [
         0.0 if answer is None else arith.verify(completion, answer)
+        for completion, answer in zip(completions, answers, strict=True)
+    ]
+
+
+def math_scores(
+    prompts: list[str], completions: list[str], answers: list[str | None]
+) -> list[float]:
+    """1.0 when the completion's final number equals the row's answer (data.task=math rows;
+    the rule eval=math scores by: lmstack.data.math_problems), else 0.0."""
+    return [
+        0.0 if answer is None else math_problems.score(completion, answer)
         for completion, answer in zip(completions, answers, strict=True)
     ]
 
@@ -134,6 +145,8 @@ def build_reward_functions(configs: list[Any]) -> list[RewardFunction]:
         key = config.name if names.count(config.name) == 1 else f"{config.name}{index}"
         if config.name == "verifier":
             scorer = verifier_scores
+        elif config.name == "math":
+            scorer = math_scores
         elif config.name == "format":
             scorer = format_scorer(config.pattern)
         elif config.name in REFERENCE_REWARDS:

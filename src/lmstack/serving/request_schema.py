@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 import types
 from typing import Any
 
@@ -80,9 +81,19 @@ def warm_up() -> None:
         _validator(endpoint)
 
 
-@functools.cache
 def _validator(endpoint: str) -> Any:
-    """The endpoint's request TypedDict as a pydantic validator (built once: ~30 ms)."""
+    """The endpoint's request TypedDict as a pydantic validator (built once: ~30 ms). One
+    thread builds at a time: the gateway's warm-up thread and a first request importing
+    openai's mutually importing modules together fail with "partially initialized module"."""
+    with _BUILDING:
+        return _build_validator(endpoint)
+
+
+_BUILDING = threading.Lock()
+
+
+@functools.cache
+def _build_validator(endpoint: str) -> Any:
     import importlib
 
     from pydantic import TypeAdapter

@@ -6,10 +6,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmstack.config.groups.eval_humaneval import HumanEvalConfig
+from lmstack.config.groups.eval_ifeval import IFEvalConfig
+from lmstack.config.groups.eval_math import MathEvalConfig
+from lmstack.config.groups.eval_mmlu import MMLUConfig
 from lmstack.config.rules import require, require_choice
 
 # what phase=eval can measure; `eval=[lm_eval,judge]` turns several on (see conf/eval/)
-EVAL_SUITES = ("verifier", "format", "lm_eval", "judge", "calibration", "arena", "faithfulness")
+EVAL_SUITES = (
+    "verifier",
+    "format",
+    "lm_eval",
+    "judge",
+    "calibration",
+    "arena",
+    "faithfulness",
+    "mmlu",
+    "math",
+    "humaneval",
+    "ifeval",
+)
 
 
 EVAL_TARGETS = ("in_process", "served")
@@ -203,6 +219,10 @@ class EvalConfig:
     arena: ArenaConfig = field(default_factory=ArenaConfig)
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
+    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
+    math: MathEvalConfig = field(default_factory=MathEvalConfig)
+    humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    ifeval: IFEvalConfig = field(default_factory=IFEvalConfig)
     # the user's own rows (prompts, references, contexts); empty path = the built-in task
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
@@ -239,3 +259,8 @@ class EvalConfig:
         self.arena.check(self.suites.get("arena", False))
         self.faithfulness.check()
         self.data.check()
+        self.mmlu.check()
+        self.math.check()
+        if self.suites.get("humaneval"):
+            self.humaneval.check(self.num_samples)
+        self.ifeval.check()

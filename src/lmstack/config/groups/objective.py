@@ -258,6 +258,8 @@ class PPOObjectiveConfig(ObjectiveConfig):
 # reward functions objective=grpo can sum (see lmstack.objectives.reward_functions)
 GRPO_REWARDS = (
     "verifier",
+    # the final number equals the row's answer (data.task=math: reasoning-gym's problems)
+    "math",
     "format",
     "reward_model",
     # against each row's reference ("reference" or "answer"): lmstack.data.scoring
