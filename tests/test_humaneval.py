@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,17 +18,6 @@ from lmstack.evaluation import humaneval
 from conftest import assert_rejected_early, chat_answer, openai_server, run_cli, run_one
 
 EVAL = ["phase=eval", "eval=humaneval", "logger=none"]
-
-
-@pytest.fixture(scope="module")
-def bubblewrap() -> None:
-    """Scoring runs code in the sandbox: skips without bwrap unless LMSTACK_REQUIRE_SANDBOX=1."""
-    if shutil.which("bwrap") is None:
-        if os.environ.get("LMSTACK_REQUIRE_SANDBOX") == "1":
-            pytest.fail(
-                "LMSTACK_REQUIRE_SANDBOX=1 but bwrap is missing: apt-get install bubblewrap"
-            )
-        pytest.skip("no bwrap (apt-get install bubblewrap)")
 
 
 def problems() -> list[dict]:

@@ -13,7 +13,6 @@ The tests skip without bubblewrap unless LMSTACK_REQUIRE_SANDBOX=1 (as in CI), w
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import textwrap
 import time
@@ -32,13 +31,8 @@ OPTIONS = HumanEvalConfig(workers=2, timeout_s=4.0, memory_mb=512, max_processes
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bubblewrap() -> None:
-    if shutil.which("bwrap") is None:
-        if os.environ.get("LMSTACK_REQUIRE_SANDBOX") == "1":
-            pytest.fail(
-                "LMSTACK_REQUIRE_SANDBOX=1 but bwrap is missing: apt-get install bubblewrap"
-            )
-        pytest.skip("no bwrap (apt-get install bubblewrap)")
+def sandbox_required(bubblewrap) -> None:
+    """Every test here runs the sandbox (conftest's bubblewrap: skip or fail without it)."""
 
 
 def attacks(port: int) -> dict[str, str]:
