@@ -201,9 +201,22 @@ def completion_forward(
         **model_options,
     )
     logits = output.logits[:, -kept:]  # an architecture that ignores logits_to_keep: sliced
+    logps = completion_token_logprobs(logits, prompt_ids, completions, mask, temperature)
+    return logps, output
+
+
+def completion_token_logprobs(
+    logits: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    completions: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """``(N, L)`` log-probs of the completion tokens from ``(N, L + 1, V)`` logits (the last
+    prompt column's first); 0 where ``mask`` is 0."""
     labels = torch.cat([prompt_ids[:, -1:], completions.masked_fill(~mask, -100)], dim=1)
     logps, _ = token_logprobs(logits / temperature, labels)
-    return logps, output
+    return logps
 
 
 def completion_logprobs(
@@ -219,8 +232,9 @@ def completion_logprobs(
     A group's samples share their prompt, so each distinct prompt runs once and its key/value
     cache serves all of the group's completions (:func:`shared_prompt_logprobs`): with 4
     samples of an 80-token prompt and 24-token completions, 2.4x fewer tokens through the
-    model, forward and backward (3.1x with 8). Not under gradient checkpointing, whose replayed layers
-    cannot read a cache (transformers drops it), nor when every prompt is distinct.
+    model, forward and backward (3.1x with 8). Not under gradient checkpointing, whose
+    replayed layers cannot read a cache (transformers drops it), nor when every prompt is
+    distinct.
     """
     if shares_prompts(model, prompt_ids):
         return shared_prompt_logprobs(
@@ -277,8 +291,7 @@ def shared_prompt_logprobs(
         use_cache=False,
     )
     logits = torch.cat([prefix.logits[:, -1:][row_of], output.logits], dim=1)
-    labels = torch.cat([prompt_ids[:, -1:], completions.masked_fill(~mask, -100)], dim=1)
-    logps, _ = token_logprobs(logits / temperature, labels)
+    logps = completion_token_logprobs(logits, prompt_ids, completions, mask, temperature)
     return logps
 
 
