@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 
+from lmstack.config.argv import multirun_flag_first
 from lmstack.config.help import render_help, wants_help
 from lmstack.config.recipes import rewrite_recipe_argument
 from lmstack.config.store import register_configs
@@ -18,7 +19,7 @@ if wants_help(sys.argv):  # answered from conf/ in well under a second (see conf
     sys.exit(print(render_help(Path(__file__).parent / "conf"), end=""))
 register_configs()
 register_resolvers()
-sys.argv = rewrite_recipe_argument(sys.argv)
+sys.argv = rewrite_recipe_argument(multirun_flag_first(sys.argv))
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
