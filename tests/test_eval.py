@@ -256,3 +256,18 @@ def test_calibration_of_a_served_lmstack_judge_reports_the_four_figures(tmp_path
     # it answers "[[A]]" in either order: the calibration catches the position bias
     assert metrics["calibration/position_bias_rate"] >= 0.5, metrics
     assert metrics["calibration/first_position_rate"] >= 0.75, metrics
+
+
+def test_the_console_shows_a_samples_completion_however_long_its_prompt():
+    """A long few-shot prompt used to fill the whole printed line: the completion (what the
+    user wants to see) was cut off. The prompt is now cut in the middle, the completion kept."""
+    from lmstack.evaluation.suites import console_line
+
+    prompt = "Example: 1 + 1 = 2.\n" * 40 + "Question: what is 12 + 30?"
+    line = console_line(
+        {"prompt": prompt, "completion": "12 + 30 = 42", "reference": "42", "score": 1.0}
+    )
+    assert line.startswith("score 1.0 | prompt ")
+    assert "what is 12 + 30?" in line and '"12 + 30 = 42"' in line and 'reference "42"' in line
+    assert "\n" not in line and len(line) < 200
+    assert console_line({"completion": "x" * 1000, "score": 0.0}).count("x") == 237

@@ -31,8 +31,9 @@ from lmstack.data.scoring import build_scorer
 from lmstack.errors import ConfigError
 
 NEEDS = ("answers", "judge")
-# what the console shows of a sample
-SHOWN = ("prompt", "reference", "completion", "score")
+# how much of a sample's prompt and completion the console shows (characters)
+SHOWN_PROMPT_CHARS = 80
+SHOWN_COMPLETION_CHARS = 240
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,31 @@ class Session:
         self.records.jsonl(f"{suite}_samples", records)
         self.records.tables[f"eval/{suite}_samples"] = [flat_sample(r) for r in records[:50]]
         for record in records[:show]:
-            shown = {k: record[k] for k in SHOWN if k in record}
-            print(f"  {suite} sample: {json.dumps(shown, default=str)[:300]}", flush=True)
+            print(f"  {suite} sample: {console_line(record)}", flush=True)
 
     def warn(self, message: str) -> None:
         print(f"lmstack: warning: {message}", flush=True)
+
+
+def console_line(record: dict[str, Any]) -> str:
+    """A sample on one line: its score, the prompt shortened in the middle (a long prompt's end
+    is where the question is), the completion, and the reference when there is one."""
+    parts = [f"score {record.get('score', '-')}"]
+    if "prompt" in record:
+        parts.append(f"prompt {quoted(record['prompt'], SHOWN_PROMPT_CHARS)}")
+    parts.append(f"completion {quoted(record.get('completion', ''), SHOWN_COMPLETION_CHARS)}")
+    if record.get("reference") not in (None, ""):
+        parts.append(f"reference {quoted(record['reference'], SHOWN_PROMPT_CHARS)}")
+    return " | ".join(parts)
+
+
+def quoted(value: Any, limit: int) -> str:
+    """`value` as one JSON-quoted line (newlines escaped), cut in the middle to `limit` chars."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) > limit:
+        head = (limit - 3) // 2
+        text = f"{text[:head]}...{text[len(text) - (limit - 3 - head) :]}"
+    return json.dumps(text)
 
 
 def flat_sample(record: dict[str, Any]) -> dict[str, Any]:
