@@ -91,6 +91,7 @@ NAMES = {
     ("phase", "eval"): "eval-in_process",
     ("phase", "report"): "report",
     ("phase", "label"): "label",
+    ("phase", "plan"): "plan-sft-lora",  # the plan of sft-lora, never taken for that run
 }
 
 
@@ -287,6 +288,7 @@ def test_identity_hashes_what_the_phase_reads_and_nothing_else(phase):
         (["adapter.use_dora=true"], "sft-dora"),
         (["adapter=qlora", "adapter.use_dora=true"], "sft-qdora-nf4"),
         (["objective=dpo", "adapter=none"], "dpo-full"),
+        (["phase=plan", "objective=dpo", "adapter=qlora"], "plan-dpo-qlora-nf4"),
     ],
 )
 def test_run_name_says_what_trains(overrides, name):
@@ -303,3 +305,34 @@ def test_misspelt_key_in_every_group_is_named(group):
     tests/test_errors.py); lmstack refuses it, naming it, before anything runs."""
     with pytest.raises(ConfigError, match=rf"{group}\.nosuchkey: unknown key"):
         validate(compose_config(f"+{group}.nosuchkey=1"))
+
+
+def schema_backed_options():
+    """(yaml path, schema) of every objective and serving option built on its own schema."""
+    from lmstack.config.groups.serving import SERVING_SCHEMAS
+    from lmstack.config.objectives import objective_schemas
+
+    for group, schemas in (("objective", objective_schemas()), ("serving", SERVING_SCHEMAS)):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            bases = [
+                d for d in OmegaConf.load(path).get("defaults", []) if str(d).endswith("_schema")
+            ]
+            if bases:
+                yield path, schemas[str(bases[0]).removesuffix("_schema")]
+
+
+@pytest.mark.parametrize(
+    ("path", "schema"), list(schema_backed_options()), ids=lambda v: getattr(v, "stem", "")
+)
+def test_no_schema_default_is_one_that_its_own_yaml_overrides(path, schema):
+    """A default written in Python that the option's YAML replaces is one no run gets (GRPO's
+    warmup_steps once said 10 in the schema, 5 in the YAML): each value an option's YAML sets
+    equals its schema's default, or is required there (???)."""
+    written = OmegaConf.load(path)
+    schema_node = OmegaConf.structured(schema)
+    keys = [k for k in written if k != "defaults" and not OmegaConf.is_missing(written, k)]
+    merged = OmegaConf.merge(schema_node, {k: written[k] for k in keys})
+    for key in keys:
+        value = OmegaConf.to_container(merged, enum_to_str=True)[key]
+        default = OmegaConf.to_container(schema_node, enum_to_str=True)[key]
+        assert value == default, f"{path.name}: {key} is {value!r}, its schema says {default!r}"

@@ -50,16 +50,19 @@ PHASES: dict[str, PhaseSpec] = {
         None,
         (("verify/score_after", "maximize"), ("val/loss", "minimize"), ("train/loss", "minimize")),
     ),
-    "serve": PhaseSpec("lmstack.phases.serve", ("phase", "model", "serving")),
+    # trace: where the store is (trace.path) and what it keeps (trace.redaction) are part of
+    # what a serving run leaves; a shared store also makes bench and eval price cost/* from
+    # their own counts instead of their traces (serving/costs.py), so it changes figures
+    "serve": PhaseSpec("lmstack.phases.serve", ("phase", "model", "serving", "trace")),
     # cost: its figures are part of bench and eval results
     "bench": PhaseSpec(
         "lmstack.phases.bench",
-        ("phase", "model", "serving", "bench", "prompt", "cost"),
+        ("phase", "model", "serving", "bench", "prompt", "cost", "trace"),
         (("bench/output_throughput", "maximize"),),
     ),
     "eval": PhaseSpec(
         "lmstack.phases.eval",
-        ("phase", "model", "quantization", "serving", "prompt", "eval", "cost"),
+        ("phase", "model", "quantization", "serving", "prompt", "eval", "cost", "trace"),
         (("eval/score", "maximize"),),
     ),
     # the report always re-reads its source (see phases/report.py)

@@ -40,6 +40,7 @@ COSMETIC_KEYS = (
     "serving.host",
     "serving.port",
     "serving.startup_timeout_s",
+    "trace.retry_s",
     "bench.request_timeout_s",
     "label.host",
     "label.port",
@@ -110,8 +111,12 @@ def _drop(tree: dict[str, Any], parts: list[str]) -> None:
 
 def run_name(cfg: DictConfig) -> str:
     """Readable prefix from what runs: objective-adapter[-quantization] (sft-lora,
-    dpo-qlora-nf4, sft-full); what a served run serves (bench-hf-int8); or the phase."""
+    dpo-qlora-nf4, sft-full); what a served run serves (bench-hf-int8); a plan's training run
+    (plan-sft-lora); or the phase."""
     phase = cfg.get("phase", {}).get("name")
+    if phase == "plan":
+        # plan-sft-lora: the plan of that training run, never mistaken for one
+        return f"plan-{training_name(cfg)}"
     if phase in ("pipeline", "report", "label"):
         return phase
     if phase == "eval":
@@ -123,6 +128,11 @@ def run_name(cfg: DictConfig) -> str:
         serving = cfg.get("serving", {})
         quant = serving.get("quantization")
         return "-".join(p for p in (phase, serving.get("name"), quant) if p and p != "none")
+    return training_name(cfg)
+
+
+def training_name(cfg: DictConfig) -> str:
+    """objective-adapter[-quantization]: sft-lora, dpo-qlora-nf4, sft-full."""
     quant = cfg.get("quantization", {}).get("name") or "none"
     parts = [cfg.get("objective", {}).get("name"), adapter_kind(cfg.get("adapter", {}), quant)]
     if quant != "none":

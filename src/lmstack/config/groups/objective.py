@@ -55,6 +55,9 @@ class ObjectiveConfig:
 @dataclass
 class PretrainObjectiveConfig(ObjectiveConfig):
     name: str = "pretrain"
+    # from random weights: a higher rate, and a longer warmup while the weights are noise
+    lr: float = 3e-3
+    warmup_steps: int = 20
 
 
 @dataclass
@@ -319,6 +322,8 @@ class SampledRewardsConfig(ObjectiveConfig):
     of completions sampled per prompt, scored by weighted reward functions."""
 
     lr: float = 5e-4
+    # a run is a few dozen updates: a short warmup
+    warmup_steps: int = 5
     # completions sampled per prompt (GRPO, RLOO: advantages are relative to the group;
     # online DPO: its best and worst make the pair)
     group_size: int = 4
