@@ -200,3 +200,43 @@ def test_the_plan_turns_gradient_checkpointing_on_where_activations_dominate():
     dpo = plan_for(objective=DPOObjectiveConfig())
     assert dpo.checkpointing and dpo.checkpointing_reason == "the default for objective=dpo"
     assert demo.as_dict()["gradient_checkpointing"] is False
+
+
+def test_the_plan_reads_an_objectives_traits_not_its_name():
+    """A plug-in objective that declares a reference model gets the frozen copy in its plan
+    (full fine-tuning), one that declares none does not; the built-in DPO keeps its own."""
+    from dataclasses import dataclass
+
+    from lmstack.config.groups.objective import DPOObjectiveConfig, ObjectiveConfig
+    from lmstack.config.objectives import (
+        OBJECTIVES,
+        ObjectiveSpec,
+        ObjectiveTraits,
+        register_objective,
+    )
+
+    @dataclass
+    class PairedConfig(ObjectiveConfig):
+        name: str = "paired_toy"
+
+    @dataclass
+    class PlainConfig(ObjectiveConfig):
+        name: str = "plain_toy"
+
+    with_reference = ObjectiveTraits(reference_model=True)
+    register_objective(
+        ObjectiveSpec("paired_toy", PairedConfig, __name__, ("preference",), traits=with_reference)
+    )
+    register_objective(ObjectiveSpec("plain_toy", PlainConfig, __name__, ("preference",)))
+    try:
+        paired = plan_for(adapter="none", objective=PairedConfig())
+        plain = plan_for(adapter="none", objective=PlainConfig())
+        dpo = plan_for(adapter="none", objective=DPOObjectiveConfig())
+        precomputed = plan_for(adapter="none", objective=DPOObjectiveConfig(precompute_ref=True))
+    finally:
+        OBJECTIVES.pop("paired_toy")
+        OBJECTIVES.pop("plain_toy")
+    assert paired.terms["reference model"] == paired.terms["weights"]
+    assert "reference model" not in plain.terms
+    assert dpo.terms["reference model"] == dpo.terms["weights"]
+    assert "reference model" not in precomputed.terms

@@ -33,6 +33,26 @@ from lmstack.config.groups.objective import (
 
 
 @dataclass(frozen=True)
+class ObjectiveTraits:
+    """What an objective holds in memory besides the policy, for the memory plan
+    (models/memory.py), which reads these and never an objective's name."""
+
+    # a frozen reference policy: full fine-tuning keeps a copy of the weights (with an adapter,
+    # the base with the adapter off is the reference)
+    reference_model: bool = False
+    # objective.precompute_ref=true replaces that copy with log-probs computed before training
+    precomputable_reference: bool = False
+    # samples completions while training: a KV cache of max_new_tokens more a sequence, and
+    # objective.group_size sequences a prompt
+    rollouts: bool = False
+    # each distinct prompt runs once and its group's completions read its KV cache
+    # (lmstack.objectives.rollout), so a step's tokens count the prompt once
+    shared_prompts: bool = False
+    # a reward model of the policy's size and a value head beside it (PPO)
+    reward_model_and_value_head: bool = False
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
     schema: type[ObjectiveConfig]
@@ -41,6 +61,7 @@ class ObjectiveSpec:
     row_formats: tuple[str, ...]
     # recompute activations in the backward pass unless trainer.gradient_checkpointing says
     checkpointed_by_default: bool = False
+    traits: ObjectiveTraits = ObjectiveTraits()
 
     @property
     def builtin_format(self) -> str:
@@ -70,6 +91,17 @@ def register_objective(spec: ObjectiveSpec) -> ObjectiveSpec:
     return spec
 
 
+def objective_traits(name: str) -> ObjectiveTraits:
+    """A registered objective's traits; an unknown one holds nothing beside the policy."""
+    spec = OBJECTIVES.get(name)
+    return spec.traits if spec is not None else ObjectiveTraits()
+
+
+# the traits the built-in objectives share
+SAMPLED = ObjectiveTraits(reference_model=True, rollouts=True)
+GROUP_SAMPLED = ObjectiveTraits(reference_model=True, rollouts=True, shared_prompts=True)
+
+
 def objective_schemas() -> dict[str, type[ObjectiveConfig]]:
     return {name: spec.schema for name, spec in OBJECTIVES.items()}
 
@@ -88,23 +120,46 @@ for _spec in (
         ("prompt_completion", "messages", "preference"),
     ),
     # two sequences (chosen and rejected) per example make activations the memory limit
-    ObjectiveSpec("dpo", DPOObjectiveConfig, "lmstack.objectives.dpo", ("preference",), True),
+    ObjectiveSpec(
+        "dpo",
+        DPOObjectiveConfig,
+        "lmstack.objectives.dpo",
+        ("preference",),
+        True,
+        ObjectiveTraits(reference_model=True, precomputable_reference=True),
+    ),
     # reference-free pairwise objectives: two sequences an example, as DPO, no reference pass
     ObjectiveSpec("orpo", ORPOObjectiveConfig, "lmstack.objectives.orpo", ("preference",), True),
     ObjectiveSpec("simpo", SimPOObjectiveConfig, "lmstack.objectives.simpo", ("preference",), True),
     # unpaired thumbs-up/down rows; preference pairs become one row of each
     ObjectiveSpec(
-        "kto", KTOObjectiveConfig, "lmstack.objectives.kto", ("preference", "unpaired_preference")
+        "kto",
+        KTOObjectiveConfig,
+        "lmstack.objectives.kto",
+        ("preference", "unpaired_preference"),
+        traits=ObjectiveTraits(reference_model=True, precomputable_reference=True),
     ),
     ObjectiveSpec("reward", RewardObjectiveConfig, "lmstack.objectives.reward", ("preference",)),
-    ObjectiveSpec("ppo", PPOObjectiveConfig, "lmstack.objectives.ppo", ("prompt",)),
+    ObjectiveSpec(
+        "ppo",
+        PPOObjectiveConfig,
+        "lmstack.objectives.ppo",
+        ("prompt",),
+        traits=ObjectiveTraits(
+            reference_model=True, rollouts=True, reward_model_and_value_head=True
+        ),
+    ),
     # group_size sampled sequences a prompt: each distinct prompt runs once and its key/value
     # cache serves the group's completions (lmstack.objectives.rollout), which cuts the
     # activations more than checkpointing would (and checkpointed layers cannot read a
     # cache): not checkpointed by default, unlike TRL's GRPOConfig and RLOOConfig; on
     # SmolLM2-135M GRPO peaked at 0.81x GRPOTrainer's RSS so (docs/benchmarks.md)
-    ObjectiveSpec("grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",)),
-    ObjectiveSpec("rloo", RLOOObjectiveConfig, "lmstack.objectives.rloo", ("prompt",)),
+    ObjectiveSpec(
+        "grpo", GRPOObjectiveConfig, "lmstack.objectives.grpo", ("prompt",), traits=GROUP_SAMPLED
+    ),
+    ObjectiveSpec(
+        "rloo", RLOOObjectiveConfig, "lmstack.objectives.rloo", ("prompt",), traits=GROUP_SAMPLED
+    ),
     # prompts only: the pairs are sampled on-policy each step and ranked by the rewards
     ObjectiveSpec(
         "online_dpo",
@@ -112,6 +167,7 @@ for _spec in (
         "lmstack.objectives.online_dpo",
         ("prompt",),
         True,
+        SAMPLED,
     ),
 ):
     register_objective(_spec)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmstack.config.objectives import OBJECTIVES
+from lmstack.config.objectives import OBJECTIVES, objective_traits
 from lmstack.models.builtin import builtin_folder, llama_config_fields
 from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
 
@@ -57,12 +57,6 @@ LOGIT_COPIES = 1.5
 # inputs in 16 bits but the norms and the residual stream in float32 (measured on SmolLM2: 0.66
 # of float32's); 16-true precisions keep everything in 16 bits
 ACTIVATION_BYTES = {"mixed": 2.75, "true": 2}
-# orpo and simpo (cpo too) are reference-free: no frozen copy, no reference pass
-REFERENCE_OBJECTIVES = ("dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
-# objectives that sample completions of prompts (a KV cache, max_new_tokens more a sequence)
-ROLLOUT_OBJECTIVES = ("ppo", "grpo", "rloo", "online_dpo")
-# not checkpointed by default: their training pass runs each group's prompt once
-SHARED_PROMPT_OBJECTIVES = ("grpo", "rloo")
 # With trainer.gradient_checkpointing=null, a run recomputes its activations in the backward
 # pass (~30% more compute) when keeping them would take more than this and more than all else
 # the step holds: SmolLM2-135M SFT on chat rows at batch 8 (~1,300 tokens a step) would keep
@@ -276,7 +270,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """Every term per device for this config; `tokens_per_step`: one device's tokens a step
     (every sequence of its share of the batch, both sides of each preference pair)."""
-    trainer, objective, adapter = config.trainer, config.objective.name, config.adapter
+    trainer, adapter = config.trainer, config.adapter
+    traits = objective_traits(config.objective.name)
     world = trainer.devices * trainer.num_nodes
     strategy = trainer.strategy
     shards_states = strategy in ("fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
@@ -320,21 +315,19 @@ def plan_memory(
         f"{tokens_per_step} tokens x vocab {shape.vocab_size} x float32 x {LOGIT_COPIES}"
     )
 
-    if objective in REFERENCE_OBJECTIVES and adapter.name == "none":
-        precomputed = objective in ("dpo", "kto") and getattr(
-            config.objective, "precompute_ref", False
-        )
+    if traits.reference_model and adapter.name == "none":
+        precomputed = traits.precomputable_reference and config.objective.precompute_ref
         if not precomputed:
             terms["reference model"] = weights // weights_div
             notes["reference model"] = (
                 "a frozen copy (full fine-tuning has no adapter to switch off)"
             )
-    if objective == "ppo":
+    if traits.reward_model_and_value_head:
         terms["reward model"] = shape.total_params() * dense
         notes["reward model"] = "assumed the policy's size (objective.reward_model)"
         terms["value head"] = (shape.hidden_size + 1) * 4 * 4
         notes["value head"] = "weights, gradient and AdamW moments"
-    if objective in ROLLOUT_OBJECTIVES:
+    if traits.rollouts:
         samples = config.data.batch_size // world * getattr(config.objective, "group_size", 1)
         length = config.data.max_length + config.objective.max_new_tokens
         kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dense
@@ -420,11 +413,11 @@ def tokens_per_step(rows: Any, config: Any, tokenizer_file: Path | None) -> int:
     lengths = sorted(_sequence_lengths(rows, config, tokenizer_file))
     if not lengths:
         return per_device * config.data.max_length
-    objective = config.objective.name
-    if objective in ROLLOUT_OBJECTIVES:
+    traits = objective_traits(config.objective.name)
+    if traits.rollouts:
         new_tokens = config.objective.max_new_tokens
         samples = getattr(config.objective, "group_size", 1)
-        if objective in SHARED_PROMPT_OBJECTIVES:
+        if traits.shared_prompts:
             # each prompt runs once, its cache read by the group (lmstack.objectives.rollout)
             return per_device * (lengths[-1] + samples * new_tokens)
         return per_device * samples * (lengths[-1] + new_tokens)
@@ -444,7 +437,7 @@ def _sequence_lengths(rows: Any, config: Any, tokenizer_file: Path | None) -> li
             text = max(
                 text, f"{_text(row.get('prompt', ''))} {_text(row.get('rejected', ''))}", key=len
             )
-        elif config.objective.name in ROLLOUT_OBJECTIVES:
+        elif objective_traits(config.objective.name).rollouts:
             text = _text(row.get("prompt", row.get("messages", "")))
         else:
             text = _text(row)
