@@ -7,6 +7,7 @@ does), so the suite builds it at most once per machine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -166,6 +167,8 @@ def assert_rejected_early(result: subprocess.CompletedProcess, *fragments: str) 
 def data_config(**overrides) -> SimpleNamespace:
     """The `data` config group as the data layer reads it: local rows, the built-in task's
     sizes, and `overrides`."""
+    from lmstack.config.groups.eval_math import DEFAULT_MATH_GENERATORS
+
     base = dict(
         source="jsonl",
         path=None,
@@ -176,6 +179,7 @@ def data_config(**overrides) -> SimpleNamespace:
         seed=0,
         eval_fraction=0.25,
         task="arith",
+        math_generators=copy.deepcopy(DEFAULT_MATH_GENERATORS),
         train_size=8,
         eval_size=4,
     )

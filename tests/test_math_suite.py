@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -165,6 +166,23 @@ def test_grpo_rows_come_from_the_training_templates_only():
     assert {generator for generator, _ in drawn} == {g["name"] for g in DEFAULT_MATH_GENERATORS}
     assert not any(math_problems.is_held_out(generator, t) for generator, t in drawn)
     assert all(row["answer"] and row["prompt"] for row in rows.train)
+
+
+def test_data_math_generators_choose_the_training_mix():
+    """data.math_generators: chain sums of one-digit numbers only, still on the training side
+    of the split; an unknown generator is named by its key."""
+    one_digit = [
+        {"name": "chain_sum", "options": {"min_terms": 2, "max_terms": 3, "max_digits": 1}}
+    ]
+    config = data_config(source="builtin", task="math", train_size=30, math_generators=one_digit)
+    rows = load_rows(config, "grpo")
+    drawn = [row["_line"].split("#", 1) for row in rows.train + rows.eval]
+    assert {generator for generator, _ in drawn} == {"chain_sum"}
+    assert not any(math_problems.is_held_out(generator, t) for generator, t in drawn)
+    assert all(int(n) < 10 for row in rows.train for n in re.findall(r"\d+", row["prompt"]))
+    misspelt = data_config(source="builtin", task="math", math_generators=[{"name": "chain"}])
+    with pytest.raises(ConfigError, match=r"data.math_generators\[0\].name"):
+        load_rows(misspelt, "grpo")
 
 
 def answering_server(problems: list[math_problems.MathProblem], right: bool):

@@ -98,16 +98,21 @@ def is_held_out(generator: str, template: str) -> bool:
 
 
 def problems(
-    generators: list[Any], total: int, seed: int, held_out: bool, key: str = "eval.math"
+    generators: list[Any],
+    total: int,
+    seed: int,
+    held_out: bool,
+    key: str = "eval.math.generators",
 ) -> list[MathProblem]:
     """`total` problems, shared among the generators by weight, from the held-out templates
-    (held_out=True) or the others; the same arguments give the same problems."""
-    check_math_generators(list(generators), f"{key}.generators")
+    (held_out=True) or the others; the same arguments give the same problems. `key` names the
+    generator list in errors."""
+    check_math_generators(list(generators), key)
     gym = require_reasoning_gym(key)
     out: list[MathProblem] = []
     for spec, count in zip(generators, counts(generators, total)):
         name, _, options = spec_of(spec)
-        drawn = draw(gym, name, options, seed, held_out, f"{key}.generators")
+        drawn = draw(gym, name, options, seed, held_out, key)
         out.extend(next(drawn) for _ in range(count))
     return out
 

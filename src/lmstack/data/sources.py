@@ -90,16 +90,16 @@ def _builtin_rows(data: Any, objective: str) -> Rows:
 
 def _math_rows(data: Any, objective: str) -> Rows:
     """reasoning-gym prompts with answers from the templates eval=math never asks (online RL)."""
-    from lmstack.config.groups.eval_math import DEFAULT_MATH_GENERATORS
     from lmstack.data import math_problems
 
     if objective not in OBJECTIVES or OBJECTIVES[objective].builtin_format != "prompt":
         raise DataError(f"data.task=math: gives prompt rows for online RL (objective=grpo), "
                         f"not for objective={objective}")  # fmt: skip
-    mix = DEFAULT_MATH_GENERATORS
-    train = math_problems.problems(mix, data.train_size, data.seed, False, "data.task=math")
+    mix = list(data.math_generators)
+    key = "data.math_generators"
+    train = math_problems.problems(mix, data.train_size, data.seed, False, key)
     # the validation prompts: more training-template problems, from another seed
-    held = math_problems.problems(mix, data.eval_size, data.seed + 1, False, "data.task=math")
+    held = math_problems.problems(mix, data.eval_size, data.seed + 1, False, key)
     rows = [math_problems.prompt_rows(train), math_problems.prompt_rows(held)]
     return Rows(rows[0], rows[1], "prompt", "builtin:math")
 

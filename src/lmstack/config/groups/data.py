@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
+from lmstack.config.groups.eval_math import (
+    DEFAULT_MATH_GENERATORS,
+    MathGenerator,
+    check_math_generators,
+)
 from lmstack.config.rules import Choice, require, require_choice
 
 
@@ -39,6 +45,11 @@ class DataConfig:
     format: str = "auto"
     # built-in task: seeded arithmetic word problems with a verifier
     task: str = "arith"
+    # data.task=math: the reasoning-gym generators the training prompts come from, each with a
+    # weight and its options (as eval.math.generators); only their training templates are used
+    math_generators: list[MathGenerator] = field(
+        default_factory=lambda: [MathGenerator(**copy.deepcopy(g)) for g in DEFAULT_MATH_GENERATORS]
+    )
     train_size: int = 2000
     eval_size: int = 200
     seed: int = 0
@@ -60,6 +71,8 @@ class DataConfig:
         require_choice(self.truncation, ("truncate", "drop"), "data.truncation")
         if self.source != "builtin":
             require(bool(self.path), "data.path", f"data.source={self.source} needs data.path")
+        if self.task == "math":
+            check_math_generators(list(self.math_generators), "data.math_generators")
         require(self.batch_size > 0, "data.batch_size", "must be positive")
         require(self.max_length > 8, "data.max_length", "must be > 8")
         require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
