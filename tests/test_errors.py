@@ -103,9 +103,11 @@ def test_a_misspelt_key_is_named_with_the_key_it_resembles(tmp_path, override, s
 def test_added_unknown_key_is_refused_before_anything_runs(tmp_path):
     """`+model.nosuchfield=1`: Hydra adds the key; lmstack names it and exits 2 at once. The
     time is CPU time (user + system) of the command: on a shared machine, wall time measures
-    the neighbours."""
+    the neighbours. Bound: 3 s. Measured 2.4 s on a 2-core AMD EPYC (no AVX-512), under 2 s on
+    an Intel Xeon: Hydra's import and composition are nearly all of it; a training step or a
+    model load would take far more."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run_cli("+model.nosuchfield=1", output_dir=tmp_path, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert_rejected_early(result, "model.nosuchfield: unknown key")
-    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 2
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 3
