@@ -430,6 +430,7 @@ def tokens_per_step(rows: Any, config: Any, tokenizer_file: Path | None) -> int:
 def _sequence_lengths(rows: Any, config: Any, tokenizer_file: Path | None) -> list[int]:
     encode = _token_counter(tokenizer_file)
     cap = config.data.max_length
+    prompts_only = objective_traits(config.objective.name).rollouts
     lengths = []
     for row in rows.train[:500]:
         if rows.format == "preference":
@@ -437,7 +438,7 @@ def _sequence_lengths(rows: Any, config: Any, tokenizer_file: Path | None) -> li
             text = max(
                 text, f"{_text(row.get('prompt', ''))} {_text(row.get('rejected', ''))}", key=len
             )
-        elif objective_traits(config.objective.name).rollouts:
+        elif prompts_only:
             text = _text(row.get("prompt", row.get("messages", "")))
         else:
             text = _text(row)
