@@ -131,6 +131,16 @@ def test_ab_split_feedback_and_report_through_the_gateway(tmp_path):
             assert httpx.get(endpoint.base_url.removesuffix("/v1") + "/health").status_code == 200
     assert all(len(variants) == 1 for variants in sticky.values())
     assert len(set().union(*sticky.values())) == 2  # users land on both sides
+    # the same store under another rule: refused before anything starts
+    changed = make_config(
+        variants_override("base_url", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"),
+        f"trace.path={db}",
+        "logger=none",
+        "serving.ab.promotion.min_effect=0.3",
+    )
+    with pytest.raises(ConfigError, match="registered another rule"):
+        with serve(changed, str(CACHE_DIR), tmp_path / "serving-again"):
+            pass
 
     traces = read_traces(db)
     by_id = {row["request_id"]: row for row in traces}
@@ -159,6 +169,12 @@ def check_ab_report(metrics: dict, run_dir: Path) -> None:
         assert metrics[f"ab/{variant}/latency_ms_p50"] <= metrics[f"ab/{variant}/latency_ms_p99"]
     text = (run_dir / "report.md").read_text()
     assert "## A/B test: per variant" in text and "peeking" in text
+    # the rule registered when serving started (the default: thumbs, 100 per arm, one look)
+    decision = json.loads((run_dir / "promotion.json").read_text())
+    assert (decision["decision"], decision["winner"]) == ("promote", "B"), decision
+    assert decision["ci"][0] > 0 and decision["p"] < 0.05
+    assert decision["comparisons"][0]["have"][0] >= decision["rule"]["min_samples_per_arm"]
+    assert metrics["ab/promotion/decision"] == "promote" and "**Decision: promote**" in text
     assert (run_dir / "report_ab_feedback.png").stat().st_size > 5000
 
 
@@ -252,5 +268,7 @@ def test_two_proportion_test_by_hand():
     result = difference([1.0] * 50 + [0.0] * 50, [1.0] * 70 + [0.0] * 30, binary=True)
     assert result["diff"] == pytest.approx(0.2) and result["z"] == pytest.approx(2.8868, abs=1e-3)
     assert result["p"] == pytest.approx(0.00389, abs=1e-4)
-    half = 1.96 * (0.25 / 100 + 0.21 / 100) ** 0.5
-    assert result["diff_ci_low"] == pytest.approx(0.2 - half, abs=1e-3)
+    # Newcombe's interval from the two Wilson intervals, 50/100: [0.4038, 0.5962] and 70/100:
+    # [0.6042, 0.7810]: 0.2 - sqrt(0.0958^2 + 0.0962^2) and 0.2 + sqrt(0.0810^2 + 0.0962^2)
+    assert result["diff_ci_low"] == pytest.approx(0.0642, abs=1e-3)
+    assert result["diff_ci_high"] == pytest.approx(0.3258, abs=1e-3)

@@ -43,6 +43,7 @@ from lmstack.evaluation import intervals, sandbox
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 from lmstack.prompts import prompt_version
 from lmstack.tracking.identity import stable_hash
+from lmstack.util.stats import wilson_interval
 
 # what a chat model is asked (the problem's prompt fills {question})
 CHAT_PROMPT = PromptConfig(
@@ -284,7 +285,7 @@ def interval(per_problem: list[float], n: int, he_cfg: Any, eval_cfg: Any) -> tu
     which stays honest at 0 or 1 (0 of 20 reaches 0.16); with more, a bootstrap over problems
     of the per-problem estimates."""
     if n == 1:
-        return intervals.wilson_interval(sum(per_problem), len(per_problem), eval_cfg.confidence)
+        return wilson_interval(sum(per_problem), len(per_problem), eval_cfg.confidence)
     return intervals.bootstrap_interval(
         per_problem, he_cfg.bootstrap_rounds, eval_cfg.confidence, eval_cfg.seed
     )

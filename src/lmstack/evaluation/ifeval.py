@@ -41,9 +41,9 @@ from lmstack.config.groups.eval_ifeval import IFEvalConfig
 from lmstack.config.groups.prompt import PromptConfig
 from lmstack.errors import ConfigError, DataError
 from lmstack.evaluation.humaneval import retargeted
-from lmstack.evaluation.intervals import wilson_interval
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 from lmstack.tracking.identity import stable_hash
+from lmstack.util.stats import wilson_interval
 
 # lmstack's own prompt set (package data)
 SHIPPED_PROMPTS = Path(__file__).with_name("ifeval_prompts.jsonl")

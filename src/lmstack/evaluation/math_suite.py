@@ -19,9 +19,9 @@ from typing import Any
 from lmstack.config.groups.eval_math import MathEvalConfig
 from lmstack.data import math_problems
 from lmstack.data.math_problems import MathProblem
-from lmstack.evaluation.intervals import wilson_interval
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 from lmstack.tracking.identity import stable_hash
+from lmstack.util.stats import wilson_interval
 
 
 def held_out_problems(math_cfg: Any) -> list[MathProblem]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
-from lmstack.serving import ab, costs, monitors
+from lmstack.serving import ab, costs, monitors, promotion
 from lmstack.serving.traces import find_trace_dbs, read_feedback, read_traces
 from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import set_status, write_json
@@ -250,6 +250,13 @@ def ab_section(
         for key in ("diff", "diff_ci_low", "diff_ci_high", "z", "p"):
             metrics[f"ab/{row['variant']}_vs_{row['control']}/{key}"] = row.get(key)
     text = ab.report_markdown(table, compared, srm)
+    registered = promotion.read_rule(dbs)
+    if registered:
+        decision = promotion.judge(registered, rows, feedback, table, config.monitor)
+        write_json(run_dir / "promotion.json", decision)
+        metrics["ab/promotion/decision"] = decision["decision"]
+        metrics["ab/promotion/winner"] = decision["winner"]
+        text += "\n" + promotion.markdown(decision)
     images = {}
     if config.report.plots:
         images["report/ab_feedback"] = ab.plot_feedback(table, run_dir / "report_ab_feedback.png")

@@ -9,13 +9,15 @@
   "score": number}` (plus an optional "comment") is stored beside the traces.
 - Analysis (`variant_table`, `comparisons`, for phase=report): per variant, requests and their
   share, latency and cost percentiles, format-monitor failures, feedback rate and mean score
-  with a 95% interval; against the control (the first variant), the difference of means with
-  its 95% interval and a two-sided p-value (a two-proportion z-test for thumbs, Welch's z for
-  scores), and a sample-ratio-mismatch check of the split against the weights.
+  with a 95% interval (Wilson's for thumbs); against the control (the first variant), the
+  difference of means with its 95% interval (Newcombe's for thumbs) and a two-sided p-value (a
+  two-proportion z-test for thumbs, Welch's z for scores), and a sample-ratio-mismatch check
+  of the split against the weights.
 
 The p-values hold for one look at a sample size fixed in advance. Watching them while traffic
 arrives and stopping at the first p < 0.05 ("peeking") makes false wins far more likely than
-5%; the report says so.
+5%; the report says so. The decision to promote is lmstack.serving.promotion's: a rule
+registered before the traffic, with a sequential test when it is to be looked at as it arrives.
 
 Deferred imports, for start-up time: matplotlib and numpy (and the lmstack modules that load
 them) are imported inside the functions that need them; the CLI's input checks import this
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.serving import costs, monitors
+from lmstack.util import stats
 
 USER_HEADER = "X-Lmstack-User"
 VARIANT_HEADER = b"x-lmstack-variant"
@@ -44,7 +47,7 @@ PEEKING_CAVEAT = (
     "p-values and intervals assume one look at a sample size fixed before the test. Checking "
     "them as traffic arrives and stopping at the first p < 0.05 (peeking) inflates the false "
     "positive rate well above 5%: fix the number of requests in advance, or use a sequential "
-    "method (an always-valid test such as mSPRT, or alpha spending)."
+    "method (serving.ab.promotion.peek=true: an always-valid mSPRT)."
 )
 
 
@@ -159,12 +162,17 @@ def check_storable(name: str, text: str) -> None:
 Z95 = 1.959963984540054
 
 
-def mean_interval(values: list[float]) -> tuple[float | None, float | None, float | None]:
-    """Mean and its 95% normal interval (Wald for 0/1 values)."""
+def mean_interval(
+    values: list[float], binary: bool = False
+) -> tuple[float | None, float | None, float | None]:
+    """Mean and its 95% interval: Wilson's for 0/1 values (40 of 40 is not "[1, 1]", as the
+    normal interval says at 0 and 1), the normal one for scores."""
     if not values:
         return None, None, None
     n = len(values)
     mean = sum(values) / n
+    if binary:
+        return (mean, *stats.wilson_interval(sum(values), n, 0.95))
     if n < 2:
         return mean, None, None
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
@@ -179,24 +187,24 @@ def normal_p(z: float) -> float:
 
 def difference(control: list[float], treatment: list[float], binary: bool) -> dict[str, Any]:
     """treatment - control: the difference of means, its 95% interval, z and p. For 0/1
-    values the test is the pooled two-proportion z-test; otherwise Welch's z."""
+    values the test is the pooled two-proportion z-test and the interval Newcombe's (Wilson's
+    per side, so it does not collapse at 0 and 1); otherwise Welch's z and a normal interval."""
     n1, n2 = len(control), len(treatment)
     if n1 < 2 or n2 < 2:
         return {"diff": None, "diff_ci_low": None, "diff_ci_high": None, "z": None, "p": None}
     m1, m2 = sum(control) / n1, sum(treatment) / n2
-    if binary:  # the interval from each side's own rate; the test under "no difference"
-        se = math.sqrt(m1 * (1 - m1) / n1 + m2 * (1 - m2) / n2)
-        pooled = (sum(control) + sum(treatment)) / (n1 + n2)
-        se_test = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if binary:
+        sides = (sum(control), n1), (sum(treatment), n2)
+        z = stats.pooled_proportion_z(*sides)
+        low, high = stats.newcombe_interval(*sides, 0.95)
     else:
-        v1 = sum((v - m1) ** 2 for v in control) / (n1 - 1)
-        v2 = sum((v - m2) ** 2 for v in treatment) / (n2 - 1)
-        se = se_test = math.sqrt(v1 / n1 + v2 / n2)
-    z = (m2 - m1) / se_test if se_test > 0 else None
+        _, se = stats.welch_z(control, treatment) or (0.0, 0.0)
+        z = (m2 - m1) / se if se > 0 else None
+        low, high = m2 - m1 - Z95 * se, m2 - m1 + Z95 * se
     return {
         "diff": m2 - m1,
-        "diff_ci_low": m2 - m1 - Z95 * se,
-        "diff_ci_high": m2 - m1 + Z95 * se,
+        "diff_ci_low": low,
+        "diff_ci_high": high,
         "z": z,
         "p": normal_p(z) if z is not None else None,
         "test": "two-proportion z" if binary else "Welch z",
@@ -238,8 +246,10 @@ def variant_table(
     for name in names:
         mine = [row for row in rows if row.get("variant") == name]
         done = [row for row in mine if monitors.succeeded(row)]
-        scores = [given[r["request_id"]]["score"] for r in mine if r["request_id"] in given]
-        mean, low, high = mean_interval(scores)
+        rated = [given[r["request_id"]] for r in mine if r["request_id"] in given]
+        scores = [entry["score"] for entry in rated]
+        thumbs_only = bool(rated) and all(entry["thumbs"] is not None for entry in rated)
+        mean, low, high = mean_interval(scores, binary=thumbs_only)
         spent = [all_costs[id(row)] for row in mine]
         figures: dict[str, Any] = {
             "variant": name,

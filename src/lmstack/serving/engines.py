@@ -47,6 +47,7 @@ from lmstack.serving.processes import (
     stop_process,
     wait_until_healthy,
 )
+from lmstack.serving.promotion import register_rule
 from lmstack.util import openai_api
 from lmstack.util.signals import how_it_ended, resent_from_finalizer
 
@@ -284,6 +285,10 @@ def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
     front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
 
     serving = config.serving
+    trace_path = getattr(getattr(config, "trace", None), "path", "")
+    store_folder = Path(trace_path).parent if trace_path else Path(log_dir)
+    # before any engine starts: a store registered under another rule is refused at once
+    register_rule(serving.ab.promotion, [v.name for v in serving.ab.variants], store_folder)
     with contextlib.ExitStack() as stack:
         started: dict[tuple[str, str], Any] = {}
         entries = []
@@ -312,8 +317,7 @@ def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
                 }
             )
         first = next(iter(started.values()))
-        trace_path = getattr(getattr(config, "trace", None), "path", "")
-        write_weights(entries, Path(trace_path).parent if trace_path else Path(log_dir))
+        write_weights(entries, store_folder)
         proxied = stack.enter_context(tracing_gateway(first, config, log_dir, variants=entries))
         yield replace(proxied, model=AB_MODEL, served={"ab": entries})
 

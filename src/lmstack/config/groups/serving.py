@@ -40,6 +40,51 @@ class VariantConfig:
     base_url: str = ""
 
 
+PROMOTION_METRICS = ("thumbs_up_rate", "mean_score", "format_rate")
+
+
+@dataclass
+class PromotionConfig:
+    """The rule an A/B test is judged by, fixed before its traffic starts: the serve run writes
+    it beside the trace store, and phase=report judges the traffic by that copy (promotion.json:
+    promote, keep, or no decision yet). Each variant is judged against the control, the first."""
+
+    # per request: thumbs (up = 1, down = 0), the feedback score, or the format monitor's verdict
+    metric: str = "thumbs_up_rate"
+    # the smallest gain (variant - control) the test is sized for; reported with the power
+    min_effect: float = 0.1
+    # the chance of promoting a variant that is no better (two-sided test, 1 - alpha intervals)
+    alpha: float = 0.05
+    # per arm: the one look of the fixed-horizon test; the first look of the sequential one
+    min_samples_per_arm: int = 100
+    # false: one look, at min_samples_per_arm (z-test). true: look as the data arrive, with an
+    # always-valid sequential test (mSPRT), which stops at its first crossing
+    peek: bool = False
+    # the sequential test's last look: no crossing by then keeps the control
+    max_samples_per_arm: int = 2000
+    # guards: a variant whose p90 latency or median cost per request exceeds the control's by
+    # more than this factor is kept out, whatever its feedback; null = no guard
+    max_latency_ratio: float | None = None
+    max_cost_ratio: float | None = None
+
+    def check(self) -> None:
+        key = "serving.ab.promotion"
+        require_choice(self.metric, PROMOTION_METRICS, f"{key}.metric")
+        require(0 < self.alpha < 0.5, f"{key}.alpha", f"{self.alpha} is not in (0, 0.5)")
+        require(0 < self.min_effect < 1, f"{key}.min_effect", f"{self.min_effect} is not in (0, 1)")
+        require(self.min_samples_per_arm >= 10, f"{key}.min_samples_per_arm", "must be >= 10")
+        require(
+            self.max_samples_per_arm >= self.min_samples_per_arm,
+            f"{key}.max_samples_per_arm",
+            f"{self.max_samples_per_arm} is below min_samples_per_arm ({self.min_samples_per_arm})",
+        )
+        for name, value in (
+            ("max_latency_ratio", self.max_latency_ratio),
+            ("max_cost_ratio", self.max_cost_ratio),
+        ):
+            require(value is None or value > 0, f"{key}.{name}", f"{value} must be > 0 or null")
+
+
 @dataclass
 class ABConfig:
     """An A/B test through the gateway: traffic split between variants by weight."""
@@ -51,8 +96,11 @@ class ABConfig:
     user_header: str = "X-Lmstack-User"
     # salts the user hash and seeds the per-request draw
     seed: int = 0
+    # the pre-registered rule that decides whether a variant replaces the control
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
     def check(self, gateway: bool) -> None:
+        self.promotion.check()
         if not self.variants:
             return
         names = [variant.name for variant in self.variants]
