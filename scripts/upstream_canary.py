@@ -120,21 +120,33 @@ def run_suite(
             env={**os.environ, "LMSTACK_LATEST_CANARY": "1"},  # tests of the lock itself skip
         ) as suite,
     ):
-        watchdog = threading.Timer(limit_s, stop_group, (suite, log))
+        limit_hit = threading.Event()
+        watchdog = threading.Timer(limit_s, stop_group, (suite, log, limit_hit))
         watchdog.start()
         for line in suite.stdout:
             log.write(line)
             if not quiet:
                 print(line, end="", flush=True)
-        stopped = watchdog.finished.is_set()
         watchdog.cancel()
-    return junit, stopped
+        watchdog.join()
+    return junit, limit_hit.is_set()
 
 
-def stop_group(suite: subprocess.Popen, log) -> None:
-    log.write("\ntest-latest: time limit reached; the suite was stopped (SIGTERM)\n")
+def stop_group(
+    suite: subprocess.Popen, log, limit_hit: threading.Event, grace_s: float = 60
+) -> None:
+    """SIGINT first: pytest stops as at Ctrl-C and still writes the junit XML of the tests it
+    finished (a SIGTERM'd suite left none, and the report counted 0 tests); SIGTERM to the
+    whole group if it has not ended within grace_s."""
+    limit_hit.set()
+    log.write("\ntest-latest: time limit reached; the suite was stopped (SIGINT)\n")
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(suite.pid, signal.SIGTERM)
+        os.killpg(suite.pid, signal.SIGINT)
+    try:
+        suite.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(suite.pid, signal.SIGTERM)
 
 
 def broken_tests(junit: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:

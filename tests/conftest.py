@@ -175,6 +175,7 @@ def data_config(**overrides) -> SimpleNamespace:
         subset=None,
         split="train",
         eval_split=None,
+        eval_path=None,
         format="auto",
         seed=0,
         eval_fraction=0.25,

@@ -69,6 +69,10 @@ PHASES: dict[str, PhaseSpec] = {
     "report": PhaseSpec("lmstack.phases.report", ("phase", "report", "cost", "monitor")),
     # the memory plan of the train run the same config makes (no model loaded)
     "plan": PhaseSpec("lmstack.phases.plan", TRAIN_READS),
+    # re-reads its sources every time, as the report does: a store gains traffic under one id
+    "harvest": PhaseSpec(
+        "lmstack.phases.harvest", ("phase", "harvest"), (("harvest/train_rows", "maximize"),)
+    ),
     # a restarted page (same command) finds its run directory, and so its votes, again
     "label": PhaseSpec(
         "lmstack.phases.label", ("phase", "model", "quantization", "prompt", "eval", "label")

@@ -21,6 +21,7 @@ from lmstack.config.groups.bench import BenchConfig
 from lmstack.config.groups.cost import CostConfig
 from lmstack.config.groups.data import DataConfig
 from lmstack.config.groups.eval import EvalConfig
+from lmstack.config.groups.harvest import HarvestConfig
 from lmstack.config.groups.label import LabelConfig
 from lmstack.config.groups.logger import LoggerConfig
 from lmstack.config.groups.model import ModelConfig
@@ -112,6 +113,7 @@ class Config:
     monitor: MonitorConfig = MISSING
     report: ReportConfig = MISSING
     label: LabelConfig = MISSING
+    harvest: HarvestConfig = MISSING
     seed: int = 1234
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -126,6 +128,13 @@ class Config:
                 bool(self.report.source),
                 "report.source",
                 "phase=report needs a trace store, run or sweep directory (report.source=PATH)",
+            )
+        if self.phase.name == "harvest":
+            require(
+                bool(self.harvest.sources),
+                "harvest.sources",
+                "phase=harvest needs trace stores, or serve or sweep directories holding them "
+                "('harvest.sources=[PATH]')",
             )
         self._check_scale_out()
         if self.adapter.name == "none" and self.quantization.name != "none":
@@ -176,4 +185,5 @@ GROUP_SCHEMAS: dict[str, type] = {
     "monitor": MonitorConfig,
     "report": ReportConfig,
     "label": LabelConfig,
+    "harvest": HarvestConfig,
 }

@@ -60,6 +60,11 @@ def load_rows(data: Any, objective: str) -> Rows:
     if data.source == "hub" and data.eval_split:
         train, held_out = rows, _read_hub(data.path, data.subset, data.eval_split)
         _check_rows(held_out, fmt, f"{data.path}[{data.eval_split}]", objective)
+    elif data.eval_path:
+        read = _read_jsonl if data.source == "jsonl" else _read_parquet
+        train, held_out = rows, read(Path(data.eval_path))
+        if held_out:  # a harvest of little traffic may hold nothing out
+            _check_rows(held_out, fmt, data.eval_path, objective)
     else:
         train, held_out = _split(rows, data)
     return Rows(train=train, eval=held_out, format=fmt, origin=origin)

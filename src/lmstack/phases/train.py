@@ -6,9 +6,11 @@ Reads top to bottom; every step is a plain function call.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -50,6 +52,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # data, the machine and the memory plan first (launch.py runs this before the heavy
     # imports): bad input fails here, before any model is loaded
     rows = ctx.rows if ctx.rows is not None else preflight(ctx)
+    record_lineage(config.data, run_dir)
     if getattr(config.objective, "rollout_engine", "in_process") == "vllm":
         check_rollout_engine(config)
     if config.export.gguf:
@@ -254,3 +257,23 @@ def print_summary(metrics: dict[str, Any]) -> None:
     for key in keys:
         value = metrics[key]
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key}  {value}")
+
+
+def record_lineage(data: Any, run_dir: Path) -> None:
+    """A run trained on harvested rows (phase=harvest) records where they came from: the
+    harvest run, its filters, and the trace stores and served runs under it (lineage.json)."""
+    if data.source != "jsonl" or not data.path:
+        return
+    card_path = Path(data.path).parent / "data_card.json"
+    if not card_path.is_file():
+        return
+    card = json.loads(card_path.read_text())
+    lineage = {
+        "harvest_run": str(card_path.parent.resolve()),
+        "train_rows": str(Path(data.path).resolve()),
+        "heldout_rows": str(Path(data.eval_path).resolve()) if data.eval_path else None,
+        "filters": card.get("filters"),
+        "split": card.get("split"),
+        "sources": card.get("lineage"),
+    }
+    write_json(run_dir / "lineage.json", lineage)

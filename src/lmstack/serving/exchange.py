@@ -42,6 +42,7 @@ class Exchange:
     status: int = 200
     error: str = ""
     variant: str = ""  # the A/B variant chosen (serving.ab), and what it serves
+    user: str = ""  # the user id header's value ("" without one)
     served: dict[str, Any] | None = None
     upstream_retries: int = 0  # sent again on a fresh connection (the pooled one was closed)
     # the traced prompt and its hash when made already (a large body's, capped, off the loop)
@@ -130,6 +131,7 @@ class Exchange:
             response=storable("".join(self.text)),
             params=json.dumps({k: v for k, v in self.body.items() if k not in PROMPT_FIELDS}),
             variant=self.variant,
+            user=self.user,
             upstream_retries=self.upstream_retries,
         )
 

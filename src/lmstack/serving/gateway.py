@@ -66,8 +66,10 @@ class Gateway:
         router: Any = None,
         model: ServedModel | None = None,
         limits: GatewayLimits | None = None,
+        user_header: str = ab.USER_HEADER,
     ) -> None:
         self.upstream, self.store, self.engine, self.served = upstream, store, engine, served
+        self.user_header = user_header.lower().encode()
         self.model = model or ServedModel(engine=engine)
         self.limits = limits or GatewayLimits()
         self.max_body_bytes = self.limits.body_limit(self.model.context_length())
@@ -175,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retry-s", type=float, default=2.0, help="retry a failed store after")
     parser.add_argument("--otlp-endpoint", default="", help="also export spans to …/v1/traces")
     parser.add_argument("--variants", default="", help="A/B: JSON [{name, weight, upstream, ...}]")
-    parser.add_argument("--user-header", default=ab.USER_HEADER, help="A/B: sticky user id")
+    parser.add_argument("--user-header", default=ab.USER_HEADER, help="user id (A/B: sticky)")
     parser.add_argument("--ab-seed", type=int, default=0)
     parser.add_argument("--limits", default="{}", help="JSON: serving.limits (GatewayLimits)")
     return parser.parse_args(argv)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     # the request validators import the openai package's types (~0.7 s): in the background
     # too, so no client's first request pays for it
     threading.Thread(target=request_schema.warm_up, daemon=True).start()
-    app = Gateway(upstream, store, args.engine, served, router, model, limits)
+    app = Gateway(upstream, store, args.engine, served, router, model, limits, args.user_header)
     try:
         event_loop_runner()(app.serve(args.host, args.port))
     finally:

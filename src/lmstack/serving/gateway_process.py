@@ -67,10 +67,12 @@ def gateway(
     if limits is not None:
         fields = dataclasses.asdict(limits) if dataclasses.is_dataclass(limits) else dict(limits)
         command.append(f"--limits={json.dumps(fields)}")
+    ab_cfg = getattr(getattr(config, "serving", None), "ab", None)
+    if ab_cfg is not None:  # the user id is recorded with or without an A/B test
+        command.append(f"--user-header={ab_cfg.user_header}")
     if variants:
-        ab_cfg = config.serving.ab
         command += [f"--variants={json.dumps(variants, default=str)}"]
-        command += [f"--user-header={ab_cfg.user_header}", f"--ab-seed={ab_cfg.seed}"]
+        command.append(f"--ab-seed={config.serving.ab.seed}")
     env = {UPSTREAM_KEY_ENV: getattr(upstream, "api_key", "") or ""}
     log_path = log_dir / "gateway.log"
     timeout_s = float(getattr(getattr(config, "serving", None), "startup_timeout_s", 60.0))

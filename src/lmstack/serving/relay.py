@@ -63,6 +63,7 @@ class GatewayState(Protocol):
     upstream: Upstream
     upstreams: dict[str, Upstream]  # an A/B test's variants by name; empty without one
     router: Any  # serving/ab.py's Router, or None
+    user_header: bytes  # the user id header, lower case (recorded; A/B: the sticky key)
     model: ServedModel
     limits: GatewayLimits
     preparer: Preparer  # large bodies are prepared in its worker process
@@ -209,6 +210,7 @@ class Relay:
             prompt_version=self.incoming.header(PROMPT_VERSION_HEADER.lower().encode()),
             tag=self.incoming.header(REQUEST_TAG_HEADER.lower().encode()),
             stream=False,
+            user=self.incoming.header(self.gateway.user_header),
         )
         model = None
         if self.gateway.router is not None:  # an A/B test: the variant's engine and model name

@@ -61,6 +61,10 @@ from lmstack.util.sqlite import read_rows
 log = logging.getLogger("lmstack.traces")
 
 TRACE_DB_NAME = "traces.sqlite"
+# the store's layout, kept in SQLite's user_version: 0 = written before the version was kept
+# (older columns are added on open), 1 = the user column. Readers that turn a store into
+# training data (phase=harvest) refuse a version newer than this lmstack knows.
+STORE_SCHEMA_VERSION = 1
 REDACTED = "[redacted]"
 REDACTIONS = ("none", "prompts", "all")
 # bench warm-up requests carry this tag (header X-Lmstack-Request-Tag) and reports skip them
@@ -95,6 +99,9 @@ class TraceRecord:
     response: str  # the generated text; REDACTED when asked
     params: str  # the other request fields (JSON): max_tokens, temperature, ...
     variant: str = ""  # the A/B variant that answered (serving.ab); "" outside a test
+    # the user id header's value (serving.ab.user_header, default X-Lmstack-User; "" without
+    # one): harvested data is split by user, so no user is in both train and held-out
+    user: str = ""
     upstream_retries: int = 0  # sent again on a fresh engine connection (a pooled one had closed)
 
 
@@ -306,6 +313,9 @@ class TraceStore:
         add_missing_columns(connection)
         for sql in INDEX_SQL:
             connection.execute(sql)
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        if version < STORE_SCHEMA_VERSION:
+            connection.execute(f"PRAGMA user_version = {STORE_SCHEMA_VERSION}")
         connection.commit()
         return connection
 
@@ -622,6 +632,22 @@ def read_traces(path: str | Path, include_warmup: bool = False) -> list[dict[str
     except sqlite3.Error as error:
         raise DataError(f"trace store {path}: {describe_error(error)}") from None
     return [row for row in rows if include_warmup or row["tag"] != WARMUP_TAG]
+
+
+def check_schema_version(path: str | Path) -> int:
+    """The store's layout version; a DataError naming the store for one newer than this
+    lmstack knows (its columns may not mean what this code reads them as)."""
+    try:
+        (row,) = read_rows(path, "PRAGMA user_version")
+    except sqlite3.Error as error:
+        raise DataError(f"trace store {path}: {describe_error(error)}") from None
+    version = int(row["user_version"])
+    if version > STORE_SCHEMA_VERSION:
+        raise DataError(
+            f"trace store {path}: schema version {version} is unknown to this lmstack (it "
+            f"reads versions 0 to {STORE_SCHEMA_VERSION}); upgrade lmstack to read it"
+        )
+    return version
 
 
 def read_feedback(path: str | Path) -> list[dict[str, Any]]:

@@ -54,6 +54,9 @@ def data_fingerprint(data: dict[str, Any]) -> str:
     source = data.get("source")
     path = data.get("path")
     if source in ("jsonl", "parquet") and path and Path(path).is_file():
+        held_out = data.get("eval_path")
+        if held_out and Path(held_out).is_file():  # the held-out rows are data too
+            return f"files:{file_fingerprint(path)}:{file_fingerprint(held_out)}"
         return f"file:{file_fingerprint(path)}"
     if source == "hub" and path and Path(path).is_dir():
         files = sorted(p for p in Path(path).rglob("*") if p.is_file())

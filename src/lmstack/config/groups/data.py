@@ -42,6 +42,9 @@ class DataConfig:
     subset: str | None = None
     split: str = "train"
     eval_split: str | None = None
+    # jsonl/parquet: the held-out rows' own file (phase=harvest's <kind>.heldout.jsonl) instead
+    # of a seeded eval_fraction of data.path
+    eval_path: str | None = None
     format: str = "auto"
     # built-in task: seeded arithmetic word problems with a verifier
     task: str = "arith"
@@ -71,6 +74,12 @@ class DataConfig:
         require_choice(self.truncation, ("truncate", "drop"), "data.truncation")
         if self.source != "builtin":
             require(bool(self.path), "data.path", f"data.source={self.source} needs data.path")
+        if self.eval_path:
+            require(
+                self.source in ("jsonl", "parquet"),
+                "data.eval_path",
+                f"a held-out file for data.source=jsonl or parquet, not {self.source}",
+            )
         if self.task == "math":
             check_math_generators(list(self.math_generators), "data.math_generators")
         require(self.batch_size > 0, "data.batch_size", "must be positive")
