@@ -138,9 +138,11 @@ def test_ab_split_feedback_and_report_through_the_gateway(tmp_path):
         "logger=none",
         "serving.ab.promotion.min_effect=0.3",
     )
-    with pytest.raises(ConfigError, match="registered another rule"):
-        with serve(changed, str(CACHE_DIR), tmp_path / "serving-again"):
-            pass
+    with (
+        pytest.raises(ConfigError, match="registered another rule"),
+        serve(changed, str(CACHE_DIR), tmp_path / "serving-again"),
+    ):
+        pass
 
     traces = read_traces(db)
     by_id = {row["request_id"]: row for row in traces}
@@ -175,6 +177,7 @@ def check_ab_report(metrics: dict, run_dir: Path) -> None:
     assert decision["ci"][0] > 0 and decision["p"] < 0.05
     assert decision["comparisons"][0]["have"][0] >= decision["rule"]["min_samples_per_arm"]
     assert metrics["ab/promotion/decision"] == "promote" and "**Decision: promote**" in text
+    assert "Served as: A: " in text and metrics["ab/A/served_as"] in ("external", "own engine")
     assert (run_dir / "report_ab_feedback.png").stat().st_size > 5000
 
 

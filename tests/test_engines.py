@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_ab import variants_override
 from test_serving import QUESTION, greedy_reply, start_serve
 
 from lmstack.util.cpu_kind import llamacpp_level
@@ -242,6 +243,62 @@ class TestOneVllmEngine:
             if (answer.status_code < 400) != passes:
                 disagreements.append((fields, answer.status_code, answer.text[:300], passes))
         assert not disagreements, disagreements
+
+
+@NEEDS_ENGINES
+def test_ab_of_two_adapters_on_one_vllm_engine_routes_each_variant_to_its_adapter(
+    sft_run, tmp_path
+):
+    """Two LoRA runs of one base as variants A and B (serving.enable_lora): one vLLM engine
+    serves both adapters, and each answer, by variant, is that run's own greedy answer."""
+    import httpx
+
+    from lmstack.models.loading import model_from_run
+
+    require(VLLM_PYTHON)
+    longer = run_dirs_of(*FAST, "trainer.max_steps=12", "seed=7", output_dir=tmp_path / "b")
+    runs = {"A": sft_run, "B": longer}
+    expected = {name: greedy_reply(model_from_run(run), QUESTION, 16) for name, run in runs.items()}
+    assert expected["A"] != expected["B"], expected  # otherwise routing could not be seen
+    variants = variants_override("model", sft_run, longer)
+    process, endpoint = start_serve(
+        sft_run, tmp_path / "out", "serving=vllm", "serving.enable_lora=true", variants,
+        timeout_s=900,
+    )  # fmt: skip
+    answers: dict[str, set[str]] = {"A": set(), "B": set()}
+    try:
+        for user in (f"user-{n}" for n in range(12)):
+            reply = httpx.post(
+                f"{endpoint['base_url']}/chat/completions",
+                json={
+                    "model": "any",
+                    "messages": [{"role": "user", "content": QUESTION}],
+                    "max_tokens": 16,
+                    "temperature": 0,
+                },
+                headers={"X-Lmstack-User": user},
+                timeout=300,
+            )
+            assert reply.status_code == 200, reply.text
+            content = reply.json()["choices"][0]["message"]["content"]
+            answers[reply.headers["x-lmstack-variant"]].add(content)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert answers == {"A": {expected["A"]}, "B": {expected["B"]}}, (answers, expected)
+    logs = list((tmp_path / "out").rglob("engine-vllm.log"))
+    assert len(logs) == 1  # one engine for both variants
+    first_line = logs[0].read_text().splitlines()[0]
+    assert "--lora-modules" in first_line and "A=" in first_line and "B=" in first_line
+    (variants_file,) = (tmp_path / "out").rglob("ab_variants.json")
+    assert {entry["mode"] for entry in json.loads(variants_file.read_text())} == {"multi-LoRA"}
+    assert_nothing_left()
+
+
+def run_dirs_of(*args: str, output_dir: Path) -> Path:
+    run_cli(*args, "logger=none", "trainer.num_threads=1", output_dir=output_dir)
+    (run_dir,) = run_dirs(output_dir)
+    return run_dir
 
 
 @NEEDS_ENGINES

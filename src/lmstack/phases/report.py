@@ -249,7 +249,9 @@ def ab_section(
     for row in compared:
         for key in ("diff", "diff_ci_low", "diff_ci_high", "z", "p"):
             metrics[f"ab/{row['variant']}_vs_{row['control']}/{key}"] = row.get(key)
-    text = ab.report_markdown(table, compared, srm)
+    modes = {entry["name"]: entry.get("mode") for entry in ab.read_variants(dbs)}
+    metrics |= {f"ab/{name}/served_as": mode for name, mode in modes.items()}
+    text = ab.report_markdown(table, compared, srm, modes)
     registered = promotion.read_rule(dbs)
     if registered:
         decision = promotion.judge(registered, rows, feedback, table, config.monitor)

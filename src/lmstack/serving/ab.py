@@ -326,21 +326,25 @@ def write_weights(entries: list[dict[str, Any]], folder: Path) -> None:
     """The variants and their weights beside the trace store (the report's expected split)."""
 
     folder.mkdir(parents=True, exist_ok=True)
-    kept = [{k: e[k] for k in ("name", "weight", "upstream", "model")} for e in entries]
+    kept = [{k: e.get(k) for k in ("name", "weight", "upstream", "model", "mode")} for e in entries]
     (folder / WEIGHTS_FILE_NAME).write_text(json.dumps(kept, indent=1))
 
 
-def read_weights(dbs: list[Path]) -> dict[str, float]:
-    """name -> share of the weights, from ab_variants.json beside the stores ({} if none);
-    insertion order is the configured order, so the first variant is the control."""
-
+def read_variants(dbs: list[Path]) -> list[dict[str, Any]]:
+    """The variants as served, from ab_variants.json beside the stores ([] if none), in the
+    configured order, so the first is the control."""
     for db in dbs:
         path = db.parent / WEIGHTS_FILE_NAME
         if path.is_file():
-            entries = json.loads(path.read_text())
-            total = sum(e["weight"] for e in entries)
-            return {e["name"]: e["weight"] / total for e in entries}
-    return {}
+            return json.loads(path.read_text())
+    return []
+
+
+def read_weights(dbs: list[Path]) -> dict[str, float]:
+    """name -> share of the weights ({} without ab_variants.json)."""
+    entries = read_variants(dbs)
+    total = sum(e["weight"] for e in entries)
+    return {e["name"]: e["weight"] / total for e in entries}
 
 
 def _cell(value: Any) -> str:
@@ -352,9 +356,15 @@ def _cell(value: Any) -> str:
 
 
 def report_markdown(
-    table: list[dict[str, Any]], compared: list[dict[str, Any]], srm: float | None
+    table: list[dict[str, Any]],
+    compared: list[dict[str, Any]],
+    srm: float | None,
+    modes: dict[str, str] | None = None,
 ) -> str:
     lines = ["## A/B test: per variant", ""]
+    if modes:  # how the variants were served: one multi-LoRA engine, an engine each, or URLs
+        served = ", ".join(f"{name}: {mode or 'own engine'}" for name, mode in modes.items())
+        lines += [f"Served as: {served}.", ""]
     lines += ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in SHOWN) + " |" for row in table]
     lines += [

@@ -35,6 +35,8 @@ class Target:
     path: str  # a Hugging Face folder or hub id, or a .gguf file
     served: dict[str, Any]  # path, run_id, artifact_hash, quantization
     adapter: Path | None = None  # a PEFT adapter folder served on top of `path`
+    # several adapters on one base, by the model name each answers to (vLLM's multi-LoRA)
+    adapters: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

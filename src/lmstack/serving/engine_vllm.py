@@ -58,18 +58,15 @@ class VllmEngine(Engine):
         return current_device()
 
     def target(self, config: Any, cache_dir: str) -> Target:
-        """With serving.enable_lora: the adapter's base plus the adapter, never merged."""
+        """With serving.enable_lora: the adapter's base plus the adapter, never merged; with
+        serving.lora_modules: their one base plus every adapter."""
         serving = config.serving
+        if serving.lora_modules:
+            return multi_lora_target(config, cache_dir)
         if not serving.enable_lora:
             return super().target(config, cache_dir)
         source = Path(serving.model) if serving.model else None
-        # a run directory's adapter/, or a PEFT adapter folder from anywhere
-        adapter = source if is_adapter_folder(source) else source / "adapter" if source else None
-        if adapter is None or not is_adapter_folder(adapter):
-            raise ConfigError(
-                f"serving.enable_lora: '{serving.model}' holds no adapter/ (a full fine-tune, "
-                "or no run directory); serve its merged model with serving.enable_lora=false"
-            )
+        adapter = adapter_of(source, "serving.enable_lora", serving.model)
         base_path = adapter_base(adapter, config.model.base, cache_dir, "serving.model")
         status_file = source / "status.json"
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
@@ -108,7 +105,14 @@ class VllmEngine(Engine):
             command += ["--max-model-len", str(max_model_len)]
         if serving.quantization != "none":
             command += ["--quantization", VLLM_METHODS[serving.quantization]]
-        if target.adapter is not None:
+        if target.adapters:
+            # the first adapter's tokenizer and chat template: adapters of one base share them
+            modules = [f"{name}={path}" for name, path in target.adapters.items()]
+            command += ["--tokenizer", str(next(iter(target.adapters.values()))), "--enable-lora"]
+            command += ["--lora-modules", *modules, "--max-loras", str(len(modules))]
+            command += ["--max-lora-rank", str(max(map(lora_rank, target.adapters.values())))]
+            model_name = next(iter(target.adapters))
+        elif target.adapter is not None:
             model_name = serving.served_model_name or LORA_NAME
             # the run's tokenizer and chat template, which travel with its adapter
             command += ["--tokenizer", str(target.adapter), "--enable-lora"]
@@ -124,6 +128,39 @@ class VllmEngine(Engine):
             "VLLM_DO_NOT_TRACK": "1",
         }
         return Launch(command + list(serving.extra_args), model_name, env)
+
+
+def adapter_of(source: Path | None, key: str, named: str) -> Path:
+    """A run directory's adapter/, or a PEFT adapter folder from anywhere."""
+    adapter = source if is_adapter_folder(source) else source / "adapter" if source else None
+    if adapter is None or not is_adapter_folder(adapter):
+        raise ConfigError(
+            f"{key}: '{named}' holds no adapter/ (a full fine-tune, or no run directory); "
+            "serve its merged model with serving.enable_lora=false"
+        )
+    return adapter
+
+
+def multi_lora_target(config: Any, cache_dir: str) -> Target:
+    """serving.lora_modules: every adapter on the one base they share (named if they do not)."""
+    adapters, bases = {}, {}
+    for name, model in config.serving.lora_modules.items():
+        key = f"serving.lora_modules.{name}"
+        adapters[name] = adapter_of(Path(model), key, model).resolve()
+        bases[name] = adapter_base(adapters[name], config.model.base, cache_dir, key)
+    if len(set(bases.values())) > 1:
+        raise ConfigError(
+            f"serving.lora_modules: the adapters are on different bases ({bases}); one vLLM "
+            "engine serves adapters of one base"
+        )
+    base_path = next(iter(bases.values()))
+    served = {
+        "path": base_path,
+        "adapters": {name: str(path) for name, path in adapters.items()},
+        "artifact_hash": artifact_hash(str(next(iter(adapters.values())))),
+        "quantization": config.serving.quantization,
+    }
+    return Target(base_path, served, adapters=adapters)
 
 
 def model_dtype(model_path: str) -> str:

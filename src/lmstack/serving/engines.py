@@ -13,6 +13,7 @@ in front of the engine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ from lmstack.serving.engine_api import (
 )
 from lmstack.serving.engine_hf import HfEngine
 from lmstack.serving.engine_llamacpp import LlamaCppEngine
-from lmstack.serving.engine_vllm import VllmEngine
+from lmstack.serving.engine_vllm import VllmEngine, multi_lora_target
 from lmstack.serving.gateway_process import gateway as tracing_gateway
 from lmstack.serving.processes import (
     EngineError,
@@ -281,8 +282,10 @@ def _external(serving: Any) -> Iterator[Endpoint]:
 
 @contextlib.contextmanager
 def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
-    """One engine per distinct variant model (or each variant's external URL), the gateway in
-    front of them all; yields the gateway's Endpoint (any "model" name is accepted)."""
+    """The variants' engines with the gateway in front of them all; yields the gateway's
+    Endpoint (any "model" name is accepted). Variants that are LoRA adapters of one base on
+    vLLM (serving.enable_lora) share one engine, each answering to its adapter's name
+    (multi-LoRA); otherwise one engine per distinct model, or each variant's external URL."""
 
     serving = config.serving
     trace_path = getattr(getattr(config, "trace", None), "path", "")
@@ -290,36 +293,99 @@ def serve_variants(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Any]:
     # before any engine starts: a store registered under another rule is refused at once
     register_rule(serving.ab.promotion, [v.name for v in serving.ab.variants], store_folder)
     with contextlib.ExitStack() as stack:
-        started: dict[tuple[str, str], Any] = {}
-        entries = []
-        for variant in serving.ab.variants:
-            key = (variant.base_url, variant.model or serving.model)
-            if key not in started:
-                alone = variant_serving(serving, variant)
-                print(f"lmstack: A/B variant {variant.name}: {alone.model or alone.base_url}")
-                started[key] = stack.enter_context(
-                    serve(
-                        replace(config, serving=alone),
-                        cache_dir,
-                        Path(log_dir) / f"variant-{variant.name}",
-                        gateway=False,
-                    )
-                )
-            endpoint = started[key]
-            served = {**endpoint.served, "variant": variant.name}
-            entries.append(
-                {
-                    "name": variant.name,
-                    "weight": variant.weight,
-                    "upstream": endpoint.base_url,
-                    "model": endpoint.model,
-                    "served": served,
-                }
-            )
-        first = next(iter(started.values()))
+        shared = shared_lora_serving(config, cache_dir)
+        if shared is not None:
+            entries, first = multi_lora_entries(config, shared, cache_dir, log_dir, stack)
+        else:
+            entries, first = engine_per_variant_entries(config, cache_dir, log_dir, stack)
         write_weights(entries, store_folder)
         proxied = stack.enter_context(tracing_gateway(first, config, log_dir, variants=entries))
         yield replace(proxied, model=AB_MODEL, served={"ab": entries})
+
+
+def engine_per_variant_entries(
+    config: Any, cache_dir: str, log_dir: Path, stack: contextlib.ExitStack
+) -> tuple[list[dict[str, Any]], Any]:
+    """The variants' entries for the gateway, and the first engine's Endpoint."""
+    serving = config.serving
+    started: dict[tuple[str, str], Any] = {}
+    entries = []
+    for variant in serving.ab.variants:
+        key = (variant.base_url, variant.model or serving.model)
+        if key not in started:
+            alone = variant_serving(serving, variant)
+            print(f"lmstack: A/B variant {variant.name}: {alone.model or alone.base_url}")
+            started[key] = stack.enter_context(
+                serve(
+                    replace(config, serving=alone),
+                    cache_dir,
+                    Path(log_dir) / f"variant-{variant.name}",
+                    gateway=False,
+                )
+            )
+        endpoint = started[key]
+        mode = "external" if variant.base_url else "own engine"
+        served = {**endpoint.served, "variant": variant.name}
+        entries.append(variant_entry(variant, endpoint, endpoint.model, served, mode))
+    return entries, next(iter(started.values()))
+
+
+def variant_entry(variant: Any, endpoint: Any, model: str, served: dict, mode: str) -> dict:
+    return {
+        "name": variant.name,
+        "weight": variant.weight,
+        "upstream": endpoint.base_url,
+        "model": model,
+        "served": served,
+        "mode": mode,  # own engine | multi-LoRA | external, in the A/B report
+    }
+
+
+def shared_lora_serving(config: Any, cache_dir: str) -> Any | None:
+    """vLLM's serving config with every variant as a LoRA module, when they are adapters of
+    one base (serving=vllm serving.enable_lora=true, no base_url); None otherwise."""
+    serving = config.serving
+    variants = serving.ab.variants
+    models = {v.name: v.model or serving.model for v in variants}
+    if serving.name != "vllm" or not serving.enable_lora or any(v.base_url for v in variants):
+        return None
+    if len(set(models.values())) < 2:
+        return None  # one model: one engine either way
+    shared = replace(serving, lora_modules=models, ab=ABConfig(), served_model_name="")
+    try:
+        multi_lora_target(replace(config, serving=shared), cache_dir)
+    except ConfigError as error:  # adapters of different bases: an engine each
+        print(f"lmstack: A/B: one engine per variant, not one multi-LoRA engine: {error}")
+        return None
+    return shared
+
+
+def multi_lora_entries(
+    config: Any, shared: Any, cache_dir: str, log_dir: Path, stack: contextlib.ExitStack
+) -> tuple[list[dict[str, Any]], Any]:
+    names = ", ".join(shared.lora_modules)
+    print(f"lmstack: A/B variants {names}: LoRA adapters of one base, served by one vLLM engine")
+    endpoint = stack.enter_context(
+        serve(replace(config, serving=shared), cache_dir, Path(log_dir) / "variants", gateway=False)
+    )
+    entries = []
+    for variant in config.serving.ab.variants:
+        adapter = endpoint.served["adapters"][variant.name]
+        served = {
+            **endpoint.served,
+            "adapter": adapter,
+            "run_id": run_id_of(Path(adapter).parent),
+            "artifact_hash": artifact_hash(adapter),
+            "variant": variant.name,
+        }
+        served.pop("adapters")
+        entries.append(variant_entry(variant, endpoint, variant.name, served, "multi-LoRA"))
+    return entries, endpoint
+
+
+def run_id_of(run_dir: Path) -> str | None:
+    status = run_dir / "status.json"
+    return json.loads(status.read_text()).get("run_id") if status.is_file() else None
 
 
 def variant_serving(serving: Any, variant: Any) -> Any:

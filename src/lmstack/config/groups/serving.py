@@ -195,6 +195,10 @@ class VllmServingConfig(ServingConfig):
     startup_timeout_s: float = 600.0
     # serve base + LoRA adapter (--enable-lora) instead of the merged model
     enable_lora: bool = False
+    # several LoRA adapters on one base, one engine: model name -> a run directory or adapter
+    # folder (all on the same base); requests pick one by "model". An A/B test whose variants
+    # are adapters of one base fills it (serving.enable_lora=true): one engine for all
+    lora_modules: dict[str, str] = field(default_factory=dict)
     # auto | fp8: the KV cache's element type (fp8 halves it; works on CPU)
     kv_cache_dtype: str = "auto"
     # bytes of KV cache; null = by device: 256 MiB on a CPU (vLLM's own CPU default asks for
