@@ -173,3 +173,46 @@ def test_bad_harvest_settings_exit_2_naming_the_key(tmp_path, override, fragment
 def test_harvest_without_sources_names_the_key(tmp_path):
     result = run_cli("phase=harvest", output_dir=tmp_path, check=False)
     assert_rejected(result, "harvest.sources")
+
+
+def test_bench_is_a_traffic_source_with_users_and_a_scripted_users_thumbs(tiny_base, tmp_path):
+    """phase=bench with bench.users and bench.feedback=correct: each request carries a user
+    id, and each answer gets a thumb through the gateway saying whether its number is right;
+    the harvest of that store labels the same answers the same way."""
+    from lmstack.data.arith import extract_answer, problems
+    from lmstack.serving.traces import read_feedback, read_traces
+
+    bench = [
+        "phase=bench",
+        f"serving.model={tiny_base}",
+        "bench.num_requests=12",
+        "bench.max_tokens=16",
+        "bench.ignore_eos=false",
+        "bench.users=3",
+        "bench.feedback=correct",
+        "logger=none",
+    ]
+    run_dir, metrics = run_one(*bench, output_dir=tmp_path / "bench")
+    references = [p.answer for p in problems(14, 0, held_out=True)][2:]  # after 2 warm-ups
+    sent = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
+    right = [extract_answer(r["text"]) == answer for r, answer in zip(sent, references)]
+    traces = read_traces(run_dir / TRACE_DB_NAME)
+    assert {row["user"] for row in traces} == {"user-0", "user-1", "user-2"}
+    thumbs = {row["request_id"]: row["thumbs"] for row in read_feedback(run_dir / TRACE_DB_NAME)}
+    assert [thumbs[r["request_id"]] for r in sent] == [int(ok) for ok in right]
+    assert metrics["bench/feedback_given"] == 12
+    assert metrics["bench/thumbs_up_rate"] == pytest.approx(sum(right) / 12)
+    assert 0 < sum(right) < 12  # the base is right some of the time: both labels occur
+
+    harvested, _ = run_one(
+        "phase=harvest", f"harvest.sources=[{run_dir}]", "harvest.heldout_fraction=0",
+        "logger=none", output_dir=tmp_path / "harvest",
+    )  # fmt: skip
+    assert harvested.name.startswith("harvest-")
+    labels = sorted(
+        (row["prompt"][-1]["content"], row["completion"][0]["content"], row["label"])
+        for row in read_jsonl(harvested / "kto.train.jsonl")
+    )
+    by_id = {row["request_id"]: row for row in traces}
+    asked = [json.loads(by_id[r["request_id"]]["prompt"])[-1]["content"] for r in sent]
+    assert labels == sorted(set(zip(asked, [r["text"] for r in sent], right)))

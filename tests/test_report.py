@@ -72,7 +72,7 @@ def test_bench_through_gateway_leaves_traces_that_agree_with_the_report(first_be
         assert row["prompt_version"] == bench["bench/prompt_version"]
         assert row["artifact_hash"] == bench["bench/served"]["artifact_hash"]
         assert row["status"] == 200 and row["stream"] == 1 and row["usage_source"] == "upstream"
-        blank_ok = ("error", "tag", "variant")  # no A/B test here
+        blank_ok = ("error", "tag", "variant", "user")  # no A/B test, no user ids here
         empty = [k for k, v in row.items() if v is None or (v == "" and k not in blank_ok)]
         assert empty == ["run_id"]  # a model folder, not an lmstack run: it has no run id
     run_cli("phase=report", f"report.source={run_dir}", "logger=none", output_dir=tmp_path)

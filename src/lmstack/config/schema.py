@@ -129,6 +129,12 @@ class Config:
                 "report.source",
                 "phase=report needs a trace store, run or sweep directory (report.source=PATH)",
             )
+        if self.phase.name == "bench" and self.bench.feedback != "none":
+            require(
+                self.serving.gateway,
+                "bench.feedback",
+                "the scripted user rates answers through the gateway: set serving.gateway=true",
+            )
         if self.phase.name == "harvest":
             require(
                 bool(self.harvest.sources),

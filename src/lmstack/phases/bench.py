@@ -49,13 +49,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     from lmstack.serving.client import run_load, run_stoppable
     from lmstack.serving.engines import serve
+    from lmstack.serving.scripted_user import give_feedback
 
     config, run_dir = ctx.config, ctx.run_dir
     done = previous_results(run_dir, config.run.rerun, "benchmark", print_table)
     if done is not None:
         return done
     bench = config.bench
-    requests = build_requests(bench, config.prompt)
+    requests, answers = build_requests(bench, config.prompt)
     settings = load_settings(bench, prompt_version(config.prompt))
     with serve(config, ctx.cache_dir, run_dir) as endpoint:
         print(f"lmstack: benchmarking {endpoint.model} at {endpoint.base_url}", flush=True)
@@ -65,6 +66,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 run_load(requests[bench.warmup_requests :], endpoint, settings, progress=bar)
             )
         metrics = bench_metrics(results, duration, bench, endpoint, settings.prompt_version)
+        if bench.feedback != "none":
+            metrics |= give_feedback(results, answers[bench.warmup_requests :], endpoint, bench)
         metrics |= task_score(endpoint, config)
     metrics |= bench_costs(config, run_dir, metrics)  # after serve(): the traces are written
     write_requests(run_dir / "requests.jsonl", results)
@@ -75,14 +78,17 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return metrics
 
 
-def build_requests(bench: Any, prompt: Any) -> list[dict[str, Any]]:
-    """Warm-up requests plus `num_requests` measured ones: chat `messages` or a `prompt`."""
+def build_requests(bench: Any, prompt: Any) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """Warm-up requests plus `num_requests` measured ones: chat `messages` or a `prompt`;
+    and each one's reference answer (the built-in task's, or a row's "answer"; else None),
+    which the scripted user's `correct` rule checks."""
 
     count = bench.warmup_requests + bench.num_requests
     rows = builtin_rows(count, bench.seed) if bench.prompts == "builtin" else jsonl_rows(bench)
     if not rows:
         raise DataError(f"bench.prompts: {bench.prompts} holds no prompts")
     rows = [rows[i % len(rows)] for i in range(count)]  # cycle a short file
+    answers = [None if row.get("answer") is None else str(row["answer"]) for row in rows]
     requests = []
     for row in rows:
         # a row may set its own output length etc., as serving datasets do
@@ -95,11 +101,13 @@ def build_requests(bench: Any, prompt: Any) -> list[dict[str, Any]]:
         else:
             request["prompt"] = render_text(prompt, {"question": row["prompt"]})
         requests.append(request)
-    return requests
+    return requests, answers
 
 
 def builtin_rows(count: int, seed: int) -> list[dict[str, Any]]:
-    return [{"prompt": p.question} for p in problems(count, seed, held_out=True)]
+    return [
+        {"prompt": p.question, "answer": p.answer} for p in problems(count, seed, held_out=True)
+    ]
 
 
 def jsonl_rows(bench: Any) -> list[dict[str, Any]]:
@@ -137,6 +145,7 @@ def load_settings(bench: Any, version: str) -> Any:
         timeout_s=bench.request_timeout_s,
         seed=bench.seed,
         prompt_version=version,
+        users=bench.users,
     )
 
 

@@ -42,6 +42,8 @@ class LoadSettings:
     # sent as X-Lmstack-Request-Tag: the tracing gateway records it ("warmup" is left
     # out of reports)
     tag: str | None = None
+    # X-Lmstack-User: user-0 ... user-(users - 1), a request to each in turn; 0 = none
+    users: int = 0
 
 
 def request_body(request: dict[str, Any], endpoint: Endpoint, settings: LoadSettings) -> dict:
@@ -116,6 +118,7 @@ async def send_one(client: Any, url: str, body: dict, headers: dict[str, str]) -
     if not chunk_times:
         return RequestResult(ok=False, error="empty response: no text was streamed", e2el_s=e2el)
     return RequestResult(
+        request_id=response.headers.get("x-lmstack-request-id", ""),
         ok=True,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         output_tokens=int(usage.get("completion_tokens") or len(chunk_times)),
@@ -167,9 +170,12 @@ async def run_load(
     timeout = httpx.Timeout(settings.timeout_s, connect=30.0)
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
 
-    async def limited(body: dict) -> RequestResult:
+    async def limited(body: dict, index: int) -> RequestResult:
+        mine = headers | (
+            {"X-Lmstack-User": f"user-{index % settings.users}"} if settings.users else {}
+        )
         async with semaphore:
-            result = await send_one(client, url, body, headers)
+            result = await send_one(client, url, body, mine)
         if progress is not None:
             progress.update(1)
         return result
@@ -177,8 +183,9 @@ async def run_load(
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         tasks = []
-        for request in requests:
-            tasks.append(asyncio.create_task(limited(request_body(request, endpoint, settings))))
+        for index, request in enumerate(requests):
+            body = request_body(request, endpoint, settings)
+            tasks.append(asyncio.create_task(limited(body, index)))
             if settings.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(settings.request_rate))
         results = await asyncio.gather(*tasks)

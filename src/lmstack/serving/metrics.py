@@ -31,6 +31,7 @@ class RequestResult:
     error: str = ""
     status_code: int | None = None
     text: str = ""
+    request_id: str = ""  # the gateway's x-lmstack-request-id (feedback names it)
 
     @property
     def tpot_s(self) -> float | None:

@@ -120,7 +120,7 @@ def run_name(cfg: DictConfig) -> str:
     if phase == "plan":
         # plan-sft-lora: the plan of that training run, never mistaken for one
         return f"plan-{training_name(cfg)}"
-    if phase in ("pipeline", "report", "label"):
+    if phase in ("pipeline", "report", "label", "harvest"):
         return phase
     if phase == "eval":
         # eval-in_process, eval-served-hf: what was evaluated, and through what

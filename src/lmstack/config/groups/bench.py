@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from lmstack.config.metrics import BENCH_FIGURES
 from lmstack.config.rules import require, require_choice
 
+# the scripted user's rules (lmstack.serving.scripted_user)
+FEEDBACK_RULES = ("none", "correct", "json_key", "regex", "random")
+
 
 @dataclass
 class BenchConfig:
@@ -38,6 +41,16 @@ class BenchConfig:
     # held-out problems of the built-in task answered greedily on the same endpoint after the
     # load and checked by its verifier: bench/task_score beside the speed (0 = skip)
     score_prompts: int = 0
+    # requests carry X-Lmstack-User: user-0 ... user-(users - 1) in turn; 0 = no user id
+    users: int = 0
+    # a scripted user's thumbs on each answer, through the gateway (lmstack.serving.
+    # scripted_user): none, correct (the reference answer's number: the built-in task's, or a
+    # prompt row's "answer"), json_key (a JSON object with feedback_key), regex (feedback_regex
+    # found), random (up at feedback_rate, whatever the answer: an indifferent user)
+    feedback: str = "none"
+    feedback_key: str = "answer"
+    feedback_regex: str = ""
+    feedback_rate: float = 0.5
 
     def __post_init__(self) -> None:
         require(self.num_requests >= 1, "bench.num_requests", "must be >= 1")
@@ -48,3 +61,8 @@ class BenchConfig:
         require(self.max_tokens >= 1, "bench.max_tokens", "must be >= 1")
         require_choice(self.endpoint, ("chat", "completions"), "bench.endpoint")
         require_choice(self.metric.removeprefix("bench/"), tuple(BENCH_FIGURES), "bench.metric")
+        require(self.users >= 0, "bench.users", "must be >= 0 (0 = no user id)")
+        require_choice(self.feedback, FEEDBACK_RULES, "bench.feedback")
+        require(0 <= self.feedback_rate <= 1, "bench.feedback_rate", "must be in [0, 1]")
+        if self.feedback == "regex":
+            require(bool(self.feedback_regex), "bench.feedback_regex", "bench.feedback=regex")
