@@ -30,6 +30,7 @@ REQUIRED = {
     ("objective", "ppo"): ["objective.reward_model=/tmp/reward-run"],
     ("serving", "external"): ["serving.base_url=http://127.0.0.1:9/v1"],
     ("phase", "report"): ["report.source=/tmp/traces.sqlite"],
+    ("phase", "harvest"): ["harvest.sources=[/tmp/traces.sqlite]"],
     ("eval", "arena"): ["eval.arena.models=[base,/tmp/some-run]"],
 }
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
@@ -91,6 +92,7 @@ NAMES = {
     ("phase", "eval"): "eval-in_process",
     ("phase", "report"): "report",
     ("phase", "label"): "label",
+    ("phase", "harvest"): "harvest",
     ("phase", "plan"): "plan-sft-lora",  # the plan of sft-lora, never taken for that run
 }
 
@@ -209,12 +211,14 @@ def test_every_recipe_and_its_stages_compose(recipe):
         stage_config = validate(
             compose_config(f"recipe={recipe}", *required, "phase=train", *overrides)
         )
-        if "phase=eval" in stage.overrides:
-            assert stage_config.phase.name == "eval"
+        phase = next((o.split("=", 1)[1] for o in stage.overrides if o.startswith("phase=")), "")
+        if phase:  # a serving, harvest or report stage (recipes/flywheel.yaml)
+            assert stage_config.phase.name == phase
+        if phase == "eval":
             # a recipe evaluating on the user's rows passes them on to its eval stages
             if any(r.startswith("eval.data.path=") for r in required):
                 assert stage_config.eval.data.path
-        else:
+        elif not phase:
             assert stage_config.objective.name in stage.overrides[0]
 
 

@@ -249,9 +249,10 @@ def ab_section(
     for row in compared:
         for key in ("diff", "diff_ci_low", "diff_ci_high", "z", "p"):
             metrics[f"ab/{row['variant']}_vs_{row['control']}/{key}"] = row.get(key)
-    modes = {entry["name"]: entry.get("mode") for entry in ab.read_variants(dbs)}
+    variants = ab.read_variants(dbs)
+    modes = {entry["name"]: entry.get("mode") for entry in variants}
     metrics |= {f"ab/{name}/served_as": mode for name, mode in modes.items()}
-    text = ab.report_markdown(table, compared, srm, modes)
+    text = ab.report_markdown(table, compared, srm, modes) + ab.lineage_markdown(variants)
     registered = promotion.read_rule(dbs)
     if registered:
         decision = promotion.judge(registered, rows, feedback, table, config.monitor)

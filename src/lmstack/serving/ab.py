@@ -326,7 +326,8 @@ def write_weights(entries: list[dict[str, Any]], folder: Path) -> None:
     """The variants and their weights beside the trace store (the report's expected split)."""
 
     folder.mkdir(parents=True, exist_ok=True)
-    kept = [{k: e.get(k) for k in ("name", "weight", "upstream", "model", "mode")} for e in entries]
+    keys = ("name", "weight", "upstream", "model", "mode", "source")
+    kept = [{k: e.get(k) for k in keys} for e in entries]
     (folder / WEIGHTS_FILE_NAME).write_text(json.dumps(kept, indent=1))
 
 
@@ -387,6 +388,27 @@ def report_markdown(
         lines += ["", f"Split against the weights: chi-square p = {srm:.3g} ({verdict})."]
     lines += ["", f"> Sequential testing: {PEEKING_CAVEAT}", ""]
     return "\n".join(lines)
+
+
+def lineage_markdown(variants: list[dict[str, Any]]) -> str:
+    """The chain behind each variant trained on harvested traffic (its run's lineage.json):
+    the variant <- its run <- the harvest and its filters <- the stores and the served runs."""
+    lines = []
+    for entry in variants:
+        path = Path(str(entry.get("source") or "")) / "lineage.json"
+        if not entry.get("source") or not path.is_file():
+            continue
+        lineage = json.loads(path.read_text())
+        stores = "; ".join(
+            f"{s['store']} ({s['traces']} traces, {s['feedback']} ratings, served "
+            f"{', '.join(s['served_runs']) or 'no lmstack run'})"
+            for s in lineage.get("sources") or []
+        )
+        lines.append(
+            f"- {entry['name']} <- {entry['source']} <- harvest {lineage['harvest_run']} "
+            f"(rows {lineage['train_rows']}) <- {stores}"
+        )
+    return "\n".join(["## A/B test: lineage", "", *lines, ""]) if lines else ""
 
 
 def plot_feedback(table: list[dict[str, Any]], path: Path) -> Path:

@@ -338,6 +338,7 @@ def variant_entry(variant: Any, endpoint: Any, model: str, served: dict, mode: s
         "model": model,
         "served": served,
         "mode": mode,  # own engine | multi-LoRA | external, in the A/B report
+        "source": variant.model or variant.base_url,  # the run directory: its lineage, if any
     }
 
 
