@@ -138,11 +138,16 @@ def test_upstream_errors_pass_through_with_their_body(engine, tmp_path):
 
 
 def test_client_that_hangs_up_mid_stream_is_recorded(engine, tmp_path):
+    # 200 tokens whatever the model says (transformers serve's generation config: no end of
+    # sequence): the answer is still streaming when the client hangs up, however busy the
+    # machine (an answer that ended early was recorded whole before the hang-up was seen)
+    generation = {"max_new_tokens": 200, "eos_token_id": -1, "do_sample": False}
     body = {
         "model": engine.model,
         "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": 200,
         "stream": True,
+        "generation_config": json.dumps(generation),
     }
     with gateway(engine, make_config("logger=none"), tmp_path) as proxied:
         with httpx.stream("POST", f"{proxied.base_url}/chat/completions", json=body) as answer:

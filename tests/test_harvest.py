@@ -202,7 +202,7 @@ def test_bench_is_a_traffic_source_with_users_and_a_scripted_users_thumbs(tiny_b
     assert [thumbs[r["request_id"]] for r in sent] == [int(ok) for ok in right]
     assert metrics["bench/feedback_given"] == 12
     assert metrics["bench/thumbs_up_rate"] == pytest.approx(sum(right) / 12)
-    assert 0 < sum(right) < 12  # the base is right some of the time: both labels occur
+    # (the base is rarely right: the rules' own verdicts are checked below, on set answers)
 
     harvested, _ = run_one(
         "phase=harvest", f"harvest.sources=[{run_dir}]", "harvest.heldout_fraction=0",
@@ -216,3 +216,26 @@ def test_bench_is_a_traffic_source_with_users_and_a_scripted_users_thumbs(tiny_b
     by_id = {row["request_id"]: row for row in traces}
     asked = [json.loads(by_id[r["request_id"]]["prompt"])[-1]["content"] for r in sent]
     assert labels == sorted(set(zip(asked, [r["text"] for r in sent], right)))
+
+
+def test_the_scripted_users_rules():
+    import random
+    from types import SimpleNamespace
+
+    from lmstack.serving.scripted_user import likes
+
+    def user(rule: str, **fields) -> SimpleNamespace:
+        defaults = {"feedback_key": "answer", "feedback_regex": "", "feedback_rate": 0.5}
+        return SimpleNamespace(feedback=rule, **(defaults | fields))
+
+    rng = random.Random(0)
+    assert likes("3 + 4 = 7. The answer is 7.", "7", user("correct"), rng)
+    assert not likes("3 + 4 = 8. The answer is 8.", "7", user("correct"), rng)
+    assert not likes("I cannot say.", "7", user("correct"), rng)
+    assert likes('{"answer": 7}', None, user("json_key"), rng)
+    assert not likes('{"result": 7}', None, user("json_key"), rng)
+    assert not likes("answer: 7", None, user("json_key"), rng)
+    assert likes("Sure! 7", None, user("regex", feedback_regex=r"^Sure"), rng)
+    assert not likes("7", None, user("regex", feedback_regex=r"^Sure"), rng)
+    ups = sum(likes("anything", None, user("random", feedback_rate=0.3), rng) for _ in range(2000))
+    assert 0.27 < ups / 2000 < 0.33

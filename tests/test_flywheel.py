@@ -1,0 +1,78 @@
+"""recipes/flywheel.yaml, one turn of the loop on the built-in model: v0 -> served traffic with
+user ids and a scripted user's thumbs -> harvest -> KTO v1 -> A/B under a registered rule ->
+promotion.json, with the chain in the report. The e2e test runs the shipped recipe scaled
+down (fewer steps and requests); the slow one runs it as shipped and asks for the verdict."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+RECIPE = REPO / "recipes" / "flywheel.yaml"
+# the shipped recipe's sizes -> the e2e test's (a minute and a half on 2 cores)
+SMALLER = {
+    "objective=sft, trainer.max_steps=40": "objective=sft, trainer.max_steps=20",
+    "bench.num_requests=240": "bench.num_requests=48",
+    "bench.users=60": "bench.users=12",
+    "trainer.max_steps=60": "trainer.max_steps=8",
+    "bench.num_requests=300": "bench.num_requests=60",
+    "bench.users=120": "bench.users=20",
+    "serving.ab.promotion.min_samples_per_arm=100": "serving.ab.promotion.min_samples_per_arm=20",
+}
+
+
+def scaled_recipe(folder: Path, replacements: dict[str, str]) -> Path:
+    text = RECIPE.read_text()
+    for old, new in replacements.items():
+        assert old in text, old  # the shipped recipe still says what this test scales down
+        text = text.replace(old, new)
+    path = folder / "flywheel.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_flywheel(recipe: Path, output: Path, *extra: str) -> dict[str, Path]:
+    run_cli(f"recipe={recipe}", "logger=none", "trainer.num_threads=1", *extra, output_dir=output)
+    (pipeline,) = (output / "runs").glob("pipeline-*")
+    metrics = json.loads((pipeline / "metrics.json").read_text())
+    return {key.removesuffix("/run_dir"): Path(v) for key, v in metrics.items() if "run_dir" in key}
+
+
+@pytest.mark.e2e
+def test_one_turn_of_the_loop_ends_in_a_decision_with_its_chain(tmp_path):
+    stages = run_flywheel(scaled_recipe(tmp_path, SMALLER), tmp_path / "out")
+    assert list(stages) == ["v0", "traffic", "harvest", "v1", "ab", "decide"]
+    traffic = json.loads((stages["traffic"] / "metrics.json").read_text())
+    assert traffic["bench/feedback_given"] == 48 and 0 < traffic["bench/thumbs_up_rate"] < 1
+    card = json.loads((stages["harvest"] / "data_card.json").read_text())
+    assert card["lineage"][0]["feedback"] == 48 and card["rows"]["kto"]["train"] > 0
+    lineage = json.loads((stages["v1"] / "lineage.json").read_text())
+    assert lineage["harvest_run"] == str(stages["harvest"].resolve())
+    decision = json.loads((stages["decide"] / "promotion.json").read_text())
+    assert decision["decision"] in ("promote", "keep", "no decision yet")
+    assert decision["rule"]["min_samples_per_arm"] == 20
+    report = (stages["decide"] / "report.md").read_text()
+    assert "## A/B test: promotion" in report and "## A/B test: lineage" in report
+    assert re.search(rf"- v1 <- {re.escape(str(stages['v1']))} <- harvest", report), report
+
+
+@pytest.mark.slow  # the recipe as shipped: about 4 minutes on 2 cores
+@pytest.mark.parametrize(("user", "decisions"), [("correct", {"promote"}), ("random", None)])
+def test_the_shipped_flywheel_promotes_for_a_user_who_likes_right_answers_only(
+    tmp_path, user, decisions
+):
+    """With the scripted user who likes right answers, v1 wins the A/B; with an indifferent
+    one (thumbs at random, whatever the answer), nothing is promoted."""
+    recipe = scaled_recipe(tmp_path, {"bench.feedback=correct": f"bench.feedback={user}"})
+    stages = run_flywheel(recipe, tmp_path / "out")
+    decision = json.loads((stages["decide"] / "promotion.json").read_text())
+    if decisions is None:
+        assert decision["decision"] in ("keep", "no decision yet"), decision
+    else:
+        assert decision["decision"] in decisions and decision["winner"] == "v1", decision
+        assert decision["p"] < 0.05 and decision["ci"][0] > 0
