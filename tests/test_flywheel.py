@@ -1,7 +1,8 @@
 """recipes/flywheel.yaml, one turn of the loop on the built-in model: v0 -> served traffic with
 user ids and a scripted user's thumbs -> harvest -> KTO v1 -> A/B under a registered rule ->
-promotion.json, with the chain in the report. The e2e test runs the shipped recipe scaled
-down (fewer steps and requests); the slow one runs it as shipped and asks for the verdict."""
+promotion.json, with the chain in the report. The default suite runs the shipped recipe scaled
+down (fewer steps and requests, about a minute); the slow one runs it as shipped and asks for
+the verdict."""
 
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ def run_flywheel(recipe: Path, output: Path, *extra: str) -> dict[str, Path]:
     return {key.removesuffix("/run_dir"): Path(v) for key, v in metrics.items() if "run_dir" in key}
 
 
-@pytest.mark.e2e
 def test_one_turn_of_the_loop_ends_in_a_decision_with_its_chain(tmp_path):
     stages = run_flywheel(scaled_recipe(tmp_path, SMALLER), tmp_path / "out")
     assert set(stages) == {"v0", "traffic", "harvest", "v1", "ab", "decide"}
