@@ -25,15 +25,21 @@ def bernoulli(rng: random.Random, rate: float, n: int) -> list[float]:
     return [float(rng.random() < rate) for _ in range(n)]
 
 
-def test_fixed_horizon_promotes_a_variant_no_better_at_most_alpha_of_the_time():
-    rule = PromotionConfig(min_samples_per_arm=100, alpha=ALPHA)
-    rng = random.Random(0)
+def fixed_horizon_promotions(rule: PromotionConfig, rates: tuple[float, float], n: int, seed: int):
+    """The share of SIMULATIONS fixed-horizon tests, n values per arm drawn at these rates
+    (control, treatment), that promote the treatment."""
+    rng = random.Random(seed)
     promoted = 0
     for _ in range(SIMULATIONS):
-        control, treatment = bernoulli(rng, 0.5, 150), bernoulli(rng, 0.5, 150)
+        control, treatment = bernoulli(rng, rates[0], n), bernoulli(rng, rates[1], n)
         result = promotion.fixed_horizon(control, treatment, rule, True, ALPHA)
         promoted += result["decision"] == promotion.PROMOTE
-    rate = promoted / SIMULATIONS
+    return promoted / SIMULATIONS
+
+
+def test_fixed_horizon_promotes_a_variant_no_better_at_most_alpha_of_the_time():
+    rule = PromotionConfig(min_samples_per_arm=100, alpha=ALPHA)
+    rate = fixed_horizon_promotions(rule, (0.5, 0.5), 150, seed=0)  # looks at the first 100
     # two-sided at alpha: about alpha / 2 of A/A tests come out "better"; never more than alpha
     assert 0.01 < rate <= ALPHA + 0.01, rate
 
@@ -90,14 +96,9 @@ def test_power_at_the_minimum_effect_matches_the_analytic_value():
     rule = PromotionConfig(min_samples_per_arm=200, min_effect=0.1, alpha=ALPHA)
     # two-sided at alpha: the "better" side rejects at alpha / 2
     analytic = stats.power_two_proportions(0.5, 0.1, 200, ALPHA / 2)
-    rng = random.Random(3)
-    promoted = 0
-    for _ in range(SIMULATIONS):
-        control, treatment = bernoulli(rng, 0.5, 200), bernoulli(rng, 0.6, 200)
-        result = promotion.fixed_horizon(control, treatment, rule, True, ALPHA)
-        promoted += result["decision"] == promotion.PROMOTE
+    simulated = fixed_horizon_promotions(rule, (0.5, 0.6), 200, seed=3)
     assert 0.4 < analytic < 0.7  # a test where power is neither 0 nor 1
-    assert abs(promoted / SIMULATIONS - analytic) <= 0.05, (promoted / SIMULATIONS, analytic)
+    assert abs(simulated - analytic) <= 0.05, (simulated, analytic)
     needed = stats.samples_for_power(0.5, 0.1, ALPHA / 2, 0.8)
     assert stats.power_two_proportions(0.5, 0.1, needed, ALPHA / 2) >= 0.8
     assert stats.power_two_proportions(0.5, 0.1, needed - 1, ALPHA / 2) < 0.8
