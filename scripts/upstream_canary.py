@@ -166,6 +166,33 @@ def broken_tests(junit: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return counts, broken
 
 
+# pytest's progress lines: "tests/test_x.py ..F.s   [ 12%]", one character per finished test,
+# and a long file's further lines of characters alone
+PROGRESS_LINE = re.compile(r"^(?:(tests/\S+\.py) )?([.FEsxX]+)\s*(?:\[\s*\d+%\])?$")
+
+
+def counts_from_log(log_text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The finished tests' counts from the suite's progress lines, for a suite stopped before
+    it wrote its junit XML (a stop at the time limit could take longer than its grace); the
+    broken ones are named by file only."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    broken: list[tuple[str, str]] = []
+    current = ""
+    for line in log_text.splitlines():
+        found = PROGRESS_LINE.match(line.rstrip())
+        if not found:
+            continue
+        current = found[1] or current
+        marks = found[2]
+        counts["tests"] += len(marks)
+        counts["failures"] += marks.count("F")
+        counts["errors"] += marks.count("E")
+        counts["skipped"] += sum(marks.count(m) for m in "sxX")
+        if ("F" in marks or "E" in marks) and current not in dict(broken):
+            broken.append((current, "a test of this file failed (stopped before its details)"))
+    return counts, broken
+
+
 def report(
     changes: list[tuple[str, str, str]],
     latest: dict[str, str],
@@ -223,6 +250,8 @@ def main() -> int:
     if ran:
         junit, stopped = run_suite(python, pytest_args, args.quiet, args.time_limit_s)
         counts, broken = broken_tests(junit)
+        if not counts and stopped:  # stopped before the XML was written: its progress lines
+            counts, broken = counts_from_log((OUT / "pytest.log").read_text())
     text = report(changes, latest, install_error, counts, broken, ran, stopped)
     (OUT / "report.md").write_text(text)
     print(f"\n{text}(written to {OUT / 'report.md'})")

@@ -178,6 +178,11 @@ def test_the_canary_reports_changed_versions_and_broken_tests(tmp_path):
     assert changes == [("new-dep", "-", "1"), ("peft", "0.21.2", "0.22.0")]
     text = upstream_canary.report(changes, {"peft": "0.22.0"}, "", counts, broken, ran=True)
     assert "| peft | 0.21.2 | 0.22.0 |" in text and "1 failed" in text and "BROKEN" in text
+    # a suite stopped at the time limit before its junit XML: counted from its progress lines
+    log = "tests/test_a.py ..s.  [ 10%]\ntests/test_b.py .F\n..F.   [ 20%]\nplatform linux\n"
+    counts, broken = upstream_canary.counts_from_log(log + "tests/test_c.py .")
+    assert counts == {"tests": 11, "failures": 2, "errors": 0, "skipped": 1}
+    assert [name for name, _ in broken] == ["tests/test_b.py"]
 
 
 def wait_dead_unreaped(pid: int, timeout_s: float = 30) -> None:
