@@ -42,6 +42,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
     for kind, counts in result.card["rows"].items():
         for part, count in counts.items():
             metrics[f"harvest/{kind}/{part}_rows"] = count
+        if not counts["train"]:
+            print(
+                f"lmstack: harvest: warning: no {kind} rows to train on (left out: "
+                f"{result.card['left_out']}); see data_card.md",
+                flush=True,
+            )
     log_results(ctx, metrics)
     write_json(run_dir / "metrics.json", metrics)
     set_status(run_dir, "finished")

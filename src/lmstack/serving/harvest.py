@@ -199,9 +199,10 @@ def held_out(unit: str, seed: int, fraction: float) -> bool:
 def split(requests: list[Rated], config: HarvestConfig) -> tuple[list[Rated], list[Rated], int]:
     """(train, held-out, train requests dropped because their prompt is held out)."""
     fraction, seed = config.heldout_fraction, config.seed
-    heldout = [r for r in requests if held_out(unit_of(r, config.split_by), seed, fraction)]
+    marked = [(r, held_out(unit_of(r, config.split_by), seed, fraction)) for r in requests]
+    heldout = [r for r, out in marked if out]
     heldout_prompts = {r.prompt_hash for r in heldout}
-    train = [r for r in requests if not held_out(unit_of(r, config.split_by), seed, fraction)]
+    train = [r for r, out in marked if not out]
     kept = [r for r in train if r.prompt_hash not in heldout_prompts]
     return kept, heldout, len(train) - len(kept)
 
