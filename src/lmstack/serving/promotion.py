@@ -139,8 +139,14 @@ def fixed_horizon(
         "ci": [low, high],
         "p": p,
         "decision": PROMOTE if better else KEEP,
-        "reason": "significantly better" if better else "not significantly better",
+        "reason": verdict_reason(p < alpha, effect),
     }
+
+
+def verdict_reason(significant: bool, effect: float) -> str:
+    if not significant:
+        return "no significant difference"
+    return "significantly better" if effect > 0 else "significantly worse"
 
 
 class RunningArm:
@@ -207,11 +213,8 @@ def sequential(
         "p": min(1.0, math.exp(-best)),  # always valid: 1 / the largest ratio seen
     }
     if crossed:
-        better = effect > 0
-        return result | {
-            "decision": PROMOTE if better else KEEP,
-            "reason": "significantly better" if better else "significantly worse",
-        }
+        decision = PROMOTE if effect > 0 else KEEP
+        return result | {"decision": decision, "reason": verdict_reason(True, effect)}
     if min(control.n, treatment.n) >= rule.max_samples_per_arm:
         return result | {"decision": KEEP, "reason": "no crossing by max_samples_per_arm"}
     return result | {"decision": UNDECIDED, "reason": "no crossing yet"}

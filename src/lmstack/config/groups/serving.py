@@ -71,7 +71,9 @@ class PromotionConfig:
         key = "serving.ab.promotion"
         require_choice(self.metric, PROMOTION_METRICS, f"{key}.metric")
         require(0 < self.alpha < 0.5, f"{key}.alpha", f"{self.alpha} is not in (0, 0.5)")
-        require(0 < self.min_effect < 1, f"{key}.min_effect", f"{self.min_effect} is not in (0, 1)")
+        require(self.min_effect > 0, f"{key}.min_effect", f"{self.min_effect} must be > 0")
+        if self.metric != "mean_score":  # a difference of two rates
+            require(self.min_effect < 1, f"{key}.min_effect", f"{self.min_effect} is not < 1")
         require(self.min_samples_per_arm >= 10, f"{key}.min_samples_per_arm", "must be >= 10")
         require(
             self.max_samples_per_arm >= self.min_samples_per_arm,
