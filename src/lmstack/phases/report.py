@@ -231,7 +231,8 @@ def ab_section(
         return {}, "", {}
     dbs = find_trace_dbs(source)
     feedback = [entry for db in dbs for entry in read_feedback(db)]
-    weights = ab.read_weights(dbs)
+    variants = ab.read_variants(dbs)  # ab_variants.json, read once
+    weights = ab.weight_shares(variants)
     table = ab.variant_table(rows, feedback, config.cost, config.monitor, weights)
     compared = ab.comparisons(rows, feedback, next(iter(weights), "") if weights else "")
     srm = (
@@ -249,7 +250,6 @@ def ab_section(
     for row in compared:
         for key in ("diff", "diff_ci_low", "diff_ci_high", "z", "p"):
             metrics[f"ab/{row['variant']}_vs_{row['control']}/{key}"] = row.get(key)
-    variants = ab.read_variants(dbs)
     modes = {entry["name"]: entry.get("mode") for entry in variants}
     metrics |= {f"ab/{name}/served_as": mode for name, mode in modes.items()}
     text = ab.report_markdown(table, compared, srm, modes) + ab.lineage_markdown(variants)

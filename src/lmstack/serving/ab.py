@@ -341,9 +341,8 @@ def read_variants(dbs: list[Path]) -> list[dict[str, Any]]:
     return []
 
 
-def read_weights(dbs: list[Path]) -> dict[str, float]:
-    """name -> share of the weights ({} without ab_variants.json)."""
-    entries = read_variants(dbs)
+def weight_shares(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """name -> share of the weights, from read_variants' entries ({} for none)."""
     total = sum(e["weight"] for e in entries)
     return {e["name"]: e["weight"] / total for e in entries}
 

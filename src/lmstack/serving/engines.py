@@ -13,7 +13,6 @@ in front of the engine.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -49,6 +48,7 @@ from lmstack.serving.processes import (
     wait_until_healthy,
 )
 from lmstack.serving.promotion import register_rule
+from lmstack.tracking.run_dir import read_json
 from lmstack.util import openai_api
 from lmstack.util.signals import how_it_ended, resent_from_finalizer
 
@@ -385,8 +385,7 @@ def multi_lora_entries(
 
 
 def run_id_of(run_dir: Path) -> str | None:
-    status = run_dir / "status.json"
-    return json.loads(status.read_text()).get("run_id") if status.is_file() else None
+    return (read_json(run_dir / "status.json") or {}).get("run_id")
 
 
 def variant_serving(serving: Any, variant: Any) -> Any:
