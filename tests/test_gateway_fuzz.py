@@ -800,3 +800,26 @@ def test_the_gateway_survived_the_fuzz_with_bounded_memory(fuzzed_gateway):
     assert rss < fuzzed_gateway.rss_at_start_mb + RSS_GROWTH_BOUND_MB
     assert health(fuzzed_gateway.address)["status"] == "ok"
     assert Path(f"/proc/{process.pid}").exists()
+
+
+def test_a_hot_request_to_transformers_serve_samples_whatever_the_models_config_says(tmp_path):
+    """A model whose generation config does not sample (a GGUF conversion's) would answer
+    temperature 1.0 greedily through transformers serve: the gateway asks it to sample."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    hf = ServedModel(name="m", upstream_name="m", path=str(tmp_path), engine="hf")
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def generation(body: dict) -> dict:
+        sent = normalise(body, "chat", hf).body
+        return json.loads(sent["generation_config"]) if "generation_config" in sent else {}
+
+    assert generation(ask | {"temperature": 1.0}) == {"do_sample": True}
+    assert generation(ask | {"temperature": 0.0}) == {}  # greedy stays greedy
+    assert generation(ask) == {}  # no temperature: the model's own default
+    fixed = generation(ask | {"temperature": 0.7, "ignore_eos": True})
+    assert fixed["do_sample"] is True and fixed["eos_token_id"] == -1
+    bad = ask | {"temperature": 1.0, "generation_config": "[1]"}
+    with pytest.raises(RequestRejected, match="generation_config must be a JSON object"):
+        normalise(bad, "chat", hf)
+    vllm = ServedModel(name="m", upstream_name="m", engine="vllm")
+    assert "generation_config" not in normalise(ask | {"temperature": 1.0}, "chat", vllm).body

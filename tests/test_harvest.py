@@ -154,9 +154,60 @@ def test_a_store_without_feedback_or_of_an_unknown_version_exits_2_naming_it(tmp
     assert_rejected(result, f"trace store {db}: schema version 99 is unknown")
 
 
+def labelling_session(folder: Path) -> Path:
+    """A phase=label session's files: three items, voted 2-1 for x, 2-0 for y, and 1-1."""
+    from lmstack.evaluation import votes
+
+    folder.mkdir(parents=True)
+    items = [
+        votes.Item(f"i{n}", f"Question {n}? Mail bob@example.org", f"x{n}", f"y{n}", "a", "b")
+        for n in range(3)
+    ]
+    votes.save_items(items, folder / votes.ITEMS_FILE_NAME)
+    store = votes.VoteStore(folder / votes.VOTES_DB_NAME)
+    ballots = {"i0": ["x", "x", "y"], "i1": ["y", "y"], "i2": ["x", "y"]}
+    for item, winners in ballots.items():
+        for labeller, winner in enumerate(winners):
+            # order "xy" shows x as A, so choice A is a vote for x
+            store.add(f"l{labeller}", item, "xy", "A" if winner == "x" else "B")
+    store.close()
+    return folder
+
+
+def test_unrated_traffic_scored_by_harvest_scorers_and_votes_make_preference_pairs(tmp_path):
+    """No feedback: the answers are rated by a scorer (B's answers match the format), so the
+    shared prompts answered by both variants make pairs; a labelling session's majority votes
+    are pairs too (a split vote is none), scrubbed like the traffic."""
+    db = serve_traffic(tmp_path, feedback=False)
+    session = labelling_session(tmp_path / "label")
+    run_dir, _ = run_one(
+        "phase=harvest",
+        f"harvest.sources=[{db},{session}]",
+        "harvest.kinds=[preference,kto]",
+        "harvest.heldout_fraction=0",
+        "harvest.scorers=[{name: format, pattern: 'I am B'}]",
+        "logger=none",
+        output_dir=tmp_path / "out",
+    )
+    rows = read_jsonl(run_dir / "preference.train.jsonl")
+    by_source = {source: [r for r in rows if r["source"] == source] for source in ("ab", "votes")}
+    assert len(by_source["ab"]) == len(SHARED)
+    assert all(r["chosen"][0]["content"] == "I am B." for r in by_source["ab"])
+    assert sorted((r["chosen"], r["rejected"]) for r in by_source["votes"]) == [
+        ("x0", "y0"),
+        ("y1", "x1"),
+    ]
+    assert all("[email]" in r["prompt"] for r in by_source["votes"])
+    card = json.loads((run_dir / "data_card.json").read_text())
+    assert card["rated_by"] == "harvest.scorers" and card["votes"][0]["items"] == 2
+    labels = [r["label"] for r in read_jsonl(run_dir / "kto.train.jsonl")]
+    assert 0 < sum(labels) < len(labels)  # B's answers up, A's down, by the scorer alone
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
+        ("harvest.scorers=[{name: exact}]", "harvest.references"),
         ("harvest.kinds=[thumbs]", "harvest.kinds[0]: 'thumbs' is not one of"),
         ("harvest.split_by=session", "harvest.split_by"),
         ("harvest.heldout_fraction=1.0", "harvest.heldout_fraction"),
@@ -235,6 +286,8 @@ def test_the_scripted_users_rules():
     assert likes('{"answer": 7}', None, user("json_key"), rng)
     assert not likes('{"result": 7}', None, user("json_key"), rng)
     assert not likes("answer: 7", None, user("json_key"), rng)
+    assert likes('```json\n{"answer": "Paris"}\n```', None, user("json_key"), rng)
+    assert not likes('See:\n```json\n{"answer": 1}\n```', None, user("json_key"), rng)
     assert likes("Sure! 7", None, user("regex", feedback_regex=r"^Sure"), rng)
     assert not likes("7", None, user("regex", feedback_regex=r"^Sure"), rng)
     ups = sum(likes("anything", None, user("random", feedback_rate=0.3), rng) for _ in range(2000))

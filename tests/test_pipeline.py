@@ -33,6 +33,15 @@ phase:
 """
 
 
+def mlflow_runs(store: Path) -> list:
+    import mlflow
+
+    from lmstack.tracking.loggers import mlflow_store
+
+    client = mlflow.MlflowClient(mlflow_store({"store_dir": str(store)})[0])
+    return client.search_runs([client.get_experiment_by_name("lmstack").experiment_id])
+
+
 def write_recipe(folder: Path, body: str = RECIPE) -> Path:
     path = folder / "team_recipe.yaml"
     path.write_text(body.format(path=path))
@@ -42,7 +51,7 @@ def write_recipe(folder: Path, body: str = RECIPE) -> Path:
 @pytest.mark.e2e
 def test_recipe_file_runs_a_pipeline_and_a_rerun_skips_its_stages(tmp_path):
     recipe = write_recipe(tmp_path)
-    args = [f"recipe={recipe}", *FAST, "logger=none", "trainer.num_threads=1"]
+    args = [f"recipe={recipe}", *FAST, "logger=mlflow", "trainer.num_threads=1"]
     result = run_cli(*args, output_dir=tmp_path / "out")
     assert "pipeline stage 2/2: dpo" in result.stdout
     (pipeline_dir,) = (tmp_path / "out" / "runs").glob("pipeline-*")
@@ -51,6 +60,10 @@ def test_recipe_file_runs_a_pipeline_and_a_rerun_skips_its_stages(tmp_path):
     assert sft_dir.name.startswith("sft-lora-") and dpo_dir.name.startswith("dpo-lora-")
     # the dpo stage started from the sft stage's model
     assert metrics["dpo/verify/score_before"] == metrics["sft/verify/score_after"]
+    # the stages and the pipeline are one group in the tracker (MLflow's tag; W&B's group)
+    runs = mlflow_runs(tmp_path / "out" / "mlflow")
+    assert {r.info.run_name for r in runs} == {pipeline_dir.name, sft_dir.name, dpo_dir.name}
+    assert {r.data.tags["lmstack.group"] for r in runs} == {pipeline_dir.name}
 
     again = run_cli(*args, output_dir=tmp_path / "out")
     assert again.stdout.count("already holds this finished run") >= 2

@@ -35,7 +35,7 @@ from lmstack.config.keys import check_known_keys
 from lmstack.config.phases import PHASES
 from lmstack.distributed import is_rank_zero, process_rank
 from lmstack.errors import ConfigError, LmstackError
-from lmstack.phases.context import RunContext
+from lmstack.phases.context import PIPELINE_GROUP, RUN_DIR_REPORT, RunContext
 from lmstack.tracking.headline import sweep_metric_key, wanted_metric
 from lmstack.tracking.identity import data_fingerprint, run_id
 from lmstack.tracking.run_dir import (
@@ -51,7 +51,6 @@ from lmstack.util.signals import resent_from_finalizer
 
 log = logging.getLogger("lmstack")
 EXIT_BAD_INPUT = 2
-RUN_DIR_REPORT = "LMSTACK_RUN_DIR_REPORT"
 
 
 # Known-harmless library warnings that would bury lmstack's own output.
@@ -236,11 +235,18 @@ def build_context(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunContext:
         config=config,
         run_dir=run_dir,
         run_id=identity,
-        group=run_dir.parent.name if multirun else identity,
+        group=tracker_group(run_dir, identity, multirun),
         cache_dir=str(Path(config.paths.cache_dir).expanduser().resolve()),
         resolved=resolved,
         multirun=multirun,
     )
+
+
+def tracker_group(run_dir: Path, identity: str, multirun: bool) -> str:
+    """A sweep point's group is its sweep; a pipeline stage's, its pipeline; else its own id."""
+    if multirun:
+        return run_dir.parent.name
+    return os.environ.get(PIPELINE_GROUP) or identity
 
 
 def dispatch(ctx: RunContext) -> dict[str, Any]:

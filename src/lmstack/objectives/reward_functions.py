@@ -76,11 +76,11 @@ def reward_model_scorer(path: str, key: str = "objective.rewards.path") -> Score
     return scores
 
 
-def reference_scorer(config: Any, index: int) -> Scorer:
+def reference_scorer(config: Any, key: str) -> Scorer:
     """A score against each row's reference (lmstack.data.scoring); 0 for a row without one."""
 
     name = config.scorer if config.name == "scorer" else config.name
-    key = f"objective.rewards[{index}]." + ("scorer" if config.name == "scorer" else "name")
+    key = f"{key}." + ("scorer" if config.name == "scorer" else "name")
     score_one = build_scorer(name, key, config.tolerance, list(config.fields))
 
     def scores(prompts, completions, answers):
@@ -92,14 +92,14 @@ def reference_scorer(config: Any, index: int) -> Scorer:
     return scores
 
 
-def judge_scorer(config: Any, index: int) -> Scorer:
+def judge_scorer(config: Any, key: str) -> Scorer:
     """An LLM judge's grade of each completion, N/10 for "Rating: [[N]]" (0 for a reply
     without a rating; their count is printed): rubric config.judge.single_prompt with the
     row's reference, conf/prompt/judge_open.yaml for a row without one."""
     from lmstack.judging import connect, grade
     from lmstack.prompts import load_prompt
 
-    key = f"objective.rewards[{index}].judge"
+    key = f"{key}.judge"
     judge_cfg = config.judge
     endpoint = connect(judge_cfg, key=key)
     rubrics = {True: load_prompt(judge_cfg.single_prompt), False: load_prompt("judge_open")}
@@ -137,12 +137,16 @@ def judge_scorer(config: Any, index: int) -> Scorer:
 REFERENCE_REWARDS = ("exact", "normalized", "numeric", "json_fields", "scorer")
 
 
-def build_reward_functions(configs: list[Any]) -> list[RewardFunction]:
-    """One scorer per config entry; a name used twice gets its index in the metric key."""
+def build_reward_functions(
+    configs: list[Any], key: str = "objective.rewards"
+) -> list[RewardFunction]:
+    """One scorer per config entry (`key`: the config list errors name); a name used twice
+    gets its index in the metric key."""
     names = [config.name for config in configs]
     functions = []
     for index, config in enumerate(configs):
-        key = config.name if names.count(config.name) == 1 else f"{config.name}{index}"
+        where = f"{key}[{index}]"
+        metric = config.name if names.count(config.name) == 1 else f"{config.name}{index}"
         if config.name == "verifier":
             scorer = verifier_scores
         elif config.name == "math":
@@ -150,12 +154,12 @@ def build_reward_functions(configs: list[Any]) -> list[RewardFunction]:
         elif config.name == "format":
             scorer = format_scorer(config.pattern)
         elif config.name in REFERENCE_REWARDS:
-            scorer = reference_scorer(config, index)
+            scorer = reference_scorer(config, where)
         elif config.name == "judge":
-            scorer = judge_scorer(config, index)
+            scorer = judge_scorer(config, where)
         else:
-            scorer = reward_model_scorer(config.path, f"objective.rewards[{index}].path")
-        functions.append(RewardFunction(key, float(config.weight), scorer))
+            scorer = reward_model_scorer(config.path, f"{where}.path")
+        functions.append(RewardFunction(metric, float(config.weight), scorer))
     return functions
 
 

@@ -26,6 +26,7 @@ from lmstack.serving.costs import phase_costs
 from lmstack.serving.traces import WARMUP_TAG
 from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
+from lmstack.util.package_files import resolve_path
 
 TABLE_KEYS = (
     "completed",
@@ -112,7 +113,7 @@ def builtin_rows(count: int, seed: int) -> list[dict[str, Any]]:
 
 def jsonl_rows(bench: Any) -> list[dict[str, Any]]:
     """Rows of {"prompt": str} or {"messages": [...]}; a bad line is named by file:line."""
-    path = Path(bench.prompts)
+    path = resolve_path(bench.prompts, "bench.prompts")
     if not path.is_file():
         raise ConfigError(f"bench.prompts: '{path}' is not a file (or 'builtin')")
     rows = []

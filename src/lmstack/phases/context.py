@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# the environment a pipeline gives its stages: where a stage reports its run directory, and
+# the tracker group the stages share (W&B group, MLflow tag lmstack.group), so the chain
+# v0 -> harvest -> v1 -> A/B is one group in the tracker
+RUN_DIR_REPORT = "LMSTACK_RUN_DIR_REPORT"
+PIPELINE_GROUP = "LMSTACK_PIPELINE_GROUP"
+
 
 @dataclass
 class RunContext:

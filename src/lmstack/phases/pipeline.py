@@ -20,8 +20,9 @@ from typing import Any
 
 from lmstack.config.recipes import for_stage, inherited_overrides
 from lmstack.errors import ConfigError, LmstackError
-from lmstack.phases.context import RunContext
+from lmstack.phases.context import PIPELINE_GROUP, RUN_DIR_REPORT, RunContext
 from lmstack.phases.eval import comparison_markdown
+from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import read_json, record_end, set_status, write_json
 from lmstack.util.signals import how_it_ended
 
@@ -42,7 +43,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             flush=True,
         )
         inherited = for_stage(common, overrides, ctx.config.objective.name)
-        run_dir = run_stage(stage.name, [*inherited, *overrides])
+        run_dir = run_stage(stage.name, [*inherited, *overrides], group=ctx.group)
         stage_dirs[stage.name] = run_dir
         stage_metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
         metrics |= {
@@ -54,6 +55,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if evaluations:
         write_comparison(ctx.run_dir, evaluations)
     write_json(ctx.run_dir / "metrics.json", metrics)
+    # the pipeline's own tracker run, in the group its stages joined: every stage's figures
+    log_results(ctx, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
     set_status(ctx.run_dir, "finished")
     for name, run_dir in stage_dirs.items():
         print(f"  {name}: {run_dir}")
@@ -83,16 +86,19 @@ def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:
     return PLACEHOLDER.sub(replace, override)
 
 
-def run_stage(name: str, overrides: list[str]) -> str:
-    """Runs one stage in a child process (its output streams through) and returns its run dir."""
+def run_stage(name: str, overrides: list[str], group: str = "") -> str:
+    """Runs one stage in a child process (its output streams through) and returns its run dir;
+    the stage's tracker run joins `group` (the pipeline's)."""
     command = [sys.executable, str(REPO_ROOT / "run.py"), *overrides]
-    return run_stage_command(name, command)
+    return run_stage_command(name, command, group)
 
 
-def run_stage_command(name: str, command: list[str]) -> str:
+def run_stage_command(name: str, command: list[str], group: str = "") -> str:
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "run_dir"
-        env = {**os.environ, "LMSTACK_RUN_DIR_REPORT": str(report)}
+        env = {**os.environ, RUN_DIR_REPORT: str(report)}
+        if group:
+            env[PIPELINE_GROUP] = group
         process = subprocess.Popen(command, env=env)
         try:
             returncode = process.wait()

@@ -25,7 +25,7 @@ from typing import Any
 
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
-from lmstack.serving import ab, costs, monitors, promotion
+from lmstack.serving import ab, costs, lineage, monitors, promotion
 from lmstack.serving.traces import find_trace_dbs, read_feedback, read_traces
 from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import set_status, write_json
@@ -252,8 +252,9 @@ def ab_section(
             metrics[f"ab/{row['variant']}_vs_{row['control']}/{key}"] = row.get(key)
     modes = {entry["name"]: entry.get("mode") for entry in variants}
     metrics |= {f"ab/{name}/served_as": mode for name, mode in modes.items()}
-    text = ab.report_markdown(table, compared, srm, modes) + ab.lineage_markdown(variants)
-    registered = promotion.read_rule(dbs)
+    found = lineage.chains(variants)
+    text = ab.report_markdown(table, compared, srm, modes) + lineage.lineage_markdown(found)
+    registered, decision = promotion.read_rule(dbs), None
     if registered:
         decision = promotion.judge(registered, rows, feedback, table, config.monitor)
         write_json(run_dir / "promotion.json", decision)
@@ -263,4 +264,8 @@ def ab_section(
     images = {}
     if config.report.plots:
         images["report/ab_feedback"] = ab.plot_feedback(table, run_dir / "report_ab_feedback.png")
+        if found:
+            chain = lineage.plot_chain(found, table, decision, run_dir / "report_ab_chain.png")
+            images["report/ab_chain"] = chain
+            text += f"\n![the chain: served -> harvest -> trained -> A/B]({chain.name})\n"
     return metrics, text, images

@@ -52,7 +52,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # data, the machine and the memory plan first (launch.py runs this before the heavy
     # imports): bad input fails here, before any model is loaded
     rows = ctx.rows if ctx.rows is not None else preflight(ctx)
-    record_lineage(config.data, run_dir)
+    record_lineage(config, run_dir)
     if getattr(config.objective, "rollout_engine", "in_process") == "vllm":
         check_rollout_engine(config)
     if config.export.gguf:
@@ -259,9 +259,10 @@ def print_summary(metrics: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key}  {value}")
 
 
-def record_lineage(data: Any, run_dir: Path) -> None:
+def record_lineage(config: Any, run_dir: Path) -> None:
     """A run trained on harvested rows (phase=harvest) records where they came from: the
     harvest run, its filters, and the trace stores and served runs under it (lineage.json)."""
+    data = config.data
     if data.source != "jsonl" or not data.path:
         return
     card_path = Path(data.path).parent / "data_card.json"
@@ -270,6 +271,8 @@ def record_lineage(data: Any, run_dir: Path) -> None:
     card = json.loads(card_path.read_text())
     lineage = {
         "harvest_run": str(card_path.parent.resolve()),
+        "objective": config.objective.name,
+        "max_steps": config.trainer.max_steps,
         "train_rows": str(Path(data.path).resolve()),
         "heldout_rows": str(Path(data.eval_path).resolve()) if data.eval_path else None,
         "filters": card.get("filters"),

@@ -389,27 +389,6 @@ def report_markdown(
     return "\n".join(lines)
 
 
-def lineage_markdown(variants: list[dict[str, Any]]) -> str:
-    """The chain behind each variant trained on harvested traffic (its run's lineage.json):
-    the variant <- its run <- the harvest and its filters <- the stores and the served runs."""
-    lines = []
-    for entry in variants:
-        path = Path(str(entry.get("source") or "")) / "lineage.json"
-        if not entry.get("source") or not path.is_file():
-            continue
-        lineage = json.loads(path.read_text())
-        stores = "; ".join(
-            f"{s['store']} ({s['traces']} traces, {s['feedback']} ratings, served "
-            f"{', '.join(s['served_runs']) or 'no lmstack run'})"
-            for s in lineage.get("sources") or []
-        )
-        lines.append(
-            f"- {entry['name']} <- {entry['source']} <- harvest {lineage['harvest_run']} "
-            f"(rows {lineage['train_rows']}) <- {stores}"
-        )
-    return "\n".join(["## A/B test: lineage", "", *lines, ""]) if lines else ""
-
-
 def plot_feedback(table: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib
 

@@ -10,8 +10,10 @@ From one or more trace stores (the gateway's, serving/traces.py):
    and no prompt is on both sides;
 4. rows in the formats the objectives take (TRL's): kto {prompt, completion, label}; preference
    {prompt, chosen, rejected}, per prompt the best- against the worst-rated different answer
-   (from an A/B test's variants, or repeated samples); sft {messages}, answers rated at or
-   above min_score. Chat prompts stay conversational (lists of messages).
+   (from an A/B test's variants, or repeated samples), and the labelling page's majority votes;
+   sft {messages}, answers rated at or above min_score. Chat prompts stay conversational.
+A rating is the user's latest feedback, or, with harvest.scorers, every answer's score by a
+reward model, a reference scorer or a judge (the phase builds the scorer: `score`).
 The data card (data_card.json/.md) holds the counts per source and label, what each filter
 and the de-duplication removed, the label balance, and the lineage: the stores, the served
 run ids and the range of trace times and ids.
@@ -22,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,40 +59,73 @@ class Rated:
     store: str
 
 
+# (prompts, responses) -> one score each: harvest.scorers, built by the phase
+Score = Callable[[list[Any], list[str]], list[float]]
+
+
+@dataclass
+class Voted:
+    """A labelling-page item with a majority: the answer people preferred and the other."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    votes: int
+    session: str
+
+
 @dataclass
 class Harvest:
     rows: dict[str, dict[str, list[dict[str, Any]]]]  # kind -> split -> rows
     card: dict[str, Any] = field(default_factory=dict)
 
 
-def harvest(config: HarvestConfig) -> Harvest:
-    dbs = source_stores(config.sources)
+def harvest(
+    config: HarvestConfig,
+    stores: list[str],
+    score: Score | None = None,
+    voted: list[Voted] | tuple = (),
+) -> Harvest:
+    """Rows from the trace stores under `stores` (rated by feedback, or by `score`) and from
+    labelling-page votes (`voted`: preference pairs)."""
+    dbs = source_stores(stores, config.sources)
     removed: Counter[str] = Counter()
     scrubber = Scrubber(config.pii_rules) if config.pii else None
     rated, lineage = [], []
     for db in dbs:
         version = check_schema_version(db)
         traces, feedback = read_traces(db, include_warmup=True), read_feedback(db)
-        require_signal(db, traces, feedback, config.kinds)
-        rated += rated_requests(db, traces, feedback, config, removed, scrubber)
+        if score is None:
+            require_signal(db, traces, feedback, config.kinds)
+        rated += rated_requests(db, traces, feedback, config, removed, score)
         lineage.append(store_lineage(db, version, traces, feedback))
+    if scrubber is not None:
+        rated = [scrubbed_request(r, scrubber) for r in rated]
+        voted = [scrubbed_vote(v, scrubber) for v in voted]
     train, heldout, leaking = split(rated, config)
     removed["prompt also held out"] += leaking
     rows = {kind: {"train": [], "heldout": []} for kind in config.kinds}
     for name, part in (("train", train), ("heldout", heldout)):
         for kind in config.kinds:
             rows[kind][name] = BUILDERS[kind](part, config.dedup, removed)
+    if "preference" in rows:
+        for name, part in split_votes(list(voted), config).items():
+            rows["preference"][name] += [vote_row(v) for v in part]
     card = data_card(config, rows, rated, removed, lineage, scrubber)
+    card["rated_by"] = "harvest.scorers" if score is not None else "feedback"
+    card["votes"] = vote_lineage(list(voted))
     return Harvest(rows, card)
 
 
-def source_stores(sources: list[str]) -> list[Path]:
+def source_stores(stores: list[str], sources: list[str]) -> list[Path]:
     dbs: list[Path] = []
-    for index, source in enumerate(sources):
+    for source in stores:
+        index = sources.index(source) if source in sources else 0
         found = find_trace_dbs(source)
         if not found:
             raise DataError(
-                f"harvest.sources[{index}]: {source} holds no trace store (traces.sqlite)"
+                f"harvest.sources[{index}]: {source} holds no trace store (traces.sqlite) "
+                "and is not a labelling session (votes.sqlite)"
             )
         dbs += [db for db in found if db not in dbs]
     return dbs
@@ -101,7 +137,8 @@ def require_signal(db: Path, traces: list, feedback: list, kinds: list[str]) -> 
         raise DataError(
             f"trace store {db}: no feedback ({len(traces)} traces, 0 ratings), so no "
             f"{', '.join(kinds)} rows: harvest.kinds are made from answers rated through "
-            "POST /v1/feedback (thumbs or a score); serve with the gateway and send feedback"
+            "POST /v1/feedback (thumbs or a score); serve with the gateway and send feedback, "
+            "or score the answers with harvest.scorers (a reward model, a scorer, a judge)"
         )
 
 
@@ -111,36 +148,43 @@ def rated_requests(
     feedback: list[dict[str, Any]],
     config: HarvestConfig,
     removed: Counter[str],
-    scrubber: Scrubber | None,
+    score: Score | None,
 ) -> list[Rated]:
+    """The store's answered requests that pass the filters, each with its rating: the latest
+    feedback, or `score`'s (then unrated requests count too, and feedback is not read)."""
     latest = {entry["request_id"]: entry for entry in feedback}
     kept = []
     for row in traces:
-        reason = left_out(row, latest, config)
+        reason = left_out(row, latest, config, scored=score is not None)
         if reason:
             removed[reason] += 1
-            continue
-        entry = latest[row["request_id"]]
-        prompt, response = parsed_prompt(row["prompt"]), row["response"]
-        if scrubber is not None:
-            prompt, response = scrubbed(prompt, scrubber), scrubber.scrub(response)
-        kept.append(
-            Rated(
-                prompt=prompt,
-                prompt_hash=row["prompt_hash"],
-                response=response,
-                score=float(entry["score"]),
-                good=float(entry["score"]) >= config.min_score,
-                user=row.get("user") or "",
-                variant=row.get("variant") or "",
-                time=row["time"],
-                store=str(db),
-            )
+        else:
+            kept.append(row)
+    prompts = [parsed_prompt(row["prompt"]) for row in kept]
+    responses = [row["response"] for row in kept]
+    if score is not None:
+        scores = [float(value) for value in score(prompts, responses)] if kept else []
+    else:
+        scores = [float(latest[row["request_id"]]["score"]) for row in kept]
+    return [
+        Rated(
+            prompt=prompt,
+            prompt_hash=row["prompt_hash"],
+            response=response,
+            score=value,
+            good=value >= config.min_score,
+            user=row.get("user") or "",
+            variant=row.get("variant") or "",
+            time=row["time"],
+            store=str(db),
         )
-    return kept
+        for row, prompt, response, value in zip(kept, prompts, responses, scores, strict=True)
+    ]
 
 
-def left_out(row: dict[str, Any], latest: dict[str, Any], config: HarvestConfig) -> str:
+def left_out(
+    row: dict[str, Any], latest: dict[str, Any], config: HarvestConfig, scored: bool
+) -> str:
     """Why a trace row gives no training row ("" when it does)."""
     if row["tag"] == WARMUP_TAG:
         return "warm-up request"
@@ -160,7 +204,7 @@ def left_out(row: dict[str, Any], latest: dict[str, Any], config: HarvestConfig)
             return name
     if REDACTED in (row["prompt"], row["response"]):
         return "redacted text"
-    if row["request_id"] not in latest:
+    if not scored and row["request_id"] not in latest:
         return "no feedback"
     return ""
 
@@ -180,6 +224,23 @@ def scrubbed(prompt: Any, scrubber: Scrubber) -> Any:
     if isinstance(prompt, str):
         return scrubber.scrub(prompt)
     return [m | {"content": scrubber.scrub(str(m["content"]))} for m in prompt]
+
+
+def scrubbed_request(request: Rated, scrubber: Scrubber) -> Rated:
+    return replace(
+        request,
+        prompt=scrubbed(request.prompt, scrubber),
+        response=scrubber.scrub(request.response),
+    )
+
+
+def scrubbed_vote(vote: Voted, scrubber: Scrubber) -> Voted:
+    return replace(
+        vote,
+        prompt=scrubber.scrub(vote.prompt),
+        chosen=scrubber.scrub(vote.chosen),
+        rejected=scrubber.scrub(vote.rejected),
+    )
 
 
 # ---- the split ----
@@ -205,6 +266,16 @@ def split(requests: list[Rated], config: HarvestConfig) -> tuple[list[Rated], li
     train = [r for r, out in marked if not out]
     kept = [r for r in train if r.prompt_hash not in heldout_prompts]
     return kept, heldout, len(train) - len(kept)
+
+
+def split_votes(voted: list[Voted], config: HarvestConfig) -> dict[str, list[Voted]]:
+    """Voted items split by their prompt (an item has many labellers: no one user unit)."""
+    parts: dict[str, list[Voted]] = {"train": [], "heldout": []}
+    for vote in voted:
+        unit = "prompt:" + hashlib.sha256(vote.prompt.encode()).hexdigest()
+        out = held_out(unit, config.seed, config.heldout_fraction)
+        parts["heldout" if out else "train"].append(vote)
+    return parts
 
 
 # ---- rows per kind ----
@@ -272,6 +343,15 @@ def preference_row(better: Rated, worse: Rated) -> dict[str, Any]:
     }
 
 
+def vote_row(vote: Voted) -> dict[str, Any]:
+    return {
+        "prompt": vote.prompt,
+        "chosen": vote.chosen,
+        "rejected": vote.rejected,
+        "source": "votes",
+    }
+
+
 def latest_by(requests: list[Rated], key) -> list[Rated]:
     latest: dict[Any, Rated] = {}
     for r in sorted(requests, key=lambda r: r.time):
@@ -297,6 +377,17 @@ def store_lineage(db: Path, version: int, traces: list, feedback: list) -> dict[
         "served_runs": sorted({row["run_id"] for row in traces if row["run_id"]}),
         "variants": sorted({row.get("variant") or "" for row in traces} - {""}),
     }
+
+
+def vote_lineage(voted: list[Voted]) -> list[dict[str, Any]]:
+    sessions = Counter(v.session for v in voted)
+    votes = Counter()
+    for v in voted:
+        votes[v.session] += v.votes
+    return [
+        {"session": session, "items": items, "votes": votes[session]}
+        for session, items in sorted(sessions.items())
+    ]
 
 
 def data_card(
@@ -348,7 +439,16 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = ["# Data card", "", "| kind | train | held-out |", "|---|---|---|"]
     for kind, splits in card["rows"].items():
         lines.append(f"| {kind} | {splits['train']} | {splits['heldout']} |")
-    lines += ["", f"Rated requests: {card['rated_requests']} from {card['users']} users."]
+    lines += [
+        "",
+        f"Rated requests: {card['rated_requests']} from {card['users']} users (rated by "
+        f"{card.get('rated_by', 'feedback')}).",
+    ]
+    for session in card.get("votes") or []:
+        lines.append(
+            f"Labelling session {session['session']}: {session['items']} items with a "
+            f"majority ({session['votes']} votes) as preference pairs."
+        )
     if card["kto_labels"]:
         balance = ", ".join(f"{name}: {dict(c)}" for name, c in card["kto_labels"].items())
         lines.append(f"KTO labels: {balance}.")

@@ -42,11 +42,15 @@ class EngineSupport:
     stop: bool = True  # `stop` the OpenAI way: generation ends there, the stop text left out
     logprobs: bool = True
     context_check: bool = True  # answers 400 to a prompt longer than the context
+    temperature: bool = True  # temperature > 0 samples, whatever the model's generation config
 
 
 # transformers serve: token ids are refused ("prompt must be a string"), `ignore_eos` is a 422,
-# `n` and `logprobs` are ignored (one choice, no log-probs), `stop` leaves the stop text in
-HF_SUPPORT = EngineSupport(False, False, False, False, False, context_check=False)
+# `n` and `logprobs` are ignored (one choice, no log-probs), `stop` leaves the stop text in,
+# and it samples only where the model's generation config says do_sample
+HF_SUPPORT = EngineSupport(
+    False, False, False, False, False, context_check=False, temperature=False
+)
 ENGINE_SUPPORT = {"hf": HF_SUPPORT}
 FULL_SUPPORT = EngineSupport()  # vLLM, and what an external server is trusted to do
 LOGPROB_FIELDS = ("logprobs", "top_logprobs", "echo", "prompt_logprobs")
@@ -196,6 +200,8 @@ def normalise(body: dict[str, Any], endpoint: str, served: ServedModel) -> Plan:
     check_logprobs(body, support, served.engine)
     if not support.ignore_eos and "ignore_eos" in body:
         body.update(ignore_eos_as_generation_config(body.pop("ignore_eos"), max_tokens, served))
+    if not support.temperature:
+        body.update(sampling_as_generation_config(body, served))
     prompts = completion_prompts(body, support, served) if endpoint == "completions" else []
     stop = check_stop(body)
     if not support.context_check:
@@ -265,6 +271,25 @@ def ignore_eos_as_generation_config(
         raise RequestRejected("ignore_eos", "ignore_eos needs max_tokens (the fixed length)")
     generation = served.generation_config() | {"max_new_tokens": max_tokens, "eos_token_id": -1}
     return {"generation_config": json.dumps(generation)}
+
+
+def sampling_as_generation_config(body: dict[str, Any], served: ServedModel) -> dict[str, Any]:
+    """temperature > 0 samples, as OpenAI's API means it. transformers serve samples only when
+    the generation config says do_sample, and a model whose own config does not (a GGUF
+    conversion, many checkpoints) would answer every repeat of a prompt the same, greedily:
+    the request's generation config (or a new one, merged over the model's) says so."""
+    temperature = body.get("temperature")
+    if not isinstance(temperature, int | float) or temperature <= 0:
+        return {}
+    try:
+        requested = json.loads(body.get("generation_config") or "{}")
+    except (TypeError, ValueError):
+        requested = None
+    if not isinstance(requested, dict):
+        raise RequestRejected("generation_config", "generation_config must be a JSON object")
+    if requested.get("do_sample", served.generation_config().get("do_sample")):
+        return {}
+    return {"generation_config": json.dumps(requested | {"do_sample": True})}
 
 
 def completion_prompts(body: dict[str, Any], support: EngineSupport, served: ServedModel) -> list:

@@ -3,7 +3,8 @@ a real user's would be (POST /v1/feedback with the answer's x-lmstack-request-id
 
 Rules (bench.feedback): correct, up when the answer's number is the prompt's reference
 answer (the built-in task's, or a prompt row's "answer"; the arithmetic verifier's reading);
-json_key, up when the answer is a JSON object holding bench.feedback_key; regex, up when
+json_key, up when the answer is a JSON object holding bench.feedback_key (the whole answer,
+or its one fenced code block, as an application's parser would take it); regex, up when
 bench.feedback_regex is found in it; random, up at bench.feedback_rate whatever the answer
 says (an indifferent user, seeded). It stands in for
 real users in the demo and the tests (phase=bench as the traffic source of the flywheel):
@@ -29,10 +30,20 @@ def likes(answer: str, reference: str | None, bench: Any, rng: random.Random) ->
     if bench.feedback == "regex":
         return re.search(bench.feedback_regex, answer) is not None
     try:
-        value = json.loads(answer.strip())
+        value = json.loads(unfenced(answer))
     except ValueError:
         return False
     return isinstance(value, dict) and bench.feedback_key in value
+
+
+FENCED = re.compile(r"^```[\w-]*\s*(.*?)\s*```$", re.DOTALL)
+
+
+def unfenced(answer: str) -> str:
+    """The answer, or the body of the code block that is the whole answer (```json ... ```)."""
+    text = answer.strip()
+    match = FENCED.match(text)
+    return match.group(1) if match else text
 
 
 def give_feedback(

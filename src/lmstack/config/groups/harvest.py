@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from lmstack.config.groups.objective import RewardFunctionConfig
 from lmstack.config.rules import require, require_choice
 
 HARVEST_KINDS = ("kto", "preference", "sft")
 SPLIT_UNITS = ("user", "prompt")
+# the scorers that compare an answer with the prompt's reference (harvest.references)
+NEEDS_REFERENCE = ("verifier", "math", "exact", "normalized", "numeric", "json_fields", "scorer")
 
 
 @dataclass
@@ -17,7 +20,9 @@ class HarvestConfig:
     """phase=harvest: rows for the objectives from one or more serve or A/B runs' traces."""
 
     name: str = "default"
-    # trace stores (traces.sqlite), or serve, A/B or sweep directories holding them (required)
+    # trace stores (traces.sqlite), or serve, A/B or sweep directories holding them, and
+    # labelling sessions (phase=label run directories: their majority votes become preference
+    # pairs) (required)
     sources: list[str] = field(default_factory=list)
     # kto: each rated answer with its label (TRL's unpaired preference rows); preference: per
     # prompt, the best- against the worst-rated different answer (prompt, chosen, rejected);
@@ -25,6 +30,14 @@ class HarvestConfig:
     kinds: list[str] = field(default_factory=lambda: ["kto"])
     # a rating at or above this is good: a KTO label of true, an SFT row (thumbs up = 1)
     min_score: float = 1.0
+    # rate every answered request by these weighted rewards instead of users' feedback (entries
+    # as objective.rewards': reward_model with a path, judge, format, or a reference scorer:
+    # exact, normalized, numeric, json_fields, scorer), so repeated samples of a prompt make
+    # preference pairs by score
+    scorers: list[RewardFunctionConfig] = field(default_factory=list)
+    # the reference scorers' answers: a jsonl of {"prompt": ...} or {"messages": [...]} with
+    # "answer" (a bench prompt file with answers serves); a prompt without one scores 0
+    references: str | None = None
     # filters: requests received in [since, until) (unix seconds; null = open), and only these
     # variants, prompt versions, engines and users (empty = all)
     since: float | None = None
@@ -46,6 +59,14 @@ class HarvestConfig:
     pii_rules: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for index, scorer in enumerate(self.scorers):
+            scorer.check(f"harvest.scorers[{index}]")
+            require(
+                scorer.name not in NEEDS_REFERENCE or bool(self.references),
+                "harvest.references",
+                f"harvest.scorers[{index}] ({scorer.name}) compares answers with references: "
+                "give a jsonl of prompts with their answers",
+            )
         for index, kind in enumerate(self.kinds):
             require_choice(kind, HARVEST_KINDS, f"harvest.kinds[{index}]")
         require(bool(self.kinds), "harvest.kinds", f"name one or more of {HARVEST_KINDS}")
