@@ -815,7 +815,8 @@ def test_a_hot_request_to_transformers_serve_samples_whatever_the_models_config_
 
     assert generation(ask | {"temperature": 1.0}) == {"do_sample": True}
     assert generation(ask | {"temperature": 0.0}) == {}  # greedy stays greedy
-    assert generation(ask) == {}  # no temperature: the model's own default
+    # no temperature: the model's own default (greedy), said explicitly
+    assert normalise(dict(ask), "chat", hf).body["temperature"] == 0.0
     fixed = generation(ask | {"temperature": 0.7, "ignore_eos": True})
     assert fixed["do_sample"] is True and fixed["eos_token_id"] == -1
     bad = ask | {"temperature": 1.0, "generation_config": "[1]"}

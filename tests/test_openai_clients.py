@@ -306,3 +306,11 @@ def test_lm_eval_cli_runs_a_generative_task_against_phase_serve(tmp_path, tiny_b
         process.wait(timeout=60)
     assert completions == in_process(tiny_base, QUESTIONS, chat=False)
     assert chat == in_process(tiny_base, QUESTIONS, chat=True)
+
+
+def test_a_temperature_samples_and_zero_stays_greedy(client):
+    """The model's generation config does not sample: served as it is, transformers serve's
+    continuous batching would answer temperature 2 greedily (the engine serves a view of it)."""
+    hot = {complete(client, temperature=2.0).choices[0].text for _ in range(6)}
+    cold = {complete(client).choices[0].text for _ in range(3)}
+    assert len(hot) > 1 and len(cold) == 1

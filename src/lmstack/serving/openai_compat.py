@@ -274,11 +274,16 @@ def ignore_eos_as_generation_config(
 
 
 def sampling_as_generation_config(body: dict[str, Any], served: ServedModel) -> dict[str, Any]:
-    """temperature > 0 samples, as OpenAI's API means it. transformers serve samples only when
-    the generation config says do_sample, and a model whose own config does not (a GGUF
-    conversion, many checkpoints) would answer every repeat of a prompt the same, greedily:
-    the request's generation config (or a new one, merged over the model's) says so."""
+    """temperature > 0 samples, as OpenAI's API means it; none keeps the model's own default.
+    transformers serve samples only when the generation config says do_sample, and a model
+    whose own config does not (a GGUF conversion, many checkpoints) would answer every repeat
+    of a prompt the same, greedily: the request's generation config (or a new one, merged
+    over the model's) says so."""
     temperature = body.get("temperature")
+    if temperature is None and not served.generation_config().get("do_sample"):
+        # the model's own default is greedy: said explicitly, as the engine may serve a view
+        # of the model that samples (engine_hf.sampling_view)
+        return {"temperature": 0.0}
     if not isinstance(temperature, int | float) or temperature <= 0:
         return {}
     try:
