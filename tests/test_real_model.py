@@ -79,7 +79,7 @@ def test_unreadable_or_missing_gguf_files_are_named(tmp_path):
 
 
 def test_a_model_wheel_that_is_not_installed_says_how_to_install_it(monkeypatch):
-    from lmstack.util import package_files
+    from lmstack.data import package_files
 
     monkeypatch.setitem(package_files.KNOWN_WHEELS, "lmstack_absent_wheel", "make absent")
     with pytest.raises(ConfigError, match="not installed; install it with: make absent"):

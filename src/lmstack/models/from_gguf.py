@@ -22,9 +22,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from lmstack.data.package_files import resolve_path
 from lmstack.errors import ConfigError
 from lmstack.models.builtin import file_lock
-from lmstack.util.package_files import resolve_path
 
 
 def resolve_gguf_file(path: str) -> Path:

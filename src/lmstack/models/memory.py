@@ -53,6 +53,10 @@ ACT_PER_INTERMEDIATE = 3
 # gradient (the loss upcasts one row at a time, objectives/losses.py). Measured on SmolLM2 at
 # 4,096 tokens a step: 1.2 copies at float32, 1.5 at bf16-mixed (bf16 logits, float32 rows)
 LOGIT_COPIES = 1.5
+# past this many elements a step's target logits are computed a chunk of tokens at a time and
+# recomputed in the backward pass (objectives/causal_lm.py: SFT and the objectives on stored
+# pairs or labels), so no more than a chunk's logits exist at once (256 MB at float32)
+LOGIT_CHUNK_ELEMENTS = 1 << 26
 # bytes a saved activation takes: under bf16-mixed (and 16-mixed) autocast keeps the matmuls'
 # inputs in 16 bits but the norms and the residual stream in float32 (measured on SmolLM2: 0.66
 # of float32's); 16-true precisions keep everything in 16 bits
@@ -310,10 +314,13 @@ def plan_memory(
     terms["optimizer states"] = 2 * trainable * train_bytes // states_div
     notes["optimizer states"] = "AdamW: two moments a trainable weight"
 
-    terms["logits"] = int(tokens_per_step * shape.vocab_size * 4 * LOGIT_COPIES)
-    notes["logits"] = (
-        f"{tokens_per_step} tokens x vocab {shape.vocab_size} x float32 x {LOGIT_COPIES}"
-    )
+    logit_tokens = tokens_per_step
+    if not traits.rollouts:  # sampled completions' log-probs are not chunked
+        logit_tokens = min(tokens_per_step, LOGIT_CHUNK_ELEMENTS // shape.vocab_size)
+    terms["logits"] = int(logit_tokens * shape.vocab_size * 4 * LOGIT_COPIES)
+    notes["logits"] = f"{logit_tokens} tokens x vocab {shape.vocab_size} x float32 x {LOGIT_COPIES}"
+    if logit_tokens < tokens_per_step:
+        notes["logits"] += f" (a chunk of {tokens_per_step} tokens at a time)"
 
     if traits.reference_model and adapter.name == "none":
         precomputed = traits.precomputable_reference and config.objective.precompute_ref

@@ -15,6 +15,7 @@ import torch
 from lmstack.data.loading import build_eval_loader, build_train_loader
 from lmstack.data.tokenize import encode_row, fit_length, has_target, truncation_metrics
 from lmstack.distributed import all_reduce_sum
+from lmstack.models import memory
 from lmstack.objectives import Objective, ObjectiveSetup, require_examples
 
 
@@ -119,21 +120,76 @@ def target_token_logprobs(
 
     Logits are computed at those positions only: with a real vocabulary (49k) the full
     ``(B, T, V)`` logits of prompt and padding positions are most of a step's memory and much
-    of its time."""
+    of its time. Past memory.LOGIT_CHUNK_ELEMENTS they are computed a chunk of tokens at a time and
+    recomputed in the backward pass (:func:`chunked_logprobs`), never held whole."""
     labels = batch["labels"]
     keep = target_positions(labels)
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-        logits_to_keep=keep,
-    ).logits
+    targets = labels[:, 1:][keep[:, :-1]]
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "position_ids": batch.get("position_ids"),
+        "use_cache": False,
+    }
+    parts = decoder_and_head(model)
+    # (N, V) float32 logits of long rows, with a 49k vocabulary, are gigabytes
+    chunk = max(1, memory.LOGIT_CHUNK_ELEMENTS // vocabulary(model))
+    if parts is not None and targets.numel() > chunk:
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state[keep]
+        return chunked_logprobs(hidden, head, targets, chunk), keep
+    logits = model(**inputs, logits_to_keep=keep).logits
     if logits.dim() == 3:  # an architecture that returns every position's logits
         logits = logits[keep]
-    targets = labels[:, 1:][keep[:, :-1]]
     logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     return logps, keep
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[Any, Any] | None:
+    """The transformer body and the LM head of a causal LM (under peft too), when its logits
+    are the head's output as it is; None for one that changes them after (soft-capping)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None):
+        return None
+    get_decoder = getattr(base, "get_decoder", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def vocabulary(model: torch.nn.Module) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(getattr(getattr(base, "config", None), "vocab_size", 0) or 1)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """``(N,)`` log p(target) from ``(N, H)`` final hidden states, `chunk` tokens at a time.
+    Each chunk's logits are checkpointed: the backward pass recomputes them, so at most one
+    chunk's ``(chunk, V)`` float32 logits (and their gradient) exist at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat(
+        [
+            checkpoint(
+                token_logprobs,
+                hidden[i : i + chunk],
+                targets[i : i + chunk],
+                head,
+                use_reentrant=False,
+            )
+            for i in range(0, targets.numel(), chunk)
+        ]
+    )
+
+
+def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module):
+    logits = head(hidden).float()
+    return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
 def global_token_mean(logps: torch.Tensor, world: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmstack.data import arith
 from lmstack.data.arith import problems
+from lmstack.data.package_files import resolve_path
 from lmstack.errors import ConfigError, DataError
 from lmstack.phases.context import RunContext
 from lmstack.prompts import prompt_version, render_messages, render_text
@@ -26,7 +27,6 @@ from lmstack.serving.costs import phase_costs
 from lmstack.serving.traces import WARMUP_TAG
 from lmstack.tracking.loggers import log_results
 from lmstack.tracking.run_dir import previous_results, set_status, write_json
-from lmstack.util.package_files import resolve_path
 
 TABLE_KEYS = (
     "completed",
