@@ -252,6 +252,17 @@ def test_rows_all_of_one_label_are_rejected_with_the_counts(tmp_path):
     )
 
 
+def test_held_out_rows_of_one_label_are_a_warning_not_an_error(tmp_path, capsys):
+    """A harvest of rare thumbs up may hold out only thumbs down: still a validation loss."""
+    from lmstack.data.sources import load_rows
+
+    train = write_jsonl(tmp_path / "train.jsonl", UNPAIRED)
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [r for r in UNPAIRED if not r["label"]])
+    rows = load_rows(data_config(path=str(train), eval_path=str(heldout)), "kto")
+    assert len(rows.eval) == 2 and len(rows.train) == len(UNPAIRED)
+    assert f"{heldout}: every held-out row has the same label" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -64,7 +64,7 @@ def load_rows(data: Any, objective: str) -> Rows:
         read = _read_jsonl if data.source == "jsonl" else _read_parquet
         train, held_out = rows, read(Path(data.eval_path))
         if held_out:  # a harvest of little traffic may hold nothing out
-            _check_rows(held_out, fmt, data.eval_path, objective)
+            _check_rows(held_out, fmt, data.eval_path, objective, evaluation=True)
     else:
         train, held_out = _split(rows, data)
     return Rows(train=train, eval=held_out, format=fmt, origin=origin)
@@ -183,7 +183,12 @@ def detect_format(row: dict[str, Any], objective: str) -> str | None:
     return None
 
 
-def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: str) -> str:
+def _check_rows(
+    rows: list[dict[str, Any]], fmt: str, origin: str, objective: str, evaluation: bool = False
+) -> str:
+    """The rows' format (detected for "auto"), or a DataError naming the file and line;
+    `evaluation`: held-out rows, where one label alone is a warning (the loss is still a
+    measure; reward accuracy, which compares the labels, is not)."""
     if not rows:
         raise DataError(f"{origin}: the dataset is empty (no rows to train on)")
     if fmt == "auto":
@@ -209,7 +214,7 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, origin: str, objective: st
         if "label" in needed:
             _check_label(row["label"], origin, row.get("_line", "?"))
     if "label" in needed:
-        _require_both_labels(rows, origin)
+        _require_both_labels(rows, origin, warn_only=evaluation)
     return fmt
 
 
@@ -259,15 +264,23 @@ def _check_label(value: Any, origin: str, line: Any) -> None:
         )
 
 
-def _require_both_labels(rows: list[dict[str, Any]], origin: str) -> None:
+def _require_both_labels(rows: list[dict[str, Any]], origin: str, warn_only: bool) -> None:
     """KTO weighs desirable against undesirable completions: one kind alone teaches nothing."""
     desirable = sum(row["label"] for row in rows)
-    if desirable in (0, len(rows)):
-        raise DataError(
-            f"{origin}: every row has the same label ({desirable} with label true, "
-            f"{len(rows) - desirable} with label false); unpaired preference rows need both "
-            "desirable (true) and undesirable (false) completions"
+    if desirable not in (0, len(rows)):
+        return
+    counts = f"{desirable} with label true, {len(rows) - desirable} with label false"
+    if warn_only:
+        print(
+            f"lmstack: warning: {origin}: every held-out row has the same label ({counts}): "
+            "val/loss is measured, val/reward_accuracy compares nothing",
+            flush=True,
         )
+        return
+    raise DataError(
+        f"{origin}: every row has the same label ({counts}); unpaired preference rows need "
+        "both desirable (true) and undesirable (false) completions"
+    )
 
 
 def _split(rows: list[dict[str, Any]], data: Any) -> tuple[list[dict], list[dict]]:

@@ -314,7 +314,8 @@ def engine_per_variant_entries(
         key = (variant.base_url, variant.model or serving.model)
         if key not in started:
             alone = variant_serving(serving, variant)
-            print(f"lmstack: A/B variant {variant.name}: {alone.model or alone.base_url}")
+            what = variant.base_url or variant.model or serving.model or "the model group's model"
+            print(f"lmstack: A/B variant {variant.name}: {what}")
             started[key] = stack.enter_context(
                 serve(
                     replace(config, serving=alone),
