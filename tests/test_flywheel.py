@@ -88,7 +88,7 @@ def test_the_shipped_flywheel_promotes_for_a_user_who_likes_right_answers_only(
 REAL_RECIPE = REPO / "recipes" / "flywheel_smollm2.yaml"
 
 
-@pytest.mark.real_model  # SmolLM2-135M-Instruct: about 7 minutes on 2 cores
+@pytest.mark.real_model  # SmolLM2-135M-Instruct: about 8 minutes on 2 cores
 def test_the_loop_on_the_real_model_teaches_the_json_its_users_like(tmp_path):
     """SmolLM2 mostly answers in prose where its user wants a JSON object with "answer": one
     turn (traffic, harvest, KTO v1, A/B) promotes v1 at p < 0.05. The A/B stage again with an
