@@ -57,6 +57,7 @@ def child(args: argparse.Namespace) -> None:
     # as lmstack's memory plan chooses for rows this long: layers recomputed in backward
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0))
+    model.train()  # checkpointing applies in training mode only
     if MODES[args.mode] is not None:
         memory.LOGIT_CHUNK_ELEMENTS = MODES[args.mode]
     batch = collate_padded(rows(args.rows, args.length, model.config.vocab_size, args.seed), 0)

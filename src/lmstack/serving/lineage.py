@@ -74,8 +74,8 @@ def chain_boxes(chain: Chain, table: list[dict[str, Any]], decision: dict | None
     objective = chain.lineage.get("objective", "?")
     steps = chain.lineage.get("max_steps")
     return [
-        "served\n"
-        + "\n".join(short(run) for run in served or ["(no lmstack run)"])
+        "traffic served by\n"
+        + "\n".join(short(run) for run in served or ["a model, not an lmstack run"])
         + f"\n{traces} traces, {ratings} ratings",
         "harvest (data card)\n" + (kinds or "(card missing)"),
         f"{chain.variant}: {objective}"
