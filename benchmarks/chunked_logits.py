@@ -1,12 +1,13 @@
 """The long-row cell of SFT's loss: target logits all at once against a chunk at a time.
 
 One LoRA (r=8, all linear layers) training step's forward and backward on SmolLM2-135M (49k
-vocabulary, gradient checkpointing on, as the memory plan picks for such rows), rows of seeded random tokens with log-normal lengths around --length (10% prompt),
-each mode in its own process: the process's peak RSS above the loaded model, and seconds a
-step. "plain" computes the (N, V) float32 target logits at once (as before this round);
-"chunked" is lmstack's default past memory.LOGIT_CHUNK_ELEMENTS (objectives/causal_lm.py).
+vocabulary, gradient checkpointing on, as the memory plan picks for such rows), rows of seeded
+random tokens with log-normal lengths around --length (10% prompt), each mode in its own
+process: the process's peak RSS above the loaded model, and seconds a step. "plain" computes
+the (N, V) float32 target logits at once (as before this round); "chunked" is lmstack's
+default past memory.LOGIT_CHUNK_ELEMENTS (objectives/causal_lm.py).
 
-    .venv/bin/python benchmarks/chunked_logits.py                   # 4 rows of ~1,500 tokens
+    .venv/bin/python benchmarks/chunked_logits.py --rows 2 --length 1000   # docs/benchmarks.md
     .venv/bin/python benchmarks/chunked_logits.py --rows 8 --length 400
 """
 
