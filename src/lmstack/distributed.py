@@ -235,15 +235,15 @@ def join_ranks(trainer: Any, timeout_s: float = 120.0) -> None:
 
 
 def rank_command(run_dir: Path) -> tuple[list[str], str]:
-    """`python run.py <this point's overrides> hydra.run.dir=<its run dir>`: one run, never a
-    sweep, in the same run directory, without its own copy of .hydra/."""
+    """`python -m lmstack <this point's overrides> hydra.run.dir=<its run dir>`: one run, never
+    a sweep, in the same run directory, without its own copy of .hydra/ (a team's config folder
+    reaches it through LMSTACK_CONFIG_DIR)."""
 
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
-    # a recipe outside the repository is found through the search path run.py added
+    # a recipe outside the repository is found through the search path the command added
     overrides += [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.searchpath")]
-    script = str(Path(sys.argv[0]).resolve())
-    command = [sys.executable, script, *overrides]
+    command = [sys.executable, "-m", "lmstack", *overrides]
     command += [f'hydra.run.dir="{run_dir.resolve()}"', "hydra.output_subdir=null"]
     return command, get_original_cwd()
 

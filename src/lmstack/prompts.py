@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmstack.config.groups.prompt import PromptConfig
+from lmstack.config.location import PROMPT_DIR
 from lmstack.errors import ConfigError
 from lmstack.tracking.identity import stable_hash
 
 PROMPT_VERSION_HEADER = "X-Lmstack-Prompt-Version"
-PROMPT_DIR = Path(__file__).resolve().parents[2] / "conf" / "prompt"
 
 
 def prompt_version(prompt: PromptConfig) -> str:

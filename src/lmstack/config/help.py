@@ -12,12 +12,13 @@ from pathlib import Path
 
 HELP_FLAGS = ("--help", "-h")
 USAGE = """\
-usage: python run.py [group=option ...] [key=value ...] [-m]
+usage: lmstack [group=option ...] [key=value ...] [-m]      (in a clone: python run.py ...)
 
   -m                  a sweep: comma-separated values become grid points
   --cfg job           print the composed config and exit
   --hydra-help        Hydra's own flags
   recipe=NAME|PATH    an overlay of groups and keys (recipes/ or any file)
+  --config-dir DIR    your own groups, options and recipes (DIR/model/x.yaml: model=x)
 """
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lmstack.config.groups.objective import ObjectiveConfig
+from lmstack.config.objectives import objective_schemas
 from lmstack.config.schema import GROUP_SCHEMAS
 from lmstack.errors import ConfigError
 
@@ -89,12 +90,28 @@ def _schema_without(cause: BaseException | None) -> type | None:
 
 def _describe(key: str, schema: type) -> str:
     name = key.rsplit(".", 1)[-1]
+    if issubclass(schema, ObjectiveConfig) and (owners := _objectives_with(name)):
+        # `objective.beta=0.1` on the default objective (sft): the key is another objective's
+        choose = f"objective={owners[0]} objective.{name}=..."
+        return (
+            f"{key}: unknown key, not in {schema.__name__}: '{name}' is a key of objective "
+            f"{', '.join(owners)}; choose one first ({choose})"
+        )
     close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(schema)], n=1)
     if not close and "." not in key:
         close = _group_keys_like(name)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     where = "the config" if "." not in key else schema.__name__
     return f"{key}: unknown key, not in {where}{hint}"
+
+
+def _objectives_with(name: str) -> list[str]:
+    """The registered objectives whose schema has the key `name`, in registration order."""
+    return [
+        objective
+        for objective, schema in objective_schemas().items()
+        if name in {f.name for f in dataclasses.fields(schema)}
+    ]
 
 
 def _group_keys_like(name: str) -> list[str]:

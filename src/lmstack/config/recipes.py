@@ -17,9 +17,9 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
+from lmstack.config.location import RECIPE_DIR
 from lmstack.config.objectives import OBJECTIVES
 
-REPO_RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 SOURCE_ENV = "LMSTACK_RECIPE_SOURCE"
 
 
@@ -27,7 +27,7 @@ def find_recipe(value: str) -> Path | None:
     """The file a `recipe=` value names, or None when it is a plain name in recipes/."""
     if value.endswith((".yaml", ".yml")) or "/" in value:
         return Path(value).expanduser().resolve()
-    if (REPO_RECIPES / f"{value}.yaml").is_file():
+    if (RECIPE_DIR / f"{value}.yaml").is_file():
         return None
     for folder in os.environ.get("LMSTACK_RECIPE_PATH", "").split(os.pathsep):
         if folder and (Path(folder) / f"{value}.yaml").is_file():

@@ -27,7 +27,6 @@ from lmstack.tracking.run_dir import read_json, record_end, set_status, write_js
 from lmstack.util.signals import how_it_ended
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)\}")
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -89,7 +88,7 @@ def substitute(override: str, stage_dirs: dict[str, str], stage: str) -> str:
 def run_stage(name: str, overrides: list[str], group: str = "") -> str:
     """Runs one stage in a child process (its output streams through) and returns its run dir;
     the stage's tracker run joins `group` (the pipeline's)."""
-    command = [sys.executable, str(REPO_ROOT / "run.py"), *overrides]
+    command = [sys.executable, "-m", "lmstack", *overrides]
     return run_stage_command(name, command, group)
 
 

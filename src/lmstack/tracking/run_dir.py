@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lmstack.config.recipes import for_stage, inherited_overrides
+from lmstack.util.cpu_kind import cpu_kind
 
 # whole name parts: `hf_token` and `api_key` are secrets, `max_tokens` is not
 SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password)$", re.IGNORECASE)
@@ -134,6 +135,12 @@ def lock_drift(lock: dict[str, Any], data_fingerprint: str) -> list[str]:
         drift.append(f"the lock's data was {lock['data_fingerprint']}, now {data_fingerprint}")
     if lock.get("code_version") and _git_commit() and lock["code_version"] != _git_commit():
         drift.append(f"the lock's code version is {lock['code_version']}, this one {_git_commit()}")
+    if lock.get("cpu_kind") not in (None, cpu_kind()):
+        drift.append(
+            f"the lock was recorded on a {lock['cpu_kind']} CPU, this one is {cpu_kind()}: "
+            "float32 kernels differ across CPU kinds in the last bits, so weights and figures "
+            "may differ from the lock's run (the same run within rounding, not bit for bit)"
+        )
     return drift
 
 
@@ -166,6 +173,9 @@ def provenance(identity: str, data_fingerprint: str) -> dict[str, Any]:
         "packages": package_versions(),
         "python": platform.python_version(),
         "code_version": _git_commit(),
+        # float32 kernels are chosen by the CPU's vector instructions: a replay on another kind
+        # computes the same run within rounding, not bit for bit (lock_drift says so)
+        "cpu_kind": cpu_kind(),
     }
 
 
@@ -216,8 +226,12 @@ def _left_out_of_lock(override: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
     """The code version: `git rev-parse HEAD` of the checkout lmstack runs from (a git
-    worktree too); None outside git or without git."""
+    worktree too); None for an installed wheel (whose version is the package's, recorded
+    beside it), outside git or without git. An installed lmstack never asks git, which would
+    answer with the commit of whatever repository holds the venv."""
     checkout = Path(__file__).resolve().parents[3]
+    if not (checkout / ".git").exists():
+        return None
     try:
         found = subprocess.run(
             ["git", "rev-parse", "HEAD"],
