@@ -313,10 +313,10 @@ def test_misspelt_key_in_every_group_is_named(group):
 
 def schema_backed_options():
     """(yaml path, schema) of every objective and serving option built on its own schema."""
-    from lmstack.config.groups.serving import SERVING_SCHEMAS
+    from lmstack.config.groups.serving import serving_schemas
     from lmstack.config.objectives import objective_schemas
 
-    for group, schemas in (("objective", objective_schemas()), ("serving", SERVING_SCHEMAS)):
+    for group, schemas in (("objective", objective_schemas()), ("serving", serving_schemas())):
         for path in sorted((CONF / group).glob("*.yaml")):
             bases = [
                 d for d in OmegaConf.load(path).get("defaults", []) if str(d).endswith("_schema")

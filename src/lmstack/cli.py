@@ -23,6 +23,7 @@ from lmstack.config.help import render_help, wants_help
 from lmstack.config.location import CONF_DIR
 from lmstack.config.recipes import rewrite_recipe_argument
 from lmstack.config.store import register_configs
+from lmstack.errors import LmstackError
 from lmstack.tracking.identity import register_resolvers
 
 CONFIG_DIR_ENV = "LMSTACK_CONFIG_DIR"
@@ -39,7 +40,10 @@ def _app(cfg) -> float | None:
 def main() -> None:
     if wants_help(sys.argv):  # answered from conf/ in well under a second (see config/help.py)
         sys.exit(print(render_help(CONF_DIR), end=""))
-    register_configs()
+    try:
+        register_configs()  # imports the plug-ins, which may not import
+    except LmstackError as error:
+        sys.exit(print(f"lmstack: error: {error}", file=sys.stderr) or 2)
     register_resolvers()
     sys.argv = rewrite_recipe_argument(multirun_flag_first(with_config_dir(sys.argv)))
     try:

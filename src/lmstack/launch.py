@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmstack.config.keys import check_known_keys
 from lmstack.config.phases import PHASES
+from lmstack.config.plugins import load_plugins
 from lmstack.distributed import is_rank_zero, process_rank
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.phases.context import PIPELINE_GROUP, RUN_DIR_REPORT, RunContext
@@ -80,6 +81,7 @@ def run_task(cfg: DictConfig) -> float | None:
     identity = ""
     with stop_signals() as stops:
         try:
+            load_plugins()  # a Slurm job or a rank has not composed: its plug-ins load here
             ctx = build_context(cfg, run_dir, multirun)
             identity = ctx.run_id
             announce(ctx.run_id, run_dir, "starts in")

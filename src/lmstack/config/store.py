@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import importlib
-import os
 import warnings
 
 from hydra._internal.config_repository import ConfigRepository
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 
-from lmstack.config.groups.serving import SERVING_SCHEMAS
+from lmstack.config.groups.serving import serving_schemas
 from lmstack.config.keys import name_unknown_override_keys
 from lmstack.config.objectives import objective_schemas
+from lmstack.config.plugins import load_plugins
 from lmstack.config.schema import GROUP_SCHEMAS, Config
 
 _registered = False
-PLUGINS_ENV = "LMSTACK_PLUGINS"
 
 
 def register_configs() -> None:
@@ -32,7 +30,7 @@ def register_configs() -> None:
     load_plugins()
     for name, schema in objective_schemas().items():
         store.store(group="objective", name=f"{name}_schema", node=schema)
-    for name, schema in SERVING_SCHEMAS.items():
+    for name, schema in serving_schemas().items():
         store.store(group="serving", name=f"{name}_schema", node=schema)
     _hide_internal_options()
     name_unknown_override_keys()
@@ -42,13 +40,6 @@ def register_configs() -> None:
         "ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema"
     )
     _registered = True
-
-
-def load_plugins() -> None:
-    """Modules named in LMSTACK_PLUGINS (comma-separated), imported before composition: an
-    objective from outside lmstack registers its schema and data formats there."""
-    for name in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
-        importlib.import_module(name.strip())
 
 
 def is_internal_option(name: str) -> bool:

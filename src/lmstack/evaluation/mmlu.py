@@ -37,6 +37,7 @@ import yaml
 
 from lmstack.config.groups.eval import LmEvalConfig
 from lmstack.config.groups.eval_mmlu import MMLUConfig
+from lmstack.config.groups.serving import ENGINE_RECORDS
 from lmstack.errors import ConfigError, DataError
 from lmstack.evaluation import lm_eval_bridge
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
@@ -46,9 +47,6 @@ SOURCE = "tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
 GROUP_FILES = "tasks/mmlu/default"
 GROUPS = ("stem", "humanities", "social_sciences", "other")
 LETTERS = "ABCDE"
-# engines whose /v1/completions echo the prompt's log-probs (lm-eval's local-completions
-# scores choices with them); transformers serve and llama.cpp's server return none
-PROMPT_LOGPROB_ENGINES = ("vllm", "external")
 # bump when the rows or the task file change: results of two versions are never mixed
 TASK_VERSION = 1
 
@@ -239,7 +237,9 @@ def check_mmlu(eval_cfg: Any, inputs: Inputs) -> None:
 
 
 def require_prompt_logprobs(engine: str) -> None:
-    if engine not in PROMPT_LOGPROB_ENGINES:
+    # lm-eval's local-completions scores choices with the prompt's log-probs (the engine
+    # record's prompt_logprobs); transformers serve and llama.cpp's server return none
+    if not ENGINE_RECORDS[engine].prompt_logprobs:
         raise ConfigError(
             f"eval=mmlu with eval.target=served: the {engine} engine (serving={engine}) returns "
             "no log-probabilities of the prompt, which MMLU's multiple choice is scored by; "

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lmstack.config.groups.eval import declare_suite
 from lmstack.data import arith
 from lmstack.data.eval_rows import EvalRow, few_shot_turns, load_eval_rows
 from lmstack.data.scoring import build_scorer
@@ -69,6 +70,7 @@ REGISTRY: dict[str, Suite] = {}
 
 def register(suite: Suite) -> Suite:
     REGISTRY[suite.name] = suite
+    declare_suite(suite.name)  # eval.suites.NAME then composes
     return suite
 
 
@@ -88,7 +90,8 @@ def selected(suites: dict[str, bool]) -> list[Suite]:
         if name not in REGISTRY:
             raise ConfigError(
                 f"eval.suites.{name}: unknown suite (available: {', '.join(REGISTRY)}; "
-                "a suite of your own is imported with eval.plugins=[pkg.module])"
+                "a suite of your own loads from its package's lmstack.plugins entry point, "
+                "LMSTACK_PLUGINS or eval.plugins=[pkg.module])"
             )
     return [suite for name, suite in REGISTRY.items() if suites.get(name)]
 

@@ -219,8 +219,15 @@ class Session:
 
 
 def is_session(spec: str | Path) -> bool:
+    """A phase=label run directory, its votes.sqlite, or a copy of it with its items beside it;
+    not any SQLite file (a serve run's traces.sqlite is not a labelling session)."""
     path = Path(spec)
-    return (path / VOTES_DB_NAME).is_file() or (path.is_file() and path.suffix == ".sqlite")
+    if (path / VOTES_DB_NAME).is_file():
+        return True
+    beside_items = (path.parent / ITEMS_FILE_NAME).is_file()
+    return path.is_file() and (
+        path.name == VOTES_DB_NAME or (path.suffix == ".sqlite" and beside_items)
+    )
 
 
 def open_session(spec: str | Path, key: str) -> Session:

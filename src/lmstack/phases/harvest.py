@@ -30,7 +30,7 @@ CARD_NAME = "data_card.json"
 
 def run(ctx: RunContext) -> dict[str, Any]:
     config, run_dir = ctx.config, ctx.run_dir
-    sessions = [source for source in config.harvest.sources if is_label_session(source)]
+    sessions = [source for source in config.harvest.sources if votes.is_session(source)]
     stores = [source for source in config.harvest.sources if source not in sessions]
     voted = [pair for session in sessions for pair in voted_pairs(session)]
     score = build_score(config.harvest) if config.harvest.scorers else None
@@ -61,12 +61,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
     set_status(run_dir, "finished")
     print(markdown)
     return metrics
-
-
-def is_label_session(source: str) -> bool:
-    """A phase=label run directory, or its votes.sqlite (a trace store is traces.sqlite)."""
-    path = Path(source)
-    return (path / votes.VOTES_DB_NAME).is_file() or path.name == votes.VOTES_DB_NAME
 
 
 def voted_pairs(session_path: str) -> list[Voted]:

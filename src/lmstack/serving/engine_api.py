@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lmstack.config.groups.serving import ENGINE_RECORDS
 from lmstack.errors import ConfigError
 from lmstack.models.adapters import is_adapter_folder, merged_adapter
 from lmstack.tracking.run_dir import read_json
@@ -51,15 +52,18 @@ class Launch:
 class Engine:
     """One serving engine. Subclasses fill in the class attributes and the two methods."""
 
-    name: ClassVar[str]
-    # serving.quantization values the engine can do, by device ("cpu", "cuda")
-    quantizations: ClassVar[dict[str, tuple[str, ...]]]
+    name: ClassVar[str]  # its record's name (config/groups/serving.py: EngineRecord)
     # the engine's folder under paths.engines_dir, and the program inside it
     environment: ClassVar[str] = ""
     program: ClassVar[str] = "bin/python"
     health_path: ClassVar[str] = "/health"
     # the file `make engines` writes last in the environment, holding the CPU kind it was built on
     built_stamp: ClassVar[str] = ".installed"
+
+    @property
+    def quantizations(self) -> dict[str, tuple[str, ...]]:
+        """serving.quantization values the engine can do, by device: its record's."""
+        return ENGINE_RECORDS[self.name].quantizations
 
     def check_quantization(self, serving: Any, device: str) -> None:
         """Exit 2 (ConfigError) for a quantization this engine cannot do on this device."""

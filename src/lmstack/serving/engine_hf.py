@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from lmstack.serving.engine_api import Engine, Launch, Target
 
@@ -15,10 +15,6 @@ BNB_QUANTIZATIONS = {"int8": "bnb-8bit", "nf4": "bnb-4bit", "q4": "bnb-4bit"}
 
 class HfEngine(Engine):
     name = "hf"
-    quantizations: ClassVar[dict[str, tuple[str, ...]]] = {
-        "cpu": ("none", "int8", "nf4", "q4"),
-        "cuda": ("none", "int8", "nf4", "q4"),
-    }
 
     def launch(
         self, serving: Any, target: Target, executable: str, device: str, port: int, scratch: Path

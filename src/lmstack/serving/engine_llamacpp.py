@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from lmstack.errors import ConfigError
 from lmstack.models.gguf import export_gguf
@@ -40,7 +40,6 @@ def loaded_cpu_variant(log_text: str) -> str:
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
-    quantizations: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ALL, "cuda": ALL}
     environment = "llamacpp"
     program = "bin/llama-server"
     built_stamp = ".built"

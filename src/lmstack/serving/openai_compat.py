@@ -79,6 +79,7 @@ class ServedModel:
     engine: str = ""
     _tokenizer: Any = None
     _context: Any = MISSING_CONTEXT  # not read yet (None: the model does not say)
+    _generation: dict[str, Any] | None = None  # not read yet
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -94,7 +95,13 @@ class ServedModel:
             return self._tokenizer
 
     def generation_config(self) -> dict[str, Any]:
-        """The model's generation_config.json (its end-of-sequence ids, sampling defaults)."""
+        """The model's generation_config.json (its end-of-sequence ids, sampling defaults),
+        read once: it is asked on every request to the hf engine."""
+        if self._generation is None:
+            self._generation = self._read_generation_config()
+        return self._generation
+
+    def _read_generation_config(self) -> dict[str, Any]:
         try:
             config = json.loads((Path(self.path) / "generation_config.json").read_text())
         except (OSError, ValueError):

@@ -12,8 +12,10 @@ from lmstack.config.groups.eval_math import MathEvalConfig
 from lmstack.config.groups.eval_mmlu import MMLUConfig
 from lmstack.config.rules import require, require_choice
 
-# what phase=eval can measure; `eval=[lm_eval,judge]` turns several on (see conf/eval/)
-EVAL_SUITES = (
+# what phase=eval can measure; `eval=[lm_eval,judge]` turns several on (see conf/eval/). The
+# built-in suites, and each plug-in suite once its module registers it (evaluation/suites.py
+# `register` declares it here, before composition when it loads as a plug-in)
+EVAL_SUITES: list[str] = [
     "verifier",
     "format",
     "lm_eval",
@@ -25,7 +27,12 @@ EVAL_SUITES = (
     "math",
     "humaneval",
     "ifeval",
-)
+]
+
+
+def declare_suite(name: str) -> None:
+    if name not in EVAL_SUITES:
+        EVAL_SUITES.append(name)
 
 
 EVAL_TARGETS = ("in_process", "served")
@@ -234,7 +241,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in self.suites if not self.plugins else ():
             # with plugins, the phase checks names once their modules are imported
-            require_choice(name, EVAL_SUITES, f"eval.suites.{name}")
+            require_choice(name, tuple(EVAL_SUITES), f"eval.suites.{name}")
         require(
             any(self.suites.values()),
             "eval.suites",

