@@ -99,6 +99,7 @@ def test_the_wheel_ships_its_configs_and_imports_from_the_venv(installed):
     assert conf.is_relative_to(installed.parent), f"lmstack imported from {conf}, not the venv"
     assert not conf.is_symlink() and (conf / "config.yaml").is_file()
     assert (conf / "recipe" / "arith_sft_dpo.yaml").is_file()  # recipes/ rides along
+    assert (conf.parent / "evaluation" / "label_page" / "page.js").is_file()
     help_text = subprocess.run(
         [installed / "lmstack", "--help"], capture_output=True, text=True, check=True, cwd="/"
     ).stdout

@@ -28,6 +28,7 @@ import socket
 import urllib.parse
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from lmstack.evaluation.votes import (
@@ -39,6 +40,7 @@ from lmstack.evaluation.votes import (
     order_shown,
 )
 
+PAGE_DIR = Path(__file__).with_name("label_page")
 TOKEN_HEADER = "X-Lmstack-Token"
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -181,7 +183,7 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self, path: str, query: dict[str, list[str]]) -> None:
         if path == "/":
             nonce = secrets.token_urlsafe(16)
-            page = PAGE.replace("{{nonce}}", nonce).replace("{{title}}", self.app.title)
+            page = page_html().replace("{{nonce}}", nonce).replace("{{title}}", self.app.title)
             self._send(200, page.encode(), "text/html; charset=utf-8", csp(nonce))
         elif path == "/api/next":
             labeller = checked_labeller((query.get("labeller") or [""])[0])
@@ -220,6 +222,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@cache
+def page_html() -> str:
+    """The page (label_page/: its HTML, CSS and script, kept as files), its style and script
+    inlined, so one nonce in the Content-Security-Policy admits exactly them."""
+    parts = {name: (PAGE_DIR / f"page.{name}").read_text() for name in ("html", "css", "js")}
+    return parts["html"].replace("{{style}}", parts["css"]).replace("{{script}}", parts["js"])
+
+
 def csp(nonce: str) -> str:
     """Only the page's own script and style run; no images, frames or other origins."""
     return (
@@ -242,218 +252,3 @@ def page_url(host: str, port: int, token: str, labeller: str = "") -> str:
     query = {k: v for k, v in (("labeller", labeller), ("token", token)) if v}
     suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
     return f"http://{shown}:{port}/{suffix}"
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{title}}</title>
-<style nonce="{{nonce}}">
-:root { --ink:#1f2430; --muted:#6b7280; --line:#e3e6ec; --bg:#f5f6f8; --card:#fff;
-        --accent:#3858e9; --a:#2563eb; --b:#c2410c; --ok:#15803d; }
-* { box-sizing: border-box; }
-body { margin:0; font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
-       color:var(--ink); background:var(--bg); }
-header { position:sticky; top:0; z-index:2; background:var(--card);
-         border-bottom:1px solid var(--line); }
-.bar { max-width:1280px; margin:0 auto; padding:10px 20px; display:flex; gap:16px;
-       align-items:center; }
-.brand { font-weight:650; letter-spacing:.2px; }
-.brand small { color:var(--muted); font-weight:400; margin-left:6px; }
-.progress { flex:1; display:flex; align-items:center; gap:10px; color:var(--muted); }
-.track { flex:1; max-width:360px; height:8px; background:var(--line); border-radius:4px;
-         overflow:hidden; }
-.fill { height:100%; width:0; background:var(--accent); transition:width .25s; }
-.who { color:var(--muted); font-size:13px; }
-.who b { color:var(--ink); }
-main { max-width:1280px; margin:0 auto; padding:16px 20px 24px; }
-.card { background:var(--card); border:1px solid var(--line); border-radius:10px; }
-.prompt { padding:12px 16px; margin-bottom:14px; }
-.label { font-size:12px; text-transform:uppercase; letter-spacing:.08em; color:var(--muted);
-         font-weight:600; margin-bottom:4px; }
-.answers { display:grid; grid-template-columns:1fr 1fr; gap:14px; }
-.answer { display:flex; flex-direction:column; min-height:0; }
-.answer .head { padding:8px 16px; border-bottom:1px solid var(--line); display:flex;
-                justify-content:space-between; align-items:center; }
-.answer .tag { font-weight:700; }
-#a .tag { color:var(--a); } #b .tag { color:var(--b); }
-.answer .body { padding:4px 16px 10px; overflow:auto; max-height:calc(100vh - 390px);
-                min-height:120px; overflow-wrap:anywhere; }
-.body p { margin:.6em 0; }
-pre { background:#f2f4f7; border:1px solid var(--line); border-radius:6px; padding:8px 10px;
-      overflow:auto; font-size:13px; }
-code { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px;
-       background:#f2f4f7; padding:1px 4px; border-radius:4px; }
-pre code { background:none; padding:0; }
-.vote { margin-top:14px; padding:12px 16px; display:flex; flex-wrap:wrap; gap:10px;
-        align-items:center; }
-button { font:inherit; border:1px solid var(--line); background:#fff; border-radius:8px;
-         padding:8px 14px; cursor:pointer; display:inline-flex; gap:8px; align-items:center; }
-button:hover { border-color:var(--accent); }
-button:disabled { opacity:.5; cursor:default; }
-button.a { color:var(--a); font-weight:600; } button.b { color:var(--b); font-weight:600; }
-kbd { font:12px ui-monospace,monospace; border:1px solid var(--line); border-bottom-width:2px;
-      border-radius:4px; padding:0 5px; color:var(--muted); background:#fafbfc; }
-textarea { flex:1; min-width:220px; font:inherit; border:1px solid var(--line); border-radius:8px;
-           padding:7px 10px; resize:vertical; height:38px; }
-.prompt p, .body p { margin:.5em 0; }
-.prompt > div > :first-child, .body > :first-child { margin-top:.4em; }
-.prompt > div > :last-child { margin-bottom:0; }
-.foot { margin-top:8px; display:flex; justify-content:space-between; gap:12px; }
-.keys { color:var(--muted); font-size:13px; }
-.status { min-height:20px; color:var(--muted); font-size:13px; }
-.status.warn { color:var(--b); } .status.ok { color:var(--ok); }
-.done { padding:40px; text-align:center; }
-.hidden { display:none; }
-form.name { padding:28px; max-width:420px; margin:60px auto; }
-form.name input { font:inherit; padding:8px 10px; border:1px solid var(--line);
-                  border-radius:8px; width:100%; margin:10px 0; }
-@media (max-width: 820px) { .answers { grid-template-columns:1fr; }
-  .answer .body { max-height:none; } }
-</style>
-</head>
-<body>
-<header><div class="bar">
-  <div class="brand">lmstack<small>blind comparison</small></div>
-  <div class="progress"><div class="track"><div class="fill" id="fill"></div></div>
-    <span id="count">–</span></div>
-  <div class="who" id="who"></div>
-</div></header>
-<main>
-  <form class="card name hidden" id="nameform">
-    <div class="label">Who is labelling?</div>
-    <input id="name" placeholder="your labeller id, e.g. alice" autocomplete="off">
-    <button type="submit">Start</button>
-  </form>
-  <div id="task" class="hidden">
-    <section class="card prompt"><div class="label">Prompt</div><div id="prompt"></div></section>
-    <section class="answers">
-      <article class="card answer" id="a"><div class="head"><span class="tag">Answer A</span>
-        <kbd>A</kbd></div><div class="body" id="a_body"></div></article>
-      <article class="card answer" id="b"><div class="head"><span class="tag">Answer B</span>
-        <kbd>B</kbd></div><div class="body" id="b_body"></div></article>
-    </section>
-    <section class="card vote">
-      <button class="a" data-choice="A">A is better <kbd>A</kbd></button>
-      <button data-choice="tie">Tie <kbd>T</kbd></button>
-      <button class="b" data-choice="B">B is better <kbd>B</kbd></button>
-      <button data-choice="both_bad">Both bad <kbd>X</kbd></button>
-      <textarea id="reason" placeholder="Why? (optional; R to type, Esc to leave)"></textarea>
-    </section>
-    <div class="foot"><div class="status" id="status"></div>
-      <div class="keys">Keys: <kbd>A</kbd> <kbd>B</kbd> better · <kbd>T</kbd> tie ·
-        <kbd>X</kbd> both bad · <kbd>R</kbd> reason</div></div>
-  </div>
-  <section class="card done" id="done" hidden><h2>All done — thank you!</h2>
-    <p id="donecount"></p></section>
-</main>
-<script nonce="{{nonce}}">
-"use strict";
-const params = new URLSearchParams(location.search);
-const token = params.get("token") || "";
-let labeller = params.get("labeller") || localStorage.getItem("lmstack-labeller") || "";
-let current = null, busy = false;
-const $ = (id) => document.getElementById(id);
-const headers = () => Object.assign({"Content-Type": "application/json"},
-  token ? {"X-Lmstack-Token": token} : {});
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-function status(text, kind) { const s = $("status"); s.textContent = text;
-  s.className = "status" + (kind ? " " + kind : ""); }
-
-// the server may be restarting: try again until it answers (a vote is stored once anyway)
-async function call(path, options) {
-  for (let attempt = 0; ; attempt++) {
-    try {
-      const response = await fetch(path, Object.assign({headers: headers()}, options || {}));
-      const payload = await response.json();
-      if (!response.ok) throw Object.assign(new Error(payload.error), {fatal: true});
-      if (attempt) status("Reconnected.", "ok");
-      return payload;
-    } catch (error) {
-      if (error.fatal) throw error;
-      status("The server is not answering; retrying…", "warn");
-      await sleep(Math.min(500 * (attempt + 1), 3000));
-    }
-  }
-}
-
-function progress(data) {
-  const pct = data.total ? 100 * data.done / data.total : 0;
-  $("fill").style.width = pct + "%";
-  $("count").textContent = data.done + " of " + data.total;
-  others(data);
-}
-
-function others(data) {
-  const names = Object.entries(data.labellers || {}).filter(([n]) => n !== labeller)
-    .map(([n, c]) => n + " " + c);
-  $("who").innerHTML = "";
-  const me = document.createElement("b"); me.textContent = labeller;
-  $("who").append("Labeller ", me, names.length ? " · others: " + names.join(", ") : "");
-}
-
-async function next() {
-  const data = await call("/api/next?labeller=" + encodeURIComponent(labeller));
-  progress(data);
-  current = data.item;
-  if (!current) { $("task").classList.add("hidden"); $("done").hidden = false;
-    $("donecount").textContent = data.done + " of " + data.total + " items voted."; return; }
-  $("prompt").innerHTML = current.prompt_html;  // rendered and escaped by the server
-  $("a_body").innerHTML = current.a_html;
-  $("b_body").innerHTML = current.b_html;
-  $("a_body").scrollTop = $("b_body").scrollTop = 0;
-  $("reason").value = "";
-  document.body.dataset.item = current.id;
-  $("task").classList.remove("hidden");
-}
-
-async function vote(choice) {
-  if (!current || busy) return;
-  busy = true;
-  document.querySelectorAll("button[data-choice]").forEach((b) => b.disabled = true);
-  try {
-    const body = {labeller, item_id: current.id, choice, order: current.order,
-                  reason: $("reason").value};
-    const answer = await call("/api/vote", {method: "POST", body: JSON.stringify(body)});
-    status(answer.recorded ? "Saved." : "Already saved.", "ok");
-    await next();
-  } catch (error) { status(error.message, "warn"); }
-  finally { busy = false;
-    document.querySelectorAll("button[data-choice]").forEach((b) => b.disabled = false); }
-}
-
-document.querySelectorAll("button[data-choice]").forEach((b) =>
-  b.addEventListener("click", () => vote(b.dataset.choice)));
-document.addEventListener("keydown", (event) => {
-  if (event.target === $("reason")) {
-    if (event.key === "Escape") $("reason").blur();
-    return;
-  }
-  if (event.target.tagName === "INPUT" || event.ctrlKey || event.metaKey || event.altKey) return;
-  const keys = {a: "A", b: "B", t: "tie", x: "both_bad", "1": "A", "2": "B", "3": "tie",
-                "4": "both_bad"};
-  const choice = keys[event.key.toLowerCase()];
-  if (choice) { event.preventDefault(); vote(choice); }
-  else if (event.key.toLowerCase() === "r") { event.preventDefault(); $("reason").focus(); }
-});
-$("nameform").addEventListener("submit", (event) => {
-  event.preventDefault();
-  labeller = $("name").value.trim();
-  if (!labeller) return;
-  localStorage.setItem("lmstack-labeller", labeller);
-  $("nameform").classList.add("hidden");
-  next().catch((error) => status(error.message, "warn"));
-});
-// everyone's counts, now and then (the page's own count changes with each vote)
-setInterval(() => { if (labeller && !busy) fetch("/api/progress", {headers: headers()})
-  .then((r) => r.ok ? r.json() : null).then((d) => d && others(d)).catch(() => {}); }, 3000);
-if (labeller) next().catch((error) => { $("task").classList.remove("hidden");
-  status(error.message, "warn"); });
-else $("nameform").classList.remove("hidden");
-</script>
-</body>
-</html>
-"""

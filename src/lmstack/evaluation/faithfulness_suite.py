@@ -1,0 +1,99 @@
+"""eval=faithfulness: whether each answer is supported by its row's context (lexical overlap or an
+LLM judge).
+
+Deferred imports, for start-up time: openai and torch (and the lmstack modules that load them)
+are imported inside the functions that need them; the CLI's input checks import this module
+first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmstack.config.groups import eval as eval_group
+from lmstack.errors import DataError
+from lmstack.evaluation import faithfulness
+from lmstack.evaluation.judge_suite import warn_unparsed
+from lmstack.evaluation.suites import Inputs, Session, Suite, register
+from lmstack.prompts import load_prompt
+
+# the built-in answer sentence the format suite checks on the built-in task
+ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
+# judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
+GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
+OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference
+# a judge whose verdicts are unparseable more often than this gets a warning
+UNPARSED_WARNING_SHARE = 0.5
+
+
+def check_faithfulness(eval_cfg: Any, inputs: Inputs) -> None:
+    if not inputs.builtin and not any(row.context for row in inputs.rows):
+        raise DataError(
+            f"{inputs.origin}: the faithfulness suite needs rows with a 'context' (the text "
+            "an answer must be grounded in); none of the rows has one"
+        )
+    if eval_cfg.faithfulness.method == "judge":
+        load_prompt("judge_faithfulness")
+
+
+def suite_faithfulness(session: Session) -> dict[str, Any]:
+    faith_cfg, inputs = session.eval.faithfulness, session.inputs
+    if inputs.builtin:
+        items = faithfulness.context_qa_set(faith_cfg.num_items)
+        fields = [faithfulness.prompt_fields(item) for item in items]
+        references = [item["answer"] for item in items]
+    else:
+        rows = [row for row in inputs.rows if row.context][: faith_cfg.num_items]
+        items = [
+            {"context": row.context, "question": row.text(), "answer": row.reference}
+            for row in rows
+        ]
+        fields = [faithfulness.grounded_fields(row) for row in rows]
+        references = [row.reference for row in rows]
+    answers = [sampled[0] for sampled in session.target.answers(fields)]
+    correct = [
+        inputs.scorer(a, ref, {}) if ref is not None else None
+        for a, ref in zip(answers, references)
+    ]
+    if faith_cfg.method == "judge":
+        result = faithfulness.judge_report(
+            items, answers, correct, session.judge(), session.eval.judge
+        )
+        warn_unparsed(session, "faithfulness judge", result["parse_failures"], len(items))
+    else:
+        check = faithfulness.supported if inputs.builtin else faithfulness.grounded
+        result = faithfulness.report(items, answers, correct, check)
+    session.samples(
+        "faithfulness",
+        [
+            {
+                "prompt": item["question"],
+                "context": item["context"],
+                "reference": item["answer"],
+                "completion": answer,
+                "score": supported,
+            }
+            for item, answer, supported in zip(items, answers, result.pop("supported"))
+        ],
+    )
+    return {f"faithfulness/{key}": value for key, value in result.items()} | {
+        "faithfulness/method": faith_cfg.method
+    }
+
+
+def needs_of_faithfulness(cfg: Any) -> tuple[str, ...]:
+    return ("answers", "judge") if cfg.faithfulness.method == "judge" else ("answers",)
+
+
+register(
+    Suite(
+        "faithfulness",
+        suite_faithfulness,
+        "faithfulness/support_rate",
+        rank=40,
+        needs=needs_of_faithfulness,
+        check=check_faithfulness,
+        schema=eval_group.FaithfulnessConfig,
+        options_key="faithfulness",
+    )
+)
