@@ -18,7 +18,8 @@ from lmstack.config.store import register_configs
 from lmstack.launch import validate
 from lmstack.tracking.headline import sweep_metric_key, wanted_metric
 from lmstack.tracking.run_dir import write_json
-from lmstack.tracking.summary import pareto_front, summarize
+from lmstack.tracking.summary import summarize
+from lmstack.tracking.sweep_plots import pareto_front
 
 from conftest import REPO, kill_at_first_checkpoint, run_cli, run_dirs
 
