@@ -5,7 +5,7 @@ vocabulary, gradient checkpointing on, as the memory plan picks for such rows), 
 random tokens with log-normal lengths around --length (10% prompt), each mode in its own
 process: the process's peak RSS above the loaded model, and seconds a step. "plain" computes
 the (N, V) float32 target logits at once (as before this round); "chunked" is lmstack's
-default past memory.LOGIT_CHUNK_ELEMENTS (objectives/causal_lm.py).
+default past next_token.LOGIT_CHUNK_ELEMENTS (models/next_token.py).
 
     .venv/bin/python benchmarks/chunked_logits.py --rows 2 --length 1000   # docs/benchmarks.md
     .venv/bin/python benchmarks/chunked_logits.py --rows 8 --length 400
@@ -48,9 +48,9 @@ def child(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from lmstack.data.loading import collate_padded
-    from lmstack.models import memory
+    from lmstack.models import next_token
     from lmstack.models.from_gguf import SMOLLM2_135M, ensure_gguf_model
-    from lmstack.objectives.causal_lm import target_token_logprobs
+    from lmstack.models.next_token import target_token_logprobs
 
     torch.set_num_threads(args.threads)
     folder = ensure_gguf_model(SMOLLM2_135M, REPO / ".cache" / "lmstack")
@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0))
     model.train()  # checkpointing applies in training mode only
     if MODES[args.mode] is not None:
-        memory.LOGIT_CHUNK_ELEMENTS = MODES[args.mode]
+        next_token.LOGIT_CHUNK_ELEMENTS = MODES[args.mode]
     batch = collate_padded(rows(args.rows, args.length, model.config.vocab_size, args.seed), 0)
     loaded = peak_rss_mb()
     seconds = []

@@ -74,8 +74,7 @@ def test_chunked_logits_give_the_plain_loss_and_gradients(tiny_base, monkeypatch
     chunk at a time: the same log-probabilities and gradients, within 1e-5, as all at once."""
     from transformers import AutoModelForCausalLM
 
-    from lmstack.models import memory
-    from lmstack.objectives import causal_lm
+    from lmstack.models import next_token
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa")
     if adapter == "lora":
@@ -89,16 +88,16 @@ def test_chunked_logits_give_the_plain_loss_and_gradients(tiny_base, monkeypatch
     trained = [p for p in model.parameters() if p.requires_grad]
 
     def logps_and_grads(chunk_elements: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        monkeypatch.setattr(memory, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(next_token, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
         model.zero_grad()
-        logps, _ = causal_lm.target_token_logprobs(model, batch)
+        logps, _ = next_token.target_token_logprobs(model, batch)
         (-logps.mean()).backward()
         return logps.detach(), [p.grad.clone() for p in trained]
 
-    vocabulary = causal_lm.vocabulary(model)
+    vocabulary = next_token.vocabulary(model)
     plain, plain_grads = logps_and_grads(1 << 40)
     chunked, chunked_grads = logps_and_grads(5 * vocabulary)  # 5 tokens a chunk, 24 targets
-    assert causal_lm.decoder_and_head(model) is not None and plain.numel() > 5
+    assert next_token.decoder_and_head(model) is not None and plain.numel() > 5
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
     for got, want in zip(chunked_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -204,7 +204,6 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     import lightning as L
 
     from lmstack.data.loading import build_train_loader
-    from lmstack.objectives.causal_lm import CausalLMModule
     from lmstack.tracking.progress import progress_bar
 
     texts = pretraining_corpus(8000, seed=shape.seed)
@@ -213,7 +212,7 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     ]
     loader = build_train_loader(examples, shape.pretrain_batch_size, packing=True, seed=shape.seed)
     objective = PretrainObjectiveConfig(lr=shape.pretrain_lr, warmup_steps=20)
-    module = CausalLMModule(model, objective, total_steps=shape.pretrain_steps)
+    module = _pretraining_module(model, objective, total_steps=shape.pretrain_steps)
     L.seed_everything(shape.seed, verbose=False)
     trainer = L.Trainer(
         max_steps=shape.pretrain_steps,
@@ -227,3 +226,28 @@ def _pretrain(model, tokenizer, shape: TinyLlamaConfig, folder: Path) -> None:
     )
     trainer.fit(module, train_dataloaders=loader)
     model.eval()
+
+
+def _pretraining_module(model, objective: PretrainObjectiveConfig, total_steps: int):
+    """The next-token loss on every target token, AdamW on a warm-up + cosine schedule: what
+    objective=pretrain's module computes (objectives/causal_lm.py), from the same functions
+    (models/next_token.py), so building the base needs nothing from the objectives layer."""
+    import lightning as L
+
+    from lmstack.models.next_token import adamw_with_schedule, target_token_logprobs
+
+    class PretrainingModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            logps, _ = target_token_logprobs(self.model, batch)
+            loss = -logps.mean()
+            self.log("train/loss", loss, prog_bar=True)  # the build's progress bar shows it
+            return loss
+
+        def configure_optimizers(self):
+            return adamw_with_schedule(self.model, objective, total_steps)
+
+    return PretrainingModule()

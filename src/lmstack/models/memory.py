@@ -41,6 +41,7 @@ from typing import Any
 from lmstack.config.objectives import OBJECTIVES, objective_traits
 from lmstack.models.builtin import builtin_folder, llama_config_fields
 from lmstack.models.from_gguf import gguf_folder, resolve_gguf_file
+from lmstack.models.next_token import LOGIT_CHUNK_ELEMENTS
 
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -53,10 +54,6 @@ ACT_PER_INTERMEDIATE = 3
 # gradient (the loss upcasts one row at a time, objectives/losses.py). Measured on SmolLM2 at
 # 4,096 tokens a step: 1.2 copies at float32, 1.5 at bf16-mixed (bf16 logits, float32 rows)
 LOGIT_COPIES = 1.5
-# past this many elements a step's target logits are computed a chunk of tokens at a time and
-# recomputed in the backward pass (objectives/causal_lm.py: SFT and the objectives on stored
-# pairs or labels), so no more than a chunk's logits exist at once (256 MB at float32)
-LOGIT_CHUNK_ELEMENTS = 1 << 26
 # bytes a saved activation takes: under bf16-mixed (and 16-mixed) autocast keeps the matmuls'
 # inputs in 16 bits but the norms and the residual stream in float32 (measured on SmolLM2: 0.66
 # of float32's); 16-true precisions keep everything in 16 bits

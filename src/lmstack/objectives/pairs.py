@@ -10,8 +10,8 @@ import torch
 
 from lmstack.data.loading import build_eval_loader, build_train_loader
 from lmstack.data.tokenize import encode_preference, fit_length, has_target, truncation_metrics
+from lmstack.models.next_token import target_token_logprobs
 from lmstack.objectives import ObjectiveSetup, require_examples
-from lmstack.objectives.causal_lm import target_token_logprobs
 
 
 def completion_logprob_totals(

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from lmstack.models.export import save_artifacts
+from lmstack.models.next_token import adamw_with_schedule
 from lmstack.objectives import Objective, ObjectiveSetup
-from lmstack.objectives.causal_lm import adamw_with_schedule
 from lmstack.objectives.losses import (
     gae_advantages,
     kl_penalty_rewards,
