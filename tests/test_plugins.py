@@ -1,5 +1,5 @@
-"""Plug-ins from an installed package: an objective, a serving engine and an eval suite, each
-one module plus one YAML, found through the `lmstack.plugins` entry points alone (no
+"""Plug-ins from an installed package: an objective, a serving engine, an eval suite and a
+tracker, each one module plus one YAML, found through the `lmstack.plugins` entry points alone (no
 LMSTACK_PLUGINS, no search path on the command line).
 
 The package is installed the way pip leaves one: the modules, their conf/ beside them, and a
@@ -22,6 +22,7 @@ ENTRY_POINTS = """\
 objective = toy_lmstack.objective
 engine = toy_lmstack.engine_record
 suite = toy_lmstack.suite
+tracker = toy_lmstack.tracker
 """
 ENGINE_RECORD = """\
 from dataclasses import dataclass
@@ -74,11 +75,41 @@ def run(session):
 register(Suite("first_word", run, headline="first_word/score", needs=("answers",),
                schema=FirstWordOptions))
 """
+TRACKER = """\
+import json
+
+from lightning.pytorch.loggers.logger import Logger
+
+from lmstack.tracking.loggers import Tracker, register_tracker
+
+
+class JsonLinesLogger(Logger):
+    \"\"\"Every logged dict as one line of tracker.jsonl in the run directory.\"\"\"
+
+    def __init__(self, folder):
+        super().__init__()
+        self.path = folder / "tracker.jsonl"
+
+    name = "jsonl"
+    version = "0"
+
+    def log_metrics(self, metrics, step=None):
+        with self.path.open("a") as out:
+            out.write(json.dumps({"metrics": metrics, "step": step}) + "\\n")
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        with self.path.open("a") as out:
+            out.write(json.dumps({"config_keys": sorted(params)}) + "\\n")
+
+
+register_tracker(Tracker("jsonl", lambda logger_cfg, run: JsonLinesLogger(run.save_dir)))
+"""
 YAMLS = {
     "serving/toy.yaml": "defaults:\n  - toy_schema\n  - _self_\n",
     "eval/first_word.yaml": "defaults:\n  - schema\n  - _self_\nsuites: {first_word: true}\n",
+    "logger/jsonl.yaml": "defaults:\n  - schema\n  - _self_\nname: jsonl\n",
 }
-QUIET = ["logger=none", "trainer.num_threads=1", "trainer.enable_progress_bar=false"]
+QUIET = ["logger=jsonl", "trainer.num_threads=1", "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +124,7 @@ def installed(tmp_path_factory) -> Path:
         "engine_record.py": ENGINE_RECORD,
         "engine.py": ENGINE,
         "suite.py": SUITE,
+        "tracker.py": TRACKER,
         "conf/objective/toy.yaml": objective_yaml,
         **{f"conf/{name}": text for name, text in YAMLS.items()},
     }
@@ -120,6 +152,10 @@ def test_an_engine_and_a_suite_from_an_installed_package(installed, tmp_path, ti
     # the toy engine's answers ("w0 w1 w2 w3") reached the toy suite through the gateway
     assert metrics["eval/suites"] == ["first_word"] and metrics["first_word/n"] == 6
     assert metrics["first_word/score"] == 1.0 and metrics["eval/score"] == 1.0
+    # the toy tracker (logger=jsonl) got the config and the figures
+    logged = [json.loads(line) for line in (run_dir / "tracker.jsonl").open()]
+    assert any("eval" in line.get("config_keys", []) for line in logged)
+    assert any(line.get("metrics", {}).get("first_word/score") == 1.0 for line in logged)
     wrong_word = lmstack(installed, *args, "+eval.options.first_word.word=w1",
                          output_dir=tmp_path / "w1")  # fmt: skip
     (run_dir,) = run_dirs(tmp_path / "w1")
@@ -143,6 +179,9 @@ def test_an_objective_from_an_installed_package_trains(installed, tmp_path, tiny
     (run_dir,) = run_dirs(tmp_path)
     assert run_dir.name.startswith("toy-lora-")
     assert "train/loss" in json.loads((run_dir / "metrics.json").read_text())
+    # the Lightning Trainer logged its steps to the toy tracker
+    logged = [json.loads(line) for line in (run_dir / "tracker.jsonl").open()]
+    assert any("train/loss" in line.get("metrics", {}) for line in logged)
 
 
 def test_a_plugin_that_cannot_be_imported_names_its_entry_point(installed, tmp_path):

@@ -1,15 +1,16 @@
-"""Plug-ins from outside lmstack, loaded one way: objectives, serving engines, eval suites.
+"""Plug-ins from outside lmstack, loaded one way: objectives, serving engines, eval suites and
+trackers.
 
 A plug-in is a module that registers records when imported: `register_objective(ObjectiveSpec(
-...))`, `register_engine(EngineRecord(...))`, `register(Suite(...))`. lmstack imports it before
-composing a config, from either
+...))`, `register_engine(EngineRecord(...))`, `register(Suite(...))`, `register_tracker(
+Tracker(...))`. lmstack imports it before composing a config, from either
 - an installed package's entry point in the `lmstack.plugins` group (its pyproject.toml:
   `[project.entry-points."lmstack.plugins"] toy = "toy_package.plugin"`), or
 - LMSTACK_PLUGINS=module,module (for scripts and modules that are not installed).
 The module's YAML options sit in a `conf/` folder beside it, laid out as lmstack's own conf/
-(`conf/objective/toy.yaml`, `conf/serving/toy.yaml`, `conf/eval/toy.yaml`), which joins Hydra's
-search path (src/hydra_plugins/lmstack_plugins): one module plus one YAML, nothing to edit in
-lmstack.
+(`conf/objective/toy.yaml`, `conf/serving/toy.yaml`, `conf/eval/toy.yaml`,
+`conf/logger/toy.yaml`), which joins Hydra's search path (src/hydra_plugins/lmstack_plugins):
+one module plus one YAML, nothing to edit in lmstack.
 """
 
 from __future__ import annotations

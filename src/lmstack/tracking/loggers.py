@@ -19,12 +19,13 @@ import fcntl
 import logging
 import netrc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmstack.config.groups.logger import declare_tracker
 from lmstack.tracking.identity import stable_hash
 
 MLFLOW_RUN_FILE = ".mlflow_run_id"  # in a run dir (or a sweep dir): its MLflow run
@@ -59,6 +60,42 @@ def run_of(ctx: Any) -> TrackedRun:
     )
 
 
+# ---- the trackers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """One tracker, `logger=NAME`: the unit a plug-in registers (`register_tracker`).
+
+    `open` makes the Lightning logger a run's training hands to the Trainer; the other hooks
+    cover what Lightning's logger API lacks, and default to that API: the config as
+    hyperparameters, `save()` at the end, no tables, images or notes.
+    """
+
+    name: str
+    open: Callable[[Any, TrackedRun], Any]  # (logger config, run) -> a Lightning logger
+    close: Callable[[Any, bool], None] = lambda logger, failed: logger.save()
+    log_config: Callable[[Any, dict[str, Any]], None] = lambda logger, config: (
+        logger.log_hyperparams(config)
+    )
+    # (logger, scalars, tables, images, notes): tables, images and text beyond the scalars
+    extras: Callable[..., None] | None = None
+
+
+TRACKERS: dict[str, Tracker] = {}
+TRACKER_ATTRIBUTE = "lmstack_tracker"  # set on each opened logger: the Tracker it came from
+
+
+def register_tracker(tracker_record: Tracker) -> Tracker:
+    TRACKERS[tracker_record.name] = tracker_record
+    declare_tracker(tracker_record.name)  # logger.name=NAME then composes
+    return tracker_record
+
+
+def tracker_of(logger: Any) -> Tracker:
+    return TRACKERS[getattr(logger, TRACKER_ATTRIBUTE)]
+
+
 # ---- opening and closing ----------------------------------------------------------------------
 
 
@@ -67,31 +104,15 @@ def open_tracker(logger_cfg: Any, run: TrackedRun):
     name = _get(logger_cfg, "name", "wandb")
     if name == "none":
         return False
-    if name == "csv":
-        # Lightning's loggers are imported here, not at the top: `run.py --help` and config
-        # errors must answer in about a second, and lightning takes several to import
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run.save_dir), name="csv", version="")
-    if name == "mlflow":
-        return _mlflow_logger(logger_cfg, run)
-    return _wandb_logger(logger_cfg, run)
+    logger = TRACKERS[name].open(logger_cfg, run)
+    setattr(logger, TRACKER_ATTRIBUTE, name)
+    return logger
 
 
 def close_tracker(logger: Any, failed: bool = False) -> None:
     """Close the tracker's run even when the phase failed, so its records are complete."""
-    if not logger:
-        return
-    kind = type(logger).__name__
-    if kind == "WandbLogger":
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=1 if failed else 0)
-    elif kind == "MLFlowLogger":
-        logger.finalize("failed" if failed else "success")
-    else:
-        logger.save()
+    if logger:
+        tracker_of(logger).close(logger, failed)
 
 
 @contextmanager
@@ -137,23 +158,14 @@ def record(
         log_config(logger, config)
     if scalars := scalar_metrics(metrics):
         logger.log_metrics(scalars)
-    kind = type(logger).__name__
     tables = {name: rows for name, rows in (tables or {}).items() if rows}
-    if kind == "WandbLogger":
-        _wandb_extras(logger, scalars, tables, images or {}, notes or {})
-    elif kind == "MLFlowLogger":
-        _mlflow_extras(logger, tables, images or {}, notes or {})
+    if extras := tracker_of(logger).extras:
+        extras(logger, scalars, tables, images or {}, notes or {})
 
 
 def log_config(logger: Any, config: dict[str, Any]) -> None:
     """The resolved config as the tracker's hyperparameters (W&B passes it at init)."""
-    kind = type(logger).__name__
-    if kind == "WandbLogger":
-        return
-    if kind == "MLFlowLogger":
-        _mlflow_config(logger, config)
-        return
-    logger.log_hyperparams(config)
+    tracker_of(logger).log_config(logger, config)
 
 
 def log_sweep_summary(
@@ -365,6 +377,7 @@ def _mlflow_config(logger: Any, config: dict[str, Any]) -> None:
 
 def _mlflow_extras(
     logger: Any,
+    scalars: dict[str, float],  # logged through Lightning's API already
     tables: dict[str, list[dict[str, Any]]],
     images: dict[str, Path],
     notes: dict[str, str],
@@ -383,3 +396,42 @@ def _mlflow_extras(
 def _cell(value: Any) -> Any:
     """A table cell MLflow can store: numbers and text as they are, anything else as text."""
     return value if isinstance(value, int | float | str) or value is None else str(value)
+
+
+# ---- the built-in trackers ----------------------------------------------------------------------
+
+
+def _csv_logger(logger_cfg: Any, run: TrackedRun):
+    # Lightning's loggers are imported here, not at the top: `lmstack --help` and config
+    # errors must answer in about a second, and lightning takes several to import
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(run.save_dir), name="csv", version="")
+
+
+def _wandb_close(logger: Any, failed: bool) -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+register_tracker(
+    Tracker(
+        "wandb",
+        _wandb_logger,
+        close=_wandb_close,
+        log_config=lambda logger, config: None,  # passed to wandb.init
+        extras=_wandb_extras,
+    )
+)
+register_tracker(
+    Tracker(
+        "mlflow",
+        _mlflow_logger,
+        close=lambda logger, failed: logger.finalize("failed" if failed else "success"),
+        log_config=_mlflow_config,
+        extras=_mlflow_extras,
+    )
+)
+register_tracker(Tracker("csv", _csv_logger))

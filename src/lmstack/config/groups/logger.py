@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmstack.config.rules import Choice
+from lmstack.config.rules import Choice, require_choice
+
+# the trackers `logger=` may name: the built-in ones, and each plug-in tracker once its module
+# registers it (tracking/loggers.py `register_tracker` declares it here, before composition)
+TRACKER_NAMES: list[str] = ["wandb", "mlflow", "csv", "none"]
 
 
-class Logger(Choice):
-    wandb = "wandb"
-    mlflow = "mlflow"
-    csv = "csv"
-    none = "none"
+def declare_tracker(name: str) -> None:
+    if name not in TRACKER_NAMES:
+        TRACKER_NAMES.append(name)
 
 
 class WandbMode(Choice):
@@ -21,12 +23,10 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
-LOGGERS = tuple(Logger)
-
-
 @dataclass
 class LoggerConfig:
-    name: Logger = Logger.wandb
+    # one of TRACKER_NAMES: an open set (plug-ins add to it), checked when the config is built
+    name: str = "wandb"
     project: str = "lmstack"
     entity: str | None = None
     # wandb: auto is online when WANDB_API_KEY is set (or wandb is logged in), else offline
@@ -35,3 +35,6 @@ class LoggerConfig:
     # mlflow: the local store (SQLite database + artifacts), unless tracking_uri names a server
     store_dir: str = "outputs/mlflow"
     tracking_uri: str = ""
+
+    def __post_init__(self) -> None:
+        require_choice(self.name, tuple(TRACKER_NAMES), "logger.name")
