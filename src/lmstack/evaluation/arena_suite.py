@@ -21,14 +21,6 @@ from lmstack.evaluation.suites import Inputs, Session, Suite, builtin_rows, regi
 from lmstack.prompts import load_prompt
 from lmstack.tracking.run_dir import write_json
 
-# the built-in answer sentence the format suite checks on the built-in task
-ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
-# judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
-GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
-OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference
-# a judge whose verdicts are unparseable more often than this gets a warning
-UNPARSED_WARNING_SHARE = 0.5
-
 
 def check_arena(eval_cfg: Any, inputs: Inputs) -> None:
     arena_cfg = eval_cfg.arena

@@ -1,9 +1,5 @@
 """eval=faithfulness: whether each answer is supported by its row's context (lexical overlap or an
 LLM judge).
-
-Deferred imports, for start-up time: openai and torch (and the lmstack modules that load them)
-are imported inside the functions that need them; the CLI's input checks import this module
-first.
 """
 
 from __future__ import annotations
@@ -16,14 +12,6 @@ from lmstack.evaluation import faithfulness
 from lmstack.evaluation.judge_suite import warn_unparsed
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 from lmstack.prompts import load_prompt
-
-# the built-in answer sentence the format suite checks on the built-in task
-ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
-# judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
-GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
-OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference
-# a judge whose verdicts are unparseable more often than this gets a warning
-UNPARSED_WARNING_SHARE = 0.5
 
 
 def check_faithfulness(eval_cfg: Any, inputs: Inputs) -> None:

@@ -1,9 +1,4 @@
-"""eval=format: the share of answers that match eval.format's regex and/or JSON schema.
-
-Deferred imports, for start-up time: openai and torch (and the lmstack modules that load them)
-are imported inside the functions that need them; the CLI's input checks import this module
-first.
-"""
+"""eval=format: the share of answers that match eval.format's regex and/or JSON schema."""
 
 from __future__ import annotations
 
@@ -16,11 +11,6 @@ from lmstack.evaluation.suites import Inputs, Session, Suite, register
 
 # the built-in answer sentence the format suite checks on the built-in task
 ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
-# judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
-GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
-OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference
-# a judge whose verdicts are unparseable more often than this gets a warning
-UNPARSED_WARNING_SHARE = 0.5
 
 
 def format_checks(eval_cfg: Any, inputs: Inputs) -> tuple[str, str]:

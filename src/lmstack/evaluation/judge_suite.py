@@ -20,8 +20,6 @@ from lmstack.evaluation.arena import expand_models
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 from lmstack.prompts import load_prompt
 
-# the built-in answer sentence the format suite checks on the built-in task
-ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
 # judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
 GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
 OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference

@@ -18,14 +18,6 @@ from lmstack.evaluation import lm_eval_bridge
 from lmstack.evaluation.lm_eval_bridge import task_manager, user_task
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 
-# the built-in answer sentence the format suite checks on the built-in task
-ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
-# judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
-GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
-OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference
-# a judge whose verdicts are unparseable more often than this gets a warning
-UNPARSED_WARNING_SHARE = 0.5
-
 
 def harness_settings(eval_cfg: Any, inputs: Inputs) -> Any:
     """eval.lm_eval, or on the user's rows with the built-in tasks left as they are, a

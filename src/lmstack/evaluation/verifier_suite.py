@@ -1,9 +1,5 @@
 """eval=verifier: each answer scored against its row's reference (the built-in task's checker, or
 eval.scorer on the user's rows).
-
-Deferred imports, for start-up time: openai and torch (and the lmstack modules that load them)
-are imported inside the functions that need them; the CLI's input checks import this module
-first.
 """
 
 from __future__ import annotations
@@ -16,14 +12,6 @@ from lmstack.data.scoring import needs_reference
 from lmstack.evaluation.sampling import score_samples
 from lmstack.evaluation.suites import Inputs, Session, Suite, register
 from lmstack.tracking.identity import stable_hash
-
-# the built-in answer sentence the format suite checks on the built-in task
-ARITH_ANSWER_REGEX = r"The answer is -?\d+\.?\s*$"
-# judge prompts written for the built-in task, and their task-neutral stand-ins on eval.data
-GENERIC_RUBRICS = {"judge_single": "judge_task", "judge_pairwise": "judge_pairwise_task"}
-OPEN_RUBRIC = "judge_open"  # single-answer grading of a row without a reference
-# a judge whose verdicts are unparseable more often than this gets a warning
-UNPARSED_WARNING_SHARE = 0.5
 
 
 def check_verifier(eval_cfg: Any, inputs: Inputs) -> None:
