@@ -17,7 +17,8 @@ from lmstack.models.gguf import export_gguf
 from lmstack.serving.engine_api import Engine, Launch, Target, servable_model
 from lmstack.util.signals import how_it_ended
 
-# serving.quantization -> the GGUF's type
+# serving.quantization -> the GGUF's type (the values the llamacpp EngineRecord offers,
+# config/groups/serving.py)
 GGUF_TYPE = {
     "none": "f16",
     "f16": "f16",
@@ -26,7 +27,6 @@ GGUF_TYPE = {
     "q4": "q4_k_m",
     "q4_k_m": "q4_k_m",
 }
-ALL = tuple(GGUF_TYPE)
 
 
 def loaded_cpu_variant(log_text: str) -> str:

